@@ -1,0 +1,128 @@
+"""The service's own access tokens: short-lived JWTs, HMAC-SHA256 under a keyring secret.
+
+Every request verifies one, so verification must be cheap: an HMAC verify is
+microseconds, an Ed25519 verify ~160 us. The tokens are only ever verified by
+this service (all replicas share the keyring), so a symmetric key loses
+nothing. Client assertions, verified by us but signed by others, stay asymmetric.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import jwt
+
+ALGORITHM = "HS256"
+
+
+class TokenInvalid(Exception):
+    """Uniform for every reason: expired, forged, foreign, malformed."""
+
+
+@dataclass(frozen=True)
+class AccessClaims:
+    client_id: str
+    organization_id: str
+    role: str
+    scope: str
+    purpose: str | None
+    expires_at: datetime
+    token_id: str
+    person: str | None = None
+
+
+class AccessTokenCodec:
+    """Issues and verifies access tokens. ``key_for`` maps a key id to its secret."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        current_key: tuple[str, bytes],
+        key_for: Callable[[str], bytes | None],
+    ) -> None:
+        self._issuer = issuer
+        self._audience = audience
+        self._kid, self._key = current_key
+        self._key_for = key_for
+
+    def issue(
+        self,
+        *,
+        client_id: str,
+        organization_id: str,
+        role: str,
+        scope: str,
+        purpose: str | None,
+        person: str | None,
+        now: datetime,
+        lifetime_seconds: int,
+    ) -> tuple[str, AccessClaims]:
+        issued = int(now.timestamp())
+        claims: dict[str, object] = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": client_id,
+            "org": organization_id,
+            "role": role,
+            "scope": scope,
+            "iat": issued,
+            "exp": issued + lifetime_seconds,
+            "jti": secrets.token_urlsafe(16),
+        }
+        if purpose:
+            claims["pou"] = purpose
+        if person:
+            claims["person"] = person
+        token = jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self._kid})
+        return token, self._claims(claims)
+
+    def verify(self, token: str, *, now: datetime | None = None) -> AccessClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+            kid = header.get("kid")
+            key = self._key_for(kid) if isinstance(kid, str) else None
+            if key is None or header.get("alg") != ALGORITHM:
+                raise TokenInvalid
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp", "iat", "sub", "jti", "aud", "iss"]},
+            )
+            parsed = self._claims(claims)
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError) as exc:
+            raise TokenInvalid from exc
+        if now is not None and parsed.expires_at <= now:
+            raise TokenInvalid
+        return parsed
+
+    @staticmethod
+    def _claims(claims: dict[str, object]) -> AccessClaims:
+        def text(name: str) -> str:
+            value = claims[name]
+            if not isinstance(value, str):
+                raise TypeError(name)
+            return value
+
+        exp = claims["exp"]
+        if not isinstance(exp, int):
+            raise TypeError("exp")
+        purpose = claims.get("pou")
+        person = claims.get("person")
+        return AccessClaims(
+            client_id=text("sub"),
+            organization_id=text("org"),
+            role=text("role"),
+            scope=text("scope"),
+            purpose=purpose if isinstance(purpose, str) else None,
+            person=person if isinstance(person, str) else None,
+            expires_at=datetime.fromtimestamp(exp, UTC),
+            token_id=text("jti"),
+        )

@@ -1,0 +1,47 @@
+"""Liveness, readiness and metrics for operators and orchestrators."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from service.api.deps import RuntimeDep
+from service.metrics import REGISTRY
+from service.store.migrate import current_revision
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return Response(orjson.dumps({"status": "alive"}), media_type="application/json")
+
+
+@router.get("/readyz")
+async def readyz(runtime: RuntimeDep) -> Response:
+    checks: dict[str, bool] = {"database": await runtime.database.ping()}
+    try:
+        revision = await current_revision(runtime.database.engine) if checks["database"] else None
+    except Exception:
+        revision = None
+    checks["migrations"] = revision is not None and revision == runtime.head_revision
+    try:
+        runtime.keys.current_kek()
+        checks["keyring"] = True
+    except Exception:
+        checks["keyring"] = False
+    ready = all(checks.values())
+    headers = None if ready else {"Retry-After": "5"}
+    return Response(
+        orjson.dumps({"status": "ready" if ready else "unavailable", "checks": checks}),
+        status_code=200 if ready else 503,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

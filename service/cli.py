@@ -1,0 +1,317 @@
+"""The ``mhr`` command: serve, migrate, register organizations and clients, get a token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from security.jwk import (
+    generate_client_key,
+    load_private_key,
+    private_key_pem,
+    public_jwk,
+    sign_client_assertion,
+)
+from service.identity.registry import (
+    ClientRegistration,
+    RegistrationError,
+    add_client,
+    add_organization,
+)
+from service.identity.repository import IdentityRepository
+from service.logging_setup import configure_logging
+from service.settings import Settings, SettingsError, load_settings
+from service.store import migrate
+from service.store.database import Database
+
+T = TypeVar("T")
+DEMO_DIR = Path("var/demo")
+
+
+def _emit(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"mhr: {message}", file=sys.stderr)
+    return code
+
+
+def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    async def run() -> T:
+        database = Database(settings.database_url)
+        try:
+            return await work(database)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(run())
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.downgrade:
+        migrate.downgrade(settings.database_url, args.downgrade)
+    else:
+        migrate.upgrade(settings.database_url, args.to)
+    print(f"database at revision {args.downgrade or args.to}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from service.demo import load_demo_clients, seed_demo
+    from service.runtime import open_keyring
+
+    # The worker processes read their settings from the environment: pass the overrides on.
+    if args.host or args.port:
+        if args.host:
+            os.environ["MHR_HOST"] = args.host
+        if args.port:
+            os.environ["MHR_PORT"] = str(args.port)
+        settings = load_settings()
+    settings.check_safe_to_start()
+    if args.demo and not settings.is_development:
+        return _fail("--demo seeds known demo clients and is refused outside MHR_ENV=development")
+    migrate.upgrade(settings.database_url)
+    open_keyring(settings)  # created with 0600 on first start
+    if args.demo:
+        _with_db(settings, lambda db: seed_demo(db, DEMO_DIR))
+        _print_next_steps(settings, load_demo_clients(DEMO_DIR))
+    uvicorn.run(
+        "service.app:create_asgi_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_config=None,
+        proxy_headers=True,
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=20,
+    )
+    return 0
+
+
+def _print_next_steps(settings: Settings, clients: dict[str, dict[str, str]]) -> None:
+    base = settings.base_url
+    lines = [
+        "",
+        f"mhr is starting on {base}",
+        f"  API docs:            {base}/docs",
+        f"  CapabilityStatement: {base}/fhir/metadata",
+    ]
+    if "clinic" in clients:
+        clinic = clients["clinic"]
+        lines += [
+            "  Get a token for the demo clinic and list organizations:",
+            f"    TOKEN=$(.venv/bin/mhr token --client-id {clinic['client_id']} --key {clinic['key']} "
+            "--scope 'system/*.cruds')",
+            f'    curl -H "Authorization: Bearer $TOKEN" {base}/fhir/Organization',
+            f"  All demo clients and their keys: {DEMO_DIR / 'clients.json'}",
+        ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
+    from service.organizations import organization_resource
+
+    async def work(db: Database) -> Any:
+        async with db.transaction() as session:
+            repo = IdentityRepository(session)
+            if args.action == "add":
+                org = await add_organization(
+                    repo, name=args.name, kind=args.kind, jurisdiction=args.jurisdiction
+                )
+                return {"id": org.id, "name": org.name, "kind": org.kind}
+            return [organization_resource(o) for o in await repo.organizations(limit=10_000)]
+
+    try:
+        _emit(_with_db(settings, work))
+    except RegistrationError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "keygen":
+        key = generate_client_key(args.kind)
+        fd = os.open(args.out_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(private_key_pem(key))
+        Path(args.out_jwks).write_text(json.dumps({"keys": [public_jwk(key)]}, indent=2))
+        _emit({"private_key": args.out_key, "jwks": args.out_jwks, "kid": public_jwk(key)["kid"]})
+        return 0
+
+    try:
+        jwks = json.loads(Path(args.jwks).read_text()) if getattr(args, "jwks", None) else None
+    except (json.JSONDecodeError, OSError) as exc:
+        return _fail(f"cannot read JWKS: {type(exc).__name__}")
+
+    async def work(db: Database) -> Any:
+        async with db.transaction() as session:
+            repo = IdentityRepository(session)
+            if args.action == "add":
+                client = await add_client(
+                    repo,
+                    ClientRegistration(
+                        organization=args.org,
+                        role=args.role,
+                        jwks=jwks,
+                        jwks_url=args.jwks_url,
+                        scopes=" ".join(args.scopes) if args.scopes else None,
+                        purposes=tuple(args.purposes or ()),
+                        description=args.description,
+                    ),
+                )
+                return {
+                    "client_id": client.id,
+                    "organization_id": client.organization_id,
+                    "role": client.role,
+                    "scopes": client.scopes,
+                    "purposes": client.purposes,
+                }
+            if args.action == "disable":
+                if not await repo.disable_client(args.client_id, _now()):
+                    raise RegistrationError("no such active client")
+                return {"client_id": args.client_id, "active": False}
+            return [
+                {
+                    "client_id": c.id,
+                    "organization_id": c.organization_id,
+                    "role": c.role,
+                    "scopes": c.scopes,
+                    "purposes": c.purposes,
+                    "active": c.active,
+                    "jwks_url": c.jwks_url,
+                    "created_at": c.created_at,
+                }
+                for c in await repo.clients()
+            ]
+
+    try:
+        _emit(_with_db(settings, work))
+    except (RegistrationError, json.JSONDecodeError, OSError) as exc:
+        return _fail(
+            str(exc) if isinstance(exc, RegistrationError) else f"cannot read JWKS: {type(exc).__name__}"
+        )
+    return 0
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    base = (args.url or settings.base_url).rstrip("/")
+    token_url = f"{base}/auth/token"
+    try:
+        key = load_private_key(Path(args.key).read_bytes())
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot load private key: {type(exc).__name__}")
+    assertion = sign_client_assertion(
+        key, client_id=args.client_id, token_url=token_url, person=args.person, kid=args.kid
+    )
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion,
+        "scope": args.scope,
+    }
+    if args.purpose:
+        form["purpose_of_use"] = args.purpose
+    try:
+        response = httpx.post(token_url, data=form, timeout=10)
+    except httpx.HTTPError as exc:
+        return _fail(f"token endpoint unreachable at {token_url}: {type(exc).__name__}")
+    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    if response.status_code != 200:
+        return _fail(f"token refused ({response.status_code}): {body.get('error', 'error')}", 1)
+    if args.json:
+        _emit(body)
+    else:
+        print(body["access_token"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mhr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="apply migrations and serve the API")
+    serve.add_argument("--demo", action="store_true", help="seed the demo parties once (development only)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler=cmd_serve)
+
+    mig = sub.add_parser("migrate", help="apply (or roll back) database migrations")
+    mig.add_argument("--to", default="head", help="revision to upgrade to (default head)")
+    mig.add_argument("--downgrade", metavar="REV", help="roll back to this revision instead")
+    mig.set_defaults(handler=cmd_migrate)
+
+    orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="action", required=True)
+    add_org = orgs.add_parser("add")
+    add_org.add_argument("--name", required=True)
+    add_org.add_argument("--kind", required=True, choices=["clinic", "authority", "auditor", "admin"])
+    add_org.add_argument("--jurisdiction", help="ISO 3166 code, e.g. CA or US-NY")
+    orgs.add_parser("list")
+    for p in orgs.choices.values():
+        p.set_defaults(handler=cmd_orgs)
+
+    clients = sub.add_parser("clients", help="machine clients").add_subparsers(dest="action", required=True)
+    add = clients.add_parser("add")
+    add.add_argument("--org", required=True, help="organization id or exact name")
+    add.add_argument("--role", required=True, choices=["clinic", "authority", "auditor", "admin"])
+    keys = add.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--jwks", help="file with the client's public JWKS")
+    keys.add_argument("--jwks-url", help="https URL of the client's JWKS")
+    add.add_argument("--scopes", nargs="+", help="SMART system scopes (default: the role's ceiling)")
+    add.add_argument("--purposes", nargs="+", help="purposes of use (v3-ActReason), e.g. PUBHLTH TREAT")
+    add.add_argument("--description")
+    clients.add_parser("list")
+    disable = clients.add_parser("disable")
+    disable.add_argument("client_id")
+    keygen = clients.add_parser("keygen", help="make a client key pair: private PEM and public JWKS")
+    keygen.add_argument("--out-key", required=True)
+    keygen.add_argument("--out-jwks", required=True)
+    keygen.add_argument("--kind", choices=["EC", "RSA"], default="EC")
+    for p in clients.choices.values():
+        p.set_defaults(handler=cmd_clients)
+
+    token = sub.add_parser("token", help="sign a client assertion and print an access token")
+    token.add_argument("--client-id", required=True)
+    token.add_argument("--key", required=True, help="the client's private key (PEM)")
+    token.add_argument("--scope", default="system/*.rs")
+    token.add_argument("--purpose", help="purpose of use, e.g. PUBHLTH")
+    token.add_argument("--person", help="pseudonymous id of the person acting through the client")
+    token.add_argument("--kid", help="key id (default: the key's RFC 7638 thumbprint)")
+    token.add_argument("--url", help="service base URL (default MHR_PUBLIC_BASE_URL)")
+    token.add_argument("--json", action="store_true", help="print the whole token response")
+    token.set_defaults(handler=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+        return handler(args, settings)
+    except SettingsError as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The demo set seeded by ``make run``: one clinic, two authorities, an auditor and an operator.
+
+Each gets a client whose private key is written under ``var/demo/`` (git
+ignores ``var/``), so a person can try the API straight away. Seeding happens
+once: a second start finds the organizations and leaves them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from security.jwk import generate_client_key, private_key_pem, public_jwk
+from service.identity.registry import ClientRegistration, add_client, add_organization
+from service.identity.repository import IdentityRepository
+from service.store.database import Database
+
+
+@dataclass(frozen=True)
+class DemoParty:
+    slug: str
+    name: str
+    kind: str
+    jurisdiction: str | None
+    purposes: tuple[str, ...] = ()
+
+
+DEMO_PARTIES = (
+    DemoParty("clinic", "Demo Panel Clinic Amman", "clinic", "JO"),
+    DemoParty("authority-a", "Demo Public Health Authority A", "authority", "CA-ON", ("PUBHLTH", "TREAT")),
+    DemoParty("authority-b", "Demo Public Health Authority B", "authority", "US-NY", ("PUBHLTH",)),
+    DemoParty("auditor", "Demo Audit Office", "auditor", None),
+    DemoParty("admin", "mhr Operations", "admin", None),
+)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+async def seed_demo(database: Database, demo_dir: Path) -> dict[str, dict[str, str]] | None:
+    """Create the demo parties once; returns what was created, or None when already seeded."""
+    demo_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    async with database.transaction() as session:
+        repo = IdentityRepository(session)
+        if await repo.organization_by_id_or_name(DEMO_PARTIES[0].name) is not None:
+            return None
+        created: dict[str, dict[str, str]] = {}
+        for party in DEMO_PARTIES:
+            org = await add_organization(
+                repo, name=party.name, kind=party.kind, jurisdiction=party.jurisdiction
+            )
+            key = generate_client_key("EC")
+            client = await add_client(
+                repo,
+                ClientRegistration(
+                    organization=org.id,
+                    role=party.kind,
+                    jwks={"keys": [public_jwk(key)]},
+                    purposes=party.purposes,
+                    description=f"demo {party.slug} client",
+                ),
+            )
+            key_path = demo_dir / f"{party.slug}.pem"
+            _write_private(key_path, private_key_pem(key))
+            created[party.slug] = {
+                "organization_id": org.id,
+                "client_id": client.id,
+                "key": str(key_path),
+                "scopes": client.scopes,
+            }
+        _write_private(demo_dir / "clients.json", json.dumps(created, indent=2).encode())
+    return created
+
+
+def load_demo_clients(demo_dir: Path) -> dict[str, dict[str, str]]:
+    path = demo_dir / "clients.json"
+    if not path.exists():
+        return {}
+    loaded: dict[str, dict[str, str]] = json.loads(path.read_text())
+    return loaded

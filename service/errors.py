@@ -1,0 +1,149 @@
+"""Every error the FHIR API returns is an OperationOutcome made here.
+
+Routes and use-cases raise ``FhirError`` (or a subclass); the handlers below
+turn it, Starlette's routing errors and FastAPI's validation errors into an
+OperationOutcome with the matching status. A 500 says only its correlation id:
+exception text can carry PHI or internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.request_context import current_request_id
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+
+
+@dataclass(frozen=True)
+class OutcomeIssue:
+    code: str
+    diagnostics: str
+    severity: str = "error"
+    expression: str | None = None
+
+    def as_fhir(self) -> dict[str, Any]:
+        issue: dict[str, Any] = {
+            "severity": self.severity,
+            "code": self.code,
+            "diagnostics": self.diagnostics,
+        }
+        if self.expression:
+            issue["expression"] = [self.expression]
+        return issue
+
+
+@dataclass
+class FhirError(Exception):
+    status: int
+    issues: list[OutcomeIssue]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def single(
+        cls,
+        status: int,
+        code: str,
+        diagnostics: str,
+        *,
+        expression: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> FhirError:
+        return cls(status, [OutcomeIssue(code, diagnostics, expression=expression)], headers or {})
+
+    def __str__(self) -> str:
+        return f"{self.status}: " + "; ".join(i.diagnostics for i in self.issues)
+
+
+def not_found(resource_type: str) -> FhirError:
+    # One message for "does not exist" and "exists but not yours": no existence oracle.
+    return FhirError.single(404, "not-found", f"{resource_type} not found")
+
+
+def operation_outcome(issues: list[OutcomeIssue]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [i.as_fhir() for i in issues]}
+
+
+def outcome_response(
+    status: int, issues: list[OutcomeIssue], headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(operation_outcome(issues)),
+        status_code=status,
+        media_type=FHIR_JSON,
+        headers=headers,
+    )
+
+
+_STATUS_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "processing",
+    429: "throttled",
+    503: "transient",
+}
+
+
+def _validation_issues(exc: RequestValidationError) -> list[OutcomeIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        # Pydantic's msg can quote the input; say only where and what kind.
+        issues.append(
+            OutcomeIssue(
+                "invalid",
+                f"invalid request {loc or 'input'}: {err.get('type', 'invalid')}",
+                expression=loc or None,
+            )
+        )
+    return issues
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def fhir_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FhirError)
+        return outcome_response(exc.status, exc.issues, exc.headers)
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        status = exc.status_code
+        text = {404: "no such endpoint", 405: "method not allowed"}.get(status, "request failed")
+        headers = dict(exc.headers) if exc.headers else None
+        return outcome_response(status, [OutcomeIssue(_STATUS_CODES.get(status, "exception"), text)], headers)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return outcome_response(400, _validation_issues(exc))
+
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        request_id = current_request_id()
+        log.error("unhandled error", exc_info=exc, extra={"error_type": type(exc).__name__})
+        return outcome_response(
+            500,
+            [OutcomeIssue("exception", f"internal error; correlation id {request_id}")],
+            {"X-Request-Id": request_id},
+        )
+
+    app.add_exception_handler(FhirError, fhir_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,1 @@
+"""Organizations, machine clients and SMART Backend Services token issuance."""

@@ -1,0 +1,67 @@
+"""Everything a running service holds: built once at start-up, shared by all requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from security.access_tokens import AccessTokenCodec
+from security.keys import KeyProvider, LocalKeyring
+from service.capability import load_capability_statement
+from service.identity.client_status import ClientStatusCache
+from service.identity.jwks import JwksCache
+from service.identity.tokens import TokenPolicy
+from service.settings import Settings
+from service.store.database import Database
+from service.store.migrate import head_revision
+
+TOKEN_KEY_PURPOSE = "token-hmac"  # noqa: S105 - a key name, not a secret
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    database: Database
+    keys: KeyProvider
+    tokens: AccessTokenCodec
+    token_policy: TokenPolicy
+    jwks: JwksCache
+    client_status: ClientStatusCache
+    capability_statement: bytes
+    head_revision: str | None
+
+
+def open_keyring(settings: Settings) -> KeyProvider:
+    return LocalKeyring.load_or_create(settings.keyring_path)
+
+
+def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Runtime:
+    keys = keys or open_keyring(settings)
+    database = Database(settings.database_url)
+    codec = AccessTokenCodec(
+        issuer=settings.base_url,
+        audience=settings.fhir_base_url,
+        current_key=keys.secret(TOKEN_KEY_PURPOSE),
+        key_for=lambda kid: keys.secret_by_kid(TOKEN_KEY_PURPOSE, kid),
+    )
+    capability: dict[str, Any] = load_capability_statement(settings.ig_dir, settings)
+    return Runtime(
+        settings=settings,
+        database=database,
+        keys=keys,
+        tokens=codec,
+        token_policy=TokenPolicy(
+            token_url=settings.token_url,
+            lifetime_seconds=settings.token_lifetime_seconds,
+            assertion_max_lifetime_seconds=settings.assertion_max_lifetime_seconds,
+        ),
+        jwks=JwksCache(
+            timeout_seconds=settings.jwks_fetch_timeout_seconds,
+            ttl_seconds=settings.jwks_cache_seconds,
+        ),
+        client_status=ClientStatusCache(database.sessions, ttl_seconds=settings.client_status_cache_seconds),
+        capability_statement=orjson.dumps(capability),
+        head_revision=head_revision(),
+    )

@@ -1,0 +1,1 @@
+"""Persistence: engine, ORM tables and migrations. SQL lives here and in repositories."""
