@@ -1,0 +1,530 @@
+"""Key providers: where the KEK, the HMAC secrets and the audit signing key live.
+
+Nothing outside ``security`` sees a KEK. Callers ask a :class:`KeyProvider` to
+wrap and unwrap subject keys, and for the named secrets they need:
+
+* ``"token-hmac"``: HMAC key for API tokens stored as hashes;
+* ``"blind-index"``: HMAC key for blind indexes (``security.blind_index``);
+* ``"audit-log"``: Ed25519 key that signs the tamper-evident audit log.
+
+The default provider is :class:`LocalKeyring`, a JSON file holding the keys in
+base64. It is created with mode 0600, replaced atomically on every change, and
+checked by :func:`keyring_permissions_problem` at start-up.
+
+Wrapped-key blob (version 1)::
+
+    offset  size  field
+    0       1     format (1 = AES-256-GCM under a KEK)
+    1       1     length L of the KEK id (1..255)
+    2       L     KEK id (ASCII)
+    2+L     4     KEK version (uint32, big-endian)
+    6+L     12    nonce (random)
+    18+L    n+16  wrapped key || tag
+
+Bytes ``0 .. 6+L`` are the header; the GCM associated data is
+``header || aad``, so the KEK named in the blob is authenticated along with
+whatever the caller binds the key to (typically the subject id).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from security.envelope import IntegrityError
+
+__all__ = [
+    "LOG_SIGNING_KEY_NAME",
+    "SECRET_PURPOSES",
+    "KekRef",
+    "KeyProvider",
+    "KeyringError",
+    "LocalKeyring",
+    "keyring_permissions_problem",
+]
+
+SECRET_PURPOSES: Final = ("token-hmac", "blind-index")
+LOG_SIGNING_KEY_NAME: Final = "audit-log"
+
+_WRAP_FORMAT: Final = 1
+_KEY_SIZE: Final = 32
+_NONCE_SIZE: Final = 12
+_TAG_SIZE: Final = 16
+_UINT32_MAX: Final = 0xFFFF_FFFF
+_FILE_FORMAT: Final = 1
+
+
+class KeyringError(Exception):
+    """The keyring cannot be created, read or changed.
+
+    Messages name the file and the problem, never key material.
+    """
+
+
+@dataclass(frozen=True)
+class KekRef:
+    """Names one version of a key-encryption key."""
+
+    key_id: str
+    version: int
+
+
+class KeyProvider(Protocol):
+    """What the rest of the service may ask of a key store."""
+
+    def current_kek(self) -> KekRef:
+        """The KEK version new wraps use."""
+        ...
+
+    def wrap_key(self, plaintext_key: bytes, aad: bytes) -> bytes:
+        """Wrap a key under the current KEK; the blob names the KEK it used."""
+        ...
+
+    def unwrap_key(self, blob: bytes, aad: bytes) -> bytes:
+        """Unwrap with whichever held KEK version the blob names.
+
+        Raises ``security.envelope.IntegrityError`` on any failure.
+        """
+        ...
+
+    def secret(self, purpose: str) -> tuple[str, bytes]:
+        """Current ``(kid, 32-byte secret)`` for ``purpose``."""
+        ...
+
+    def secret_by_kid(self, purpose: str, kid: str) -> bytes | None:
+        """An older or current secret by kid, or None if not held."""
+        ...
+
+    def log_signing_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 key that signs the audit log."""
+        ...
+
+
+# --- wrapped-key blob ------------------------------------------------------
+
+
+def _wrap_header(ref: KekRef) -> bytes:
+    kid = ref.key_id.encode("ascii")
+    return bytes((_WRAP_FORMAT, len(kid))) + kid + struct.pack(">I", ref.version)
+
+
+def _parse_wrapped(blob: bytes) -> tuple[KekRef, bytes, bytes, bytes]:
+    """Split a blob into (kek, header, nonce, ct||tag); IntegrityError if malformed."""
+    if len(blob) < 2 or blob[0] != _WRAP_FORMAT:
+        raise IntegrityError
+    kid_len = blob[1]
+    header_len = 2 + kid_len + 4
+    if kid_len == 0 or len(blob) < header_len + _NONCE_SIZE + _TAG_SIZE:
+        raise IntegrityError
+    try:
+        kid = blob[2 : 2 + kid_len].decode("ascii")
+    except UnicodeDecodeError:
+        raise IntegrityError from None
+    (version,) = struct.unpack_from(">I", blob, 2 + kid_len)
+    header = blob[:header_len]
+    nonce = blob[header_len : header_len + _NONCE_SIZE]
+    return KekRef(kid, int(version)), header, nonce, blob[header_len + _NONCE_SIZE :]
+
+
+# --- local keyring file ----------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _SecretSet:
+    current: str
+    keys: dict[str, bytes]
+
+
+# eq=False: nothing should compare key material (and not in variable time).
+@dataclass(frozen=True, eq=False)
+class _State:
+    """One immutable snapshot of the keyring.
+
+    Changes build a new snapshot, persist it, then swap the reference, so a
+    reader never sees half a rotation and memory never holds a key that is
+    not on disk (a wrap under such a key would be unrecoverable after restart).
+    """
+
+    kek_id: str
+    kek_current: int
+    keks: dict[int, AESGCM]
+    kek_raw: dict[int, bytes] = field(repr=False)
+    secrets: dict[str, _SecretSet] = field(repr=False)
+    signing_raw: bytes = field(repr=False)
+
+
+def _b64e(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _b64d(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise KeyringError(f"keyring: {what} is not a base64 string")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise KeyringError(f"keyring: {what} is not valid base64") from None
+    if len(raw) != _KEY_SIZE:
+        raise KeyringError(f"keyring: {what} must be {_KEY_SIZE} bytes")
+    return raw
+
+
+def _new_kid(existing: dict[str, bytes]) -> str:
+    while True:
+        kid = secrets.token_hex(4)
+        if kid not in existing:
+            return kid
+
+
+def _fresh_state() -> _State:
+    raw = os.urandom(_KEY_SIZE)
+    secret_sets = {}
+    for purpose in SECRET_PURPOSES:
+        kid = _new_kid({})
+        secret_sets[purpose] = _SecretSet(kid, {kid: os.urandom(_KEY_SIZE)})
+    signing = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+    return _State(
+        # A random id tells this deployment's blobs from another's.
+        kek_id=f"local-{secrets.token_hex(8)}",
+        kek_current=1,
+        keks={1: AESGCM(raw)},
+        kek_raw={1: raw},
+        secrets=secret_sets,
+        signing_raw=signing,
+    )
+
+
+def _to_json(state: _State) -> bytes:
+    doc = {
+        "format": _FILE_FORMAT,
+        "kek": {
+            "key_id": state.kek_id,
+            "current": state.kek_current,
+            "versions": {str(v): _b64e(k) for v, k in sorted(state.kek_raw.items())},
+        },
+        "secrets": {
+            purpose: {"current": s.current, "keys": {k: _b64e(v) for k, v in s.keys.items()}}
+            for purpose, s in state.secrets.items()
+        },
+        "signing": {LOG_SIGNING_KEY_NAME: _b64e(state.signing_raw)},
+    }
+    return json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _obj(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise KeyringError(f"keyring: {what} must be an object")
+    return value
+
+
+def _from_json(data: bytes) -> _State:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KeyringError("keyring: file is not valid JSON") from None
+    doc = _obj(doc, "document")
+    if doc.get("format") != _FILE_FORMAT:
+        raise KeyringError(f"keyring: unsupported format {doc.get('format')!r}")
+
+    kek = _obj(doc.get("kek"), "kek")
+    kek_id = kek.get("key_id")
+    if not isinstance(kek_id, str) or not kek_id.isascii() or not 0 < len(kek_id) < 256:
+        raise KeyringError("keyring: kek.key_id must be 1-255 ASCII characters")
+    kek_raw: dict[int, bytes] = {}
+    for v, k in _obj(kek.get("versions"), "kek.versions").items():
+        if not v.isdigit() or not 0 < int(v) <= _UINT32_MAX:
+            raise KeyringError(f"keyring: bad kek version {v!r}")
+        kek_raw[int(v)] = _b64d(k, f"kek version {v}")
+    current = kek.get("current")
+    if isinstance(current, bool) or not isinstance(current, int) or current not in kek_raw:
+        raise KeyringError("keyring: kek.current does not name a held version")
+
+    secrets_doc = _obj(doc.get("secrets"), "secrets")
+    secret_sets: dict[str, _SecretSet] = {}
+    for purpose in SECRET_PURPOSES:
+        entry = _obj(secrets_doc.get(purpose), f"secrets.{purpose}")
+        keys = {
+            kid: _b64d(raw, f"secret {purpose}/{kid}")
+            for kid, raw in _obj(entry.get("keys"), f"secrets.{purpose}.keys").items()
+        }
+        cur = entry.get("current")
+        if not isinstance(cur, str) or cur not in keys:
+            raise KeyringError(f"keyring: secrets.{purpose}.current does not name a held key")
+        secret_sets[purpose] = _SecretSet(cur, keys)
+
+    signing = _obj(doc.get("signing"), "signing")
+    signing_raw = _b64d(signing.get(LOG_SIGNING_KEY_NAME), f"signing.{LOG_SIGNING_KEY_NAME}")
+
+    return _State(
+        kek_id=kek_id,
+        kek_current=current,
+        keks={v: AESGCM(k) for v, k in kek_raw.items()},
+        kek_raw=kek_raw,
+        secrets=secret_sets,
+        signing_raw=signing_raw,
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: Path, data: bytes) -> Path:
+    """Write ``data`` to a new 0600 file in ``directory`` and fsync it."""
+    while True:
+        tmp = directory / f".keyring-{secrets.token_hex(8)}.tmp"
+        try:
+            # O_EXCL: never follow or reuse a file someone planted there.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        break
+    try:
+        # The mode given to open() is filtered by the umask; make it exact.
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` without replacing an existing file."""
+    try:
+        # link() fails if path exists, unlike rename(): two processes starting
+        # at once cannot overwrite each other's freshly generated keys.
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LocalKeyring(KeyProvider):
+    """Keys in a local JSON file (base64), readable by the service user only."""
+
+    def __init__(self, path: Path, state: _State) -> None:
+        """Use :meth:`create`, :meth:`load` or :meth:`load_or_create`."""
+        self._path = path
+        self._state = state
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalKeyring(path={str(self._path)!r}, kek={self.current_kek()})"
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- construction ----------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str]) -> LocalKeyring:
+        """Generate fresh keys into a new file; KeyringError if it exists."""
+        try:
+            return cls._create(Path(path))
+        except FileExistsError:
+            raise KeyringError(f"keyring {os.fspath(path)} already exists") from None
+
+    @classmethod
+    def _create(cls, path: Path) -> LocalKeyring:
+        parent = path.parent
+        if not parent.exists():
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkdir's mode passes through the umask too.
+            parent.chmod(0o700)
+        state = _fresh_state()
+        try:
+            tmp = _write_temp(parent, _to_json(state))
+            _publish_new(tmp, path)
+            _fsync_dir(parent)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise KeyringError(f"cannot create keyring {path}: {exc.strerror}") from None
+        return cls(path, state)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LocalKeyring:
+        """Read an existing keyring file."""
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise KeyringError(f"cannot read keyring {p}: {exc.strerror}") from None
+        return cls(p, _from_json(data))
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> LocalKeyring:
+        """Load the keyring, creating it on first start."""
+        p = Path(path)
+        if p.exists():
+            return cls.load(p)
+        try:
+            return cls._create(p)
+        except FileExistsError:
+            # Another process created it between our check and our link.
+            return cls.load(p)
+
+    def _persist(self, state: _State) -> None:
+        try:
+            tmp = _write_temp(self._path.parent, _to_json(state))
+            try:
+                os.replace(tmp, self._path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self._path.parent)
+        except OSError as exc:
+            raise KeyringError(f"cannot write keyring {self._path}: {exc.strerror}") from None
+
+    # -- KEK -------------------------------------------------------------
+
+    def current_kek(self) -> KekRef:
+        state = self._state
+        return KekRef(state.kek_id, state.kek_current)
+
+    def wrap_key(self, plaintext_key: bytes, aad: bytes) -> bytes:
+        if not plaintext_key:
+            raise ValueError("nothing to wrap")
+        state = self._state
+        header = _wrap_header(KekRef(state.kek_id, state.kek_current))
+        nonce = os.urandom(_NONCE_SIZE)
+        sealed = state.keks[state.kek_current].encrypt(nonce, plaintext_key, header + aad)
+        return header + nonce + sealed
+
+    def unwrap_key(self, blob: bytes, aad: bytes) -> bytes:
+        ref, header, nonce, sealed = _parse_wrapped(blob)
+        state = self._state
+        aead = state.keks.get(ref.version)
+        if ref.key_id != state.kek_id or aead is None:
+            raise IntegrityError
+        try:
+            return aead.decrypt(nonce, sealed, header + aad)
+        except InvalidTag:
+            raise IntegrityError from None
+
+    def rotate_kek(self) -> KekRef:
+        """Add a new current KEK version; older versions stay for unwrapping.
+
+        Subject keys wrapped under older versions must be re-wrapped by the
+        caller (then old versions can be retired by a later tool). Another
+        process using this file keeps wrapping under the version it loaded
+        until it reloads; its blobs remain unwrappable since no version is
+        dropped here.
+        """
+        with self._lock:
+            old = self._state
+            version = max(old.kek_raw) + 1
+            if version > _UINT32_MAX:
+                raise KeyringError("keyring: KEK version space exhausted")
+            raw = os.urandom(_KEY_SIZE)
+            new = _State(
+                kek_id=old.kek_id,
+                kek_current=version,
+                keks={**old.keks, version: AESGCM(raw)},
+                kek_raw={**old.kek_raw, version: raw},
+                secrets=old.secrets,
+                signing_raw=old.signing_raw,
+            )
+            self._persist(new)
+            self._state = new
+            return KekRef(new.kek_id, version)
+
+    # -- named secrets ---------------------------------------------------
+
+    @staticmethod
+    def _check_purpose(purpose: str) -> None:
+        if purpose not in SECRET_PURPOSES:
+            raise KeyringError(f"unknown secret purpose {purpose!r}")
+
+    def secret(self, purpose: str) -> tuple[str, bytes]:
+        self._check_purpose(purpose)
+        entry = self._state.secrets[purpose]
+        return entry.current, entry.keys[entry.current]
+
+    def secret_by_kid(self, purpose: str, kid: str) -> bytes | None:
+        self._check_purpose(purpose)
+        return self._state.secrets[purpose].keys.get(kid)
+
+    def rotate_secret(self, purpose: str) -> str:
+        """Add a new current secret for ``purpose`` and return its kid.
+
+        Old secrets stay, so tokens carrying an old kid still verify. For
+        ``"blind-index"`` every stored index must be recomputed under the new
+        key before searches use it: an index made under one key never matches
+        one made under another.
+        """
+        self._check_purpose(purpose)
+        with self._lock:
+            old = self._state
+            entry = old.secrets[purpose]
+            kid = _new_kid(entry.keys)
+            new = _State(
+                kek_id=old.kek_id,
+                kek_current=old.kek_current,
+                keks=old.keks,
+                kek_raw=old.kek_raw,
+                secrets={
+                    **old.secrets,
+                    purpose: _SecretSet(kid, {**entry.keys, kid: os.urandom(_KEY_SIZE)}),
+                },
+                signing_raw=old.signing_raw,
+            )
+            self._persist(new)
+            self._state = new
+            return kid
+
+    # -- audit log signing -----------------------------------------------
+
+    def log_signing_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self._state.signing_raw)
+
+
+def keyring_permissions_problem(path: str | os.PathLike[str]) -> str | None:
+    """A human-readable problem with the keyring file's permissions, or None.
+
+    Group or other access of any kind (read, write, execute) is a problem: the
+    file holds every key in clear. A missing or non-regular file is reported
+    too, since nothing safe can be said about it.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return f"keyring {p} does not exist"
+    except OSError as exc:
+        return f"cannot stat keyring {p}: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"keyring {p} is not a regular file"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return f"keyring {p} has mode {mode:04o}: group or others can access it; run `chmod 600 {p}`"
+    return None
