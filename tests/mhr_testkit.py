@@ -1,0 +1,134 @@
+"""Test helpers: start the app on a database, register parties, get tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.testclient import TestClient
+
+from security.jwk import PrivateKey, generate_client_key, public_jwk, sign_client_assertion
+from service.app import asgi_app, create_app
+from service.identity.registry import ClientRegistration, add_client, add_organization
+from service.identity.repository import IdentityRepository
+from service.settings import Environment, Settings
+from service.store.database import Database
+
+PG_DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+BASE_URL = "http://testserver"
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def sync_url(url: str) -> str:
+    """The same database through a synchronous driver, for tests that look under the service."""
+    return url.replace("+asyncpg", "+psycopg").replace("+aiosqlite", "")
+
+
+@dataclass
+class Party:
+    organization_id: str
+    client_id: str
+    role: str
+    key: PrivateKey
+    scopes: str
+
+
+@dataclass
+class Service:
+    client: TestClient
+    settings: Settings
+    tmp_path: Path
+    parties: dict[str, Party] = field(default_factory=dict)
+
+    @classmethod
+    @contextmanager
+    def start(cls, database_url: str, tmp_path: Path, **overrides: Any) -> Iterator[Service]:
+        settings = Settings(
+            env=Environment.test,
+            database_url=database_url,
+            public_base_url=BASE_URL,
+            keyring_path=tmp_path / "keyring.json",
+            client_status_cache_seconds=0,
+            **overrides,
+        )
+        app = create_app(settings)
+        with TestClient(asgi_app(app, settings), base_url=BASE_URL) as client:
+            service = cls(client, settings, tmp_path)
+            service.fastapi = app  # type: ignore[attr-defined]
+            yield service
+
+    @property
+    def token_url(self) -> str:
+        return f"{BASE_URL}/auth/token"
+
+    def _run(self, coro: Any) -> Any:
+        async def wrapped() -> Any:
+            database = Database(self.settings.database_url)
+            try:
+                return await coro(database)
+            finally:
+                await database.dispose()
+
+        return asyncio.run(wrapped())
+
+    def register(
+        self,
+        name: str,
+        kind: str,
+        *,
+        scopes: str | None = None,
+        purposes: tuple[str, ...] = (),
+        key_kind: str = "EC",
+        jurisdiction: str | None = None,
+    ) -> Party:
+        """An organization of ``kind`` with one client holding a fresh key."""
+        key = generate_client_key(key_kind)
+
+        async def work(db: Database) -> Party:
+            async with db.transaction() as session:
+                repo = IdentityRepository(session)
+                org = await add_organization(
+                    repo, name=f"{name} {uuid.uuid4().hex[:6]}", kind=kind, jurisdiction=jurisdiction
+                )
+                client = await add_client(
+                    repo,
+                    ClientRegistration(
+                        organization=org.id,
+                        role=kind,
+                        jwks={"keys": [public_jwk(key)]},
+                        scopes=scopes,
+                        purposes=purposes,
+                    ),
+                )
+                return Party(org.id, client.id, kind, key, client.scopes)
+
+        party: Party = self._run(work)
+        self.parties[name] = party
+        return party
+
+    def assertion(self, party: Party, **kwargs: Any) -> str:
+        return sign_client_assertion(party.key, client_id=party.client_id, token_url=self.token_url, **kwargs)
+
+    def request_token(self, party: Party, scope: str | None = None, **form: str) -> Any:
+        data = {
+            "grant_type": "client_credentials",
+            "client_assertion_type": JWT_BEARER,
+            "client_assertion": self.assertion(party),
+            "scope": scope or party.scopes,
+            **form,
+        }
+        return self.client.post("/auth/token", data=data)
+
+    def token(self, party: Party, scope: str | None = None, **form: str) -> str:
+        response = self.request_token(party, scope, **form)
+        assert response.status_code == 200, response.text
+        token: str = response.json()["access_token"]
+        return token
+
+    def headers(self, party: Party, scope: str | None = None, **form: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(party, scope, **form)}"}
