@@ -1,0 +1,324 @@
+"""The auditor API: `AuditEvent` search/read/NDJSON export, checkpoints, the log key and proofs.
+
+Auditor role only (scope ``system/AuditEvent.rs``): a clinic's ``system/*.cruds``
+covers AuditEvent by scope, so the role check is what keeps others out.
+Auditors read entries (no PHI by construction) and hashes, never clinical data.
+Reads of AuditEvent are themselves audited; the integrity endpoints under
+``/audit`` are not, so that verifying the log does not grow it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import Response, StreamingResponse
+
+from security import merkle
+from service.api.deps import Principal, RuntimeDep, SessionDep, requires
+from service.api.responses import FhirResponse, search_url, searchset
+from service.audit import log as audit_log
+from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
+from service.audit.fhir import TYPE_SEARCH, audit_event
+from service.audit.recorder import record_audit
+from service.audit.search import (
+    AuditQuery,
+    QueryError,
+    date_range,
+    entry_leaf,
+    leaves,
+    read_entry,
+    search_page,
+    stream_entries,
+)
+from service.errors import FhirError, not_found
+from service.request_context import SOURCE, current_request_id
+
+router = APIRouter()
+
+AUDITOR = frozenset({"auditor"})
+AuditReader = Annotated[Principal, Depends(requires("AuditEvent", "r", roles=AUDITOR))]
+AuditSearcher = Annotated[Principal, Depends(requires("AuditEvent", "s", roles=AUDITOR))]
+
+NDJSON = "application/fhir+ndjson"
+MAX_COUNT = 500
+MAX_LEAVES = 1000
+_SEARCH_PARAMS = {
+    "date",
+    "agent",
+    "entity",
+    "patient",
+    "action",
+    "outcome",
+    "type",
+    "_count",
+    "_cursor",
+    "_format",
+}
+_ACTIONS = {a.value for a in Action}
+_OUTCOMES = {o.value for o in Outcome}
+
+
+async def _audit_access(
+    session: SessionDep,
+    principal: Principal,
+    subtype: str,
+    action: Action,
+    *,
+    event_type: EventType = EventType.rest,
+    query: str | None = None,
+    entities: tuple[AuditEntity, ...] = (),
+) -> None:
+    claims = principal.claims
+    record = AuditRecord(
+        event_type=event_type,
+        subtype=subtype,
+        action=action,
+        outcome=Outcome.success,
+        agent=AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person),
+        purpose=claims.purpose,
+        entities=entities,
+        query=query,
+    )
+    await record_audit(session, record, request_id=current_request_id(), source=SOURCE)
+
+
+def _values(request: Request, name: str) -> list[str]:
+    return [v for raw in request.query_params.getlist(name) for v in raw.split(",") if v]
+
+
+def _parse_query(request: Request) -> AuditQuery:
+    unknown = set(request.query_params) - _SEARCH_PARAMS
+    if unknown and "handling=lenient" not in request.headers.get("prefer", ""):
+        raise FhirError.single(
+            400, "not-supported", "unknown search parameter", expression=sorted(unknown)[0]
+        )
+    try:
+        dates = tuple(date_range(v) for v in request.query_params.getlist("date"))
+    except QueryError as exc:
+        raise FhirError.single(400, "value", str(exc), expression=exc.param) from exc
+    actions = tuple(_values(request, "action"))
+    if any(a not in _ACTIONS for a in actions):
+        raise FhirError.single(400, "value", "action must be one of C, R, U, D, E", expression="action")
+    outcomes = tuple(_values(request, "outcome"))
+    if any(o not in _OUTCOMES for o in outcomes):
+        raise FhirError.single(400, "value", "outcome must be one of 0, 4, 8, 12", expression="outcome")
+    types: list[str] = []
+    for value in _values(request, "type"):
+        code = value.rpartition("|")[2]
+        if code not in TYPE_SEARCH:
+            raise FhirError.single(400, "value", "unknown audit event type", expression="type")
+        types.extend(TYPE_SEARCH[code])
+    agents = tuple(v.rpartition("|")[2] for v in _values(request, "agent"))
+    entity = request.query_params.get("entity")
+    if entity is not None:
+        # "Type/id" (a version suffix or a base URL is accepted and dropped).
+        parts = entity.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) < 2:
+            raise FhirError.single(400, "value", "entity must be a reference Type/id", expression="entity")
+        entity = f"{parts[-2]}/{parts[-1]}"
+    patient = request.query_params.get("patient")
+    if patient is not None:
+        patient = patient.rpartition("/")[2]
+    return AuditQuery(
+        dates=dates,
+        agents=agents,
+        entity=entity,
+        patient=patient,
+        actions=actions,
+        outcomes=outcomes,
+        event_types=tuple(dict.fromkeys(types)),
+    )
+
+
+def _wants_ndjson(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        if fmt in (NDJSON, "ndjson", "application/ndjson"):
+            return True
+        if fmt in ("json", "application/fhir+json", "application/json"):
+            return False
+        raise FhirError.single(400, "not-supported", "unsupported _format", expression="_format")
+    return NDJSON in request.headers.get("accept", "")
+
+
+@router.get("/fhir/AuditEvent", tags=["audit"], response_class=FhirResponse)
+async def search_audit_events(
+    request: Request,
+    principal: AuditSearcher,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
+    cursor: Annotated[int, Query(alias="_cursor", ge=0)] = 0,
+    fmt: Annotated[str | None, Query(alias="_format")] = None,
+) -> Response:
+    query = _parse_query(request)
+    names = ",".join(sorted(k for k in set(request.query_params) if not k.startswith("_")))
+    if _wants_ndjson(request, fmt):
+        # The export's audit entry commits with this session, before the first byte streams.
+        await _audit_access(
+            session,
+            principal,
+            "search-type",
+            Action.execute,
+            event_type=EventType.export,
+            query=names or None,
+        )
+        sessions = runtime.database.sessions
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for entry_id, content, leaf_index in stream_entries(sessions, query):
+                yield orjson.dumps(audit_event(entry_id, content, leaf_index)) + b"\n"
+
+        return StreamingResponse(lines(), media_type=NDJSON)
+
+    rows = await search_page(session, query, after=cursor, limit=count + 1)
+    await _audit_access(session, principal, "search-type", Action.execute, query=names or None)
+    base = runtime.settings.fhir_base_url
+    params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("_count", "_cursor")]
+    next_url = None
+    if len(rows) > count:
+        next_url = search_url(
+            base, "AuditEvent", [*params, ("_count", str(count)), ("_cursor", str(rows[count - 1][0]))]
+        )
+    entries = [
+        {
+            "fullUrl": f"{base}/AuditEvent/{entry_id}",
+            "resource": audit_event(entry_id, content, leaf_index),
+            "search": {"mode": "match"},
+        }
+        for entry_id, content, leaf_index in rows[:count]
+    ]
+    self_url = search_url(base, "AuditEvent", [*params, ("_count", str(count)), ("_cursor", str(cursor))])
+    return FhirResponse(searchset(entries, total=None, self_url=self_url, next_url=next_url))
+
+
+@router.get("/fhir/AuditEvent/{entry_id}", tags=["audit"], response_class=FhirResponse)
+async def read_audit_event(entry_id: str, principal: AuditReader, session: SessionDep) -> FhirResponse:
+    if not entry_id.isdigit() or len(entry_id) > 18:
+        raise not_found("AuditEvent")
+    row = await read_entry(session, int(entry_id))
+    if row is None:
+        raise not_found("AuditEvent")
+    await _audit_access(
+        session, principal, "read", Action.read, entities=(AuditEntity("AuditEvent", entry_id),)
+    )
+    return FhirResponse(audit_event(*row))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _text(body: str) -> Response:
+    return Response(body, media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/audit/checkpoint", tags=["audit"])
+async def latest_checkpoint(_principal: AuditReader, session: SessionDep) -> Response:
+    """The latest signed checkpoint (C2SP signed note), as text."""
+    checkpoint = await audit_log.latest_checkpoint(session)
+    if checkpoint is None:
+        raise FhirError.single(404, "not-found", "the audit log has no checkpoint yet")
+    return _text(checkpoint.note)
+
+
+@router.get("/audit/key", tags=["audit"])
+async def log_key(_principal: AuditReader, runtime: RuntimeDep) -> Response:
+    """The log's verifier key (``<name>+<id>+<key>``) for `mhr audit verify --vkey`."""
+    return _text(runtime.log_signer.vkey() + "\n")
+
+
+@router.get("/audit/checkpoints", tags=["audit"])
+async def list_checkpoints(
+    _principal: AuditReader,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    count: Annotated[int, Query(alias="_count", ge=1, le=MAX_LEAVES)] = MAX_LEAVES,
+) -> Response:
+    rows = await audit_log.checkpoints_page(session, after=after, limit=count)
+    return Response(
+        orjson.dumps({"checkpoints": [{"size": c.size, "note": c.note} for c in rows]}),
+        media_type="application/json",
+    )
+
+
+@router.get("/audit/leaves", tags=["audit"])
+async def list_leaves(
+    _principal: AuditReader,
+    session: SessionDep,
+    start: Annotated[int, Query(ge=0)],
+    end: Annotated[int, Query(ge=1)],
+) -> Response:
+    """Sealed entries' canonical content (what the leaves hash), for recomputing the tree."""
+    if end <= start:
+        raise FhirError.single(400, "value", "end must exceed start", expression="end")
+    rows = await leaves(session, start=start, end=min(end, start + MAX_LEAVES))
+    body = {"leaves": [{"index": i, "entry": e, "content": _b64(c)} for i, e, c in rows]}
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def _size_or_latest(session: SessionDep, size: int | None, name: str) -> int:
+    latest = await audit_log.tree_size(session)
+    if size is None:
+        return latest
+    if size > latest:
+        raise FhirError.single(400, "value", f"{name} exceeds the tree size {latest}", expression=name)
+    return size
+
+
+@router.get("/audit/proof/inclusion", tags=["audit"])
+async def inclusion(
+    _principal: AuditReader,
+    session: SessionDep,
+    index: Annotated[int | None, Query(ge=0)] = None,
+    entry: Annotated[int | None, Query(ge=1)] = None,
+    size: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """Audit path for one leaf (by ``index`` or by AuditEvent id ``entry``) in the tree of ``size``."""
+    if (index is None) == (entry is None):
+        raise FhirError.single(400, "required", "give exactly one of index or entry", expression="index")
+    leaf_hash: bytes | None = None
+    if entry is not None:
+        found = await entry_leaf(session, entry)
+        if found is None:
+            raise not_found("AuditEvent")
+        if found[0] is None:
+            raise FhirError.single(
+                404, "not-found", "the entry is not sealed yet; retry after the next checkpoint"
+            )
+        index, leaf_hash = found[0], merkle.leaf_hash(found[1])
+    assert index is not None
+    tree = await _size_or_latest(session, size, "size")
+    if index >= tree:
+        raise FhirError.single(400, "value", f"index is not below the tree size {tree}", expression="index")
+    proof = await audit_log.inclusion_proof(session, index, tree)
+    body: dict[str, object] = {"index": index, "size": tree, "proof": [_b64(h) for h in proof]}
+    if entry is not None and leaf_hash is not None:
+        body["entry"] = entry
+        body["leafHash"] = _b64(leaf_hash)
+    checkpoint = await audit_log.checkpoint_at(session, tree)
+    if checkpoint is not None:
+        body["checkpoint"] = checkpoint.note
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.get("/audit/proof/consistency", tags=["audit"])
+async def consistency(
+    _principal: AuditReader,
+    session: SessionDep,
+    old: Annotated[int, Query(alias="from", ge=1)],
+    new: Annotated[int | None, Query(alias="to", ge=1)] = None,
+) -> Response:
+    """RFC 9162 consistency proof between two tree sizes (``to`` defaults to the latest)."""
+    tree = await _size_or_latest(session, new, "to")
+    if old > tree:
+        raise FhirError.single(400, "value", "from exceeds to", expression="from")
+    proof = await audit_log.consistency_proof(session, old, tree)
+    body: dict[str, object] = {"from": old, "to": tree, "proof": [_b64(h) for h in proof]}
+    checkpoint = await audit_log.checkpoint_at(session, tree)
+    if checkpoint is not None:
+        body["checkpoint"] = checkpoint.note
+    return Response(orjson.dumps(body), media_type="application/json")

@@ -1,0 +1,77 @@
+"""The per-migrant accounting of disclosures: who received what about them, when and why.
+
+Built from the audit log's disclosure entries (the same rows the Merkle log
+protects), for a clinic to hand to the migrant on request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.audit.events import EventType, Outcome
+from service.audit.recorder import REF_PATIENT
+from service.store.tables import AuditEntry, AuditRef
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    entry_id: int
+    recorded: datetime
+    organizations: tuple[str, ...]  # the receiving organizations' ids
+    purpose: str | None
+    resource_types: tuple[str, ...]
+    consent: str | None  # "Consent/<id>/_history/<version>" that permitted it
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "entry": self.entry_id,
+            "recorded": self.recorded.isoformat().replace("+00:00", "Z"),
+            "organizations": list(self.organizations),
+            "purpose": self.purpose,
+            "resourceTypes": list(self.resource_types),
+            "consent": self.consent,
+        }
+
+
+def _disclosure(entry_id: int, content: bytes) -> Disclosure:
+    data: dict[str, Any] = orjson.loads(content)
+    recipients = tuple(data.get("recipients", ())) or tuple(
+        org for org in (data.get("agent", {}).get("organization"),) if org
+    )
+    decision = data.get("decision", {})
+    consent = decision.get("consent")
+    if consent is not None:
+        if "/" not in consent:
+            consent = f"Consent/{consent}"
+        if "consentVersion" in decision:
+            consent += f"/_history/{decision['consentVersion']}"
+    return Disclosure(
+        entry_id=entry_id,
+        recorded=datetime.fromisoformat(data["recorded"].replace("Z", "+00:00")),
+        organizations=recipients,
+        purpose=data.get("purpose"),
+        resource_types=tuple(sorted({e["type"] for e in data.get("entities", ()) if e.get("type")})),
+        consent=consent,
+    )
+
+
+async def disclosures_for_patient(session: AsyncSession, patient_id: str) -> list[Disclosure]:
+    """Every successful disclosure about ``patient_id`` (pseudonym), oldest first."""
+    rows = await session.execute(
+        select(AuditEntry.id, AuditEntry.content)
+        .where(
+            AuditEntry.event_type == EventType.disclosure.value,
+            AuditEntry.outcome == Outcome.success.value,
+            AuditEntry.id.in_(
+                select(AuditRef.entry_id).where(AuditRef.kind == REF_PATIENT, AuditRef.value == patient_id)
+            ),
+        )
+        .order_by(AuditEntry.recorded_at, AuditEntry.id)
+    )
+    return [_disclosure(int(entry_id), bytes(content)) for entry_id, content in rows]

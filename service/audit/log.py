@@ -1,0 +1,240 @@
+"""The audit log's Merkle tree in the database: the integrator (`seal`), checkpoints and proofs.
+
+Leaf order is append order. Entries get an autoincrement id when inserted, but
+ids can commit out of order (transaction 7 may commit after transaction 8).
+The integrator therefore never reasons about ids it cannot see: each run takes
+every *committed* unsealed entry, in id order, and appends them. An entry whose
+transaction commits late is simply appended by a later run, after entries with
+higher ids. The leaf index is dense and final; the id is only a tiebreak. (The
+alternative, waiting until no lower id can still be in flight, needs knowledge
+of other transactions that neither database offers portably.)
+
+One integrator at a time across replicas: on PostgreSQL a transaction-scoped
+advisory lock, on SQLite the write lock every transaction takes (BEGIN
+IMMEDIATE). Each run writes the new leaves' hashes, the perfect nodes they
+complete, and one signed checkpoint, in one transaction: the tree size is the
+largest checkpoint size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, insert, select, text, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from security import merkle
+from security.signed_note import Checkpoint, NoteSigner
+from service.store.database import Database
+from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Any fixed 64-bit number, the same on every replica: "the audit integrator".
+ADVISORY_LOCK_KEY = 0x6D68_7261_7564_6974  # "mhraudit"
+SEAL_BATCH = 5000
+SEAL_INTERVAL_SECONDS = 2.0
+
+
+class SyncNodeReader(merkle.NodeReader):
+    """Reads stored perfect nodes through a synchronous session (inside ``run_sync``)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def get_nodes(self, keys: Sequence[merkle.NodeKey]) -> Mapping[merkle.NodeKey, bytes]:
+        found: dict[merkle.NodeKey, bytes] = {}
+        # Chunked: a proof needs ~2 log2(n) keys, a frontier log2(n); a few hundred per query at most.
+        for start in range(0, len(keys), 200):
+            chunk = list(keys[start : start + 200])
+            rows = self._session.execute(
+                select(AuditNode.level, AuditNode.node_index, AuditNode.hash).where(
+                    tuple_(AuditNode.level, AuditNode.node_index).in_(chunk)
+                )
+            )
+            for level, index, digest in rows:
+                found[(level, index)] = bytes(digest)
+        return found
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    size: int
+    root_hash: bytes
+    note: str
+    created_at: datetime
+
+
+async def latest_checkpoint(session: AsyncSession) -> StoredCheckpoint | None:
+    row = (
+        await session.execute(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc()).limit(1))
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    return StoredCheckpoint(row.size, bytes(row.root_hash), row.note, row.created_at)
+
+
+async def checkpoint_at(session: AsyncSession, size: int) -> StoredCheckpoint | None:
+    row = await session.get(AuditCheckpoint, size)
+    if row is None:
+        return None
+    return StoredCheckpoint(row.size, bytes(row.root_hash), row.note, row.created_at)
+
+
+async def checkpoints_page(session: AsyncSession, *, after: int, limit: int) -> list[StoredCheckpoint]:
+    rows = (
+        await session.execute(
+            select(AuditCheckpoint)
+            .where(AuditCheckpoint.size > after)
+            .order_by(AuditCheckpoint.size)
+            .limit(limit)
+        )
+    ).scalars()
+    return [StoredCheckpoint(r.size, bytes(r.root_hash), r.note, r.created_at) for r in rows]
+
+
+async def tree_size(session: AsyncSession) -> int:
+    size = (await session.execute(select(func.max(AuditCheckpoint.size)))).scalar_one_or_none()
+    return int(size or 0)
+
+
+async def inclusion_proof(session: AsyncSession, index: int, size: int) -> list[bytes]:
+    return await session.run_sync(lambda s: merkle.inclusion_proof(index, size, SyncNodeReader(s)))
+
+
+async def consistency_proof(session: AsyncSession, old_size: int, new_size: int) -> list[bytes]:
+    return await session.run_sync(lambda s: merkle.consistency_proof(old_size, new_size, SyncNodeReader(s)))
+
+
+async def root_at(session: AsyncSession, size: int) -> bytes:
+    return await session.run_sync(lambda s: merkle.root_at(size, SyncNodeReader(s)))
+
+
+async def _take_lock(session: AsyncSession, *, wait: bool) -> bool:
+    if session.get_bind().dialect.name != "postgresql":
+        # SQLite: this transaction began IMMEDIATE, so it already holds the only write lock.
+        await session.execute(text("SELECT 1"))
+        return True
+    if wait:
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        return True
+    got = await session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+    return bool(got.scalar_one())
+
+
+async def seal(
+    database: Database,
+    signer: NoteSigner,
+    origin: str,
+    *,
+    wait: bool = False,
+    limit: int = SEAL_BATCH,
+) -> Checkpoint | None:
+    """Append up to ``limit`` committed unsealed entries and sign a checkpoint.
+
+    Returns the new checkpoint, or None when there was nothing to seal or
+    (``wait=False``) another integrator holds the lock.
+    """
+    checkpoint, _full = await _seal(database, signer, origin, wait=wait, limit=limit)
+    return checkpoint
+
+
+async def _seal(
+    database: Database, signer: NoteSigner, origin: str, *, wait: bool, limit: int
+) -> tuple[Checkpoint | None, bool]:
+    async with database.transaction() as session:
+        if not await _take_lock(session, wait=wait):
+            return None, False
+        pending = (
+            await session.execute(
+                select(AuditEntry.id, AuditEntry.content)
+                .where(AuditEntry.leaf_index.is_(None))
+                .order_by(AuditEntry.id)
+                .limit(limit)
+            )
+        ).all()
+        if not pending:
+            return None, False
+        size = await tree_size(session)
+        frontier = await session.run_sync(lambda s: merkle.CompactRange.from_reader(size, SyncNodeReader(s)))
+        leaves: list[dict[str, object]] = []
+        nodes: list[dict[str, object]] = []
+        for entry_id, content in pending:
+            digest = merkle.leaf_hash(bytes(content))
+            leaves.append({"id": entry_id, "leaf_index": frontier.size, "leaf_hash": digest})
+            nodes.extend(
+                {"level": level, "node_index": index, "hash": node}
+                for level, index, node in frontier.append(digest)
+            )
+        await session.execute(update(AuditEntry), leaves)
+        await session.execute(insert(AuditNode), nodes)
+        checkpoint = Checkpoint(origin, frontier.size, frontier.root())
+        await session.execute(
+            insert(AuditCheckpoint).values(
+                size=checkpoint.size,
+                root_hash=checkpoint.root_hash,
+                note=signer.sign(checkpoint.body()),
+                created_at=datetime.now(UTC),
+            )
+        )
+    return checkpoint, len(pending) == limit
+
+
+async def seal_all(database: Database, signer: NoteSigner, origin: str, *, wait: bool = True) -> int:
+    """Seal until nothing is left; returns the final tree size (0 if never sealed)."""
+    while True:
+        _checkpoint, full = await _seal(database, signer, origin, wait=wait, limit=SEAL_BATCH)
+        if not full:
+            async with database.sessions() as session:
+                return await tree_size(session)
+
+
+async def run_integrator(
+    database: Database,
+    signer: NoteSigner,
+    origin: str,
+    *,
+    interval: float = SEAL_INTERVAL_SECONDS,
+) -> None:
+    """The in-process background integrator: seal every ``interval`` seconds while there is new data.
+
+    Every replica runs one; the lock makes all but one of them no-ops at a time.
+    Errors are logged and retried next round (entries are durable meanwhile).
+    """
+    while True:
+        try:
+            checkpoint, full = await _seal(database, signer, origin, wait=False, limit=SEAL_BATCH)
+            if checkpoint is not None:
+                log.debug("audit log sealed", extra={"tree_size": checkpoint.size})
+            if full:
+                continue  # a backlog: go again at once
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("audit integrator failed; retrying", extra={"error_type": type(exc).__name__})
+        await asyncio.sleep(interval)
+
+
+def start_integrator(runtime: Runtime) -> asyncio.Task[None]:
+    """Start the background integrator for this process (called from the app lifespan)."""
+    signer = runtime.log_signer
+    return asyncio.create_task(
+        run_integrator(runtime.database, signer, signer.name), name="mhr-audit-integrator"
+    )
+
+
+async def stop_integrator(task: asyncio.Task[None]) -> None:
+    """Cancel the integrator and wait for it, so that no seal is cut off mid-transaction by disposal."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

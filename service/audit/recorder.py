@@ -1,0 +1,166 @@
+"""The one audit chokepoint: every audited action writes its entry through `record_audit`.
+
+The entry is inserted in the caller's transaction, so it commits or rolls back
+with the action it records (fail closed: if the insert fails the action fails,
+and a route answers only after its transaction committed). Nothing is queued
+in memory: a crash cannot lose an entry for an action that took effect.
+
+What is stored is the entry's canonical content (sorted-key compact JSON,
+UTF-8): exactly the bytes that the Merkle leaf hashes once the integrator
+seals it (`service.audit.log`). A few fields are copied to columns and to
+`audit_refs` so that auditors can search without parsing every entry; the
+verifier trusts only the content bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.audit.events import AuditRecord
+from service.store.database import Database
+from service.store.tables import AuditEntry, AuditRef
+
+log = logging.getLogger(__name__)
+
+CONTENT_VERSION = 1
+
+# audit_refs kinds, searched by the auditor API and the disclosure report.
+REF_PATIENT = "patient"
+REF_ENTITY = "entity"
+REF_RECIPIENT = "recipient"
+
+_MAX_REF = 200
+
+
+def _instant(moment: datetime) -> str:
+    # Always UTC with microseconds, so that the text (hashed) has one spelling.
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_content(record: AuditRecord, *, recorded: datetime, request_id: str, source: str) -> dict[str, Any]:
+    """The entry as a JSON object; absent values are left out rather than null."""
+    agent = {
+        key: value
+        for key, value in (
+            ("client", record.agent.client_id),
+            ("organization", record.agent.organization_id),
+            ("role", record.agent.role),
+            ("person", record.agent.person),
+        )
+        if value is not None
+    }
+    content: dict[str, Any] = {
+        "v": CONTENT_VERSION,
+        "recorded": _instant(recorded),
+        "type": record.event_type.value,
+        "subtype": record.subtype,
+        "action": record.action.value,
+        "outcome": record.outcome.value,
+        "agent": agent,
+        "source": source,
+        "request": request_id,
+    }
+    if record.entities:
+        content["entities"] = [
+            {
+                key: value
+                for key, value in (
+                    ("type", e.resource_type),
+                    ("id", e.resource_id),
+                    ("version", e.version_id),
+                    ("sha256", e.ciphertext_sha256),
+                )
+                if value is not None
+            }
+            for e in record.entities
+        ]
+    optional: tuple[tuple[str, Any], ...] = (
+        ("purpose", record.purpose),
+        ("patients", list(record.patient_ids) or None),
+        ("query", record.query),
+        ("detail", record.detail),
+        ("recipients", list(record.recipients) or None),
+        ("route", record.route),
+    )
+    for key, value in optional:
+        if value is not None:
+            content[key] = value
+    if record.decision_rule is not None or record.consent_id is not None:
+        decision: dict[str, Any] = {}
+        if record.decision_rule is not None:
+            decision["rule"] = record.decision_rule
+        if record.consent_id is not None:
+            decision["consent"] = record.consent_id
+        if record.consent_version is not None:
+            decision["consentVersion"] = record.consent_version
+        content["decision"] = decision
+    return content
+
+
+def canonical(content: dict[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: one byte string per entry, forever."""
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+
+
+def _refs(record: AuditRecord) -> set[tuple[str, str]]:
+    refs: set[tuple[str, str]] = set()
+    for patient in record.patient_ids:
+        refs.add((REF_PATIENT, patient))
+    for entity in record.entities:
+        refs.add((REF_ENTITY, f"{entity.resource_type}/{entity.resource_id}"))
+        if entity.resource_type == "Patient":
+            refs.add((REF_PATIENT, entity.resource_id))
+    for org in record.recipients:
+        refs.add((REF_RECIPIENT, org))
+    return {(kind, value) for kind, value in refs if len(value) <= _MAX_REF}
+
+
+async def record_audit(session: AsyncSession, record: AuditRecord, *, request_id: str, source: str) -> None:
+    """Insert one audit entry in the caller's transaction.
+
+    Executed at once rather than left for the commit's flush, so that a failure
+    surfaces here, before the caller has produced any response.
+    """
+    recorded = datetime.now(UTC)
+    content = canonical(entry_content(record, recorded=recorded, request_id=request_id, source=source))
+    entry_id = (
+        await session.execute(
+            insert(AuditEntry)
+            .values(
+                recorded_at=recorded,
+                event_type=record.event_type.value,
+                subtype=record.subtype[:64],
+                action=record.action.value,
+                outcome=record.outcome.value,
+                client_id=record.agent.client_id,
+                content=content,
+            )
+            .returning(AuditEntry.id)
+        )
+    ).scalar_one()
+    refs = _refs(record)
+    if refs:
+        await session.execute(
+            insert(AuditRef),
+            [{"entry_id": entry_id, "kind": kind, "value": value} for kind, value in sorted(refs)],
+        )
+
+
+async def record_denial(database: Database, record: AuditRecord, *, request_id: str, source: str) -> None:
+    """Record a refused request in its own transaction.
+
+    For refusals raised before the request opened its own transaction (401/403
+    from authentication): nothing took effect, so a failure to record is
+    logged and the refusal still stands, rather than turning it into a 500.
+    """
+    try:
+        async with database.transaction() as session:
+            await record_audit(session, record, request_id=request_id, source=source)
+    except Exception as exc:
+        log.error("audit entry for a refusal could not be written", extra={"error_type": type(exc).__name__})

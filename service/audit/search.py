@@ -1,0 +1,157 @@
+"""Auditor queries over the audit entries (SQL only; the API layer turns them into FHIR)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Select, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.audit.recorder import REF_ENTITY, REF_PATIENT
+from service.store.tables import AuditEntry, AuditRef
+
+DATE_PREFIXES = ("eq", "ge", "le", "gt", "lt")
+_DATE = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,6}))?)?"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$"
+)
+
+
+class QueryError(ValueError):
+    """A search parameter value that cannot be understood; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def date_range(value: str) -> tuple[str, datetime, datetime]:
+    """``[prefix]date`` -> (prefix, start, end): the instant range its precision covers."""
+    prefix = value[:2] if value[:2] in DATE_PREFIXES else "eq"
+    text = value[2:] if value[:2] in DATE_PREFIXES else value
+    match = _DATE.match(text)
+    if not match:
+        raise QueryError("date", "date must be YYYY, YYYY-MM, YYYY-MM-DD or a full dateTime with zone")
+    try:
+        year = int(match["y"])
+        if match["m"] is None:
+            start = datetime(year, 1, 1, tzinfo=UTC)
+            end = datetime(year + 1, 1, 1, tzinfo=UTC)
+        elif match["d"] is None:
+            month = int(match["m"])
+            start = datetime(year, month, 1, tzinfo=UTC)
+            end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
+        elif match["H"] is None:
+            start = datetime(year, int(match["m"]), int(match["d"]), tzinfo=UTC)
+            end = start + timedelta(days=1)
+        else:
+            stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            start = stamp.astimezone(UTC)
+            if match["f"] is not None:
+                end = start + timedelta(microseconds=1)
+            elif match["S"] is not None:
+                end = start + timedelta(seconds=1)
+            else:
+                end = start + timedelta(minutes=1)
+    except ValueError as exc:
+        raise QueryError("date", "date is not a valid calendar date") from exc
+    return prefix, start, end
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    dates: tuple[tuple[str, datetime, datetime], ...] = ()
+    agents: tuple[str, ...] = ()
+    entity: str | None = None
+    patient: str | None = None
+    actions: tuple[str, ...] = ()
+    outcomes: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
+
+    def statement(self) -> Select[int, bytes, int | None]:
+        stmt = select(AuditEntry.id, AuditEntry.content, AuditEntry.leaf_index)
+        recorded = AuditEntry.recorded_at
+        for prefix, start, end in self.dates:
+            if prefix == "eq":
+                stmt = stmt.where(recorded >= start, recorded < end)
+            elif prefix == "ge":
+                stmt = stmt.where(recorded >= start)
+            elif prefix == "gt":
+                stmt = stmt.where(recorded >= end)
+            elif prefix == "le":
+                stmt = stmt.where(recorded < end)
+            else:  # lt
+                stmt = stmt.where(recorded < start)
+        if self.agents:
+            stmt = stmt.where(AuditEntry.client_id.in_(self.agents))
+        if self.actions:
+            stmt = stmt.where(AuditEntry.action.in_(self.actions))
+        if self.outcomes:
+            stmt = stmt.where(AuditEntry.outcome.in_(self.outcomes))
+        if self.event_types:
+            stmt = stmt.where(AuditEntry.event_type.in_(self.event_types))
+        for kind, value in ((REF_ENTITY, self.entity), (REF_PATIENT, self.patient)):
+            if value is not None:
+                stmt = stmt.where(
+                    AuditEntry.id.in_(
+                        select(AuditRef.entry_id).where(AuditRef.kind == kind, AuditRef.value == value)
+                    )
+                )
+        return stmt
+
+
+async def search_page(
+    session: AsyncSession, query: AuditQuery, *, after: int, limit: int
+) -> Sequence[tuple[int, bytes, int | None]]:
+    """Entries with id > ``after`` in id order (keyset paging: stable while the log grows)."""
+    rows = await session.execute(
+        query.statement().where(AuditEntry.id > after).order_by(AuditEntry.id).limit(limit)
+    )
+    return [(int(i), bytes(c), li) for i, c, li in rows]
+
+
+async def read_entry(session: AsyncSession, entry_id: int) -> tuple[int, bytes, int | None] | None:
+    row = (
+        await session.execute(
+            select(AuditEntry.id, AuditEntry.content, AuditEntry.leaf_index).where(AuditEntry.id == entry_id)
+        )
+    ).first()
+    return None if row is None else (int(row[0]), bytes(row[1]), row[2])
+
+
+async def stream_entries(
+    sessions: async_sessionmaker[AsyncSession], query: AuditQuery, *, batch: int = 500
+) -> AsyncIterator[tuple[int, bytes, int | None]]:
+    """Every matching entry, one short read transaction per batch (an export can be long)."""
+    after = 0
+    while True:
+        async with sessions() as session:
+            rows = await search_page(session, query, after=after, limit=batch)
+        for row in rows:
+            yield row
+        if len(rows) < batch:
+            return
+        after = rows[-1][0]
+
+
+async def leaves(session: AsyncSession, *, start: int, end: int) -> Sequence[tuple[int, int, bytes]]:
+    """Sealed entries with ``start <= leaf_index < end``: (leaf index, entry id, content)."""
+    rows = await session.execute(
+        select(AuditEntry.leaf_index, AuditEntry.id, AuditEntry.content)
+        .where(AuditEntry.leaf_index >= start, AuditEntry.leaf_index < end)
+        .order_by(AuditEntry.leaf_index)
+    )
+    return [(int(li or 0), int(i), bytes(c)) for li, i, c in rows]
+
+
+async def entry_leaf(session: AsyncSession, entry_id: int) -> tuple[int | None, bytes] | None:
+    row = (
+        await session.execute(
+            select(AuditEntry.leaf_index, AuditEntry.content).where(AuditEntry.id == entry_id)
+        )
+    ).first()
+    return None if row is None else (row[0], bytes(row[1]))
