@@ -1,0 +1,503 @@
+"""The clinical FHIR API: transaction, create, read, vread, update, history and search."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Annotated
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Depends, Header, Request
+from starlette.responses import Response
+
+from security.consent import AccessRequest
+from service.api.auditing import audit, rest_record
+from service.api.deps import Principal, PrincipalDep, RuntimeDep, SessionDep
+from service.api.fhir_body import read_fhir_json
+from service.api.responses import FhirResponse, search_url
+from service.audit.events import Action, AuditEntity, EventType, Outcome
+from service.errors import FHIR_JSON, FhirError
+from service.identity.repository import IdentityRepository
+from service.records.access import Visibility
+from service.records.consents import explain_denial
+from service.records.context import Actor
+from service.records.intake import Intake, IntakeResult, PatientRaceLost
+from service.records.reading import Reader, ReadResult, bundle_bytes
+from service.records.repository import RecordRepository
+from service.records.resource_types import STORED_TYPES
+from service.records.search_params import parse_search
+
+router = APIRouter(tags=["fhir"])
+WRITERS = frozenset({"clinic"})
+# Clinics read their own submissions; authorities read what consent permits.
+READERS = frozenset({"clinic", "authority"})
+
+
+def actor_of(principal: Principal) -> Actor:
+    c = principal.claims
+    return Actor(c.client_id, c.organization_id, c.role, c.person, c.purpose)
+
+
+def _known_type(resource_type: str) -> str:
+    if resource_type not in STORED_TYPES:
+        raise FhirError.single(404, "not-supported", "unknown or unsupported resource type")
+    return resource_type
+
+
+KnownType = Annotated[str, Depends(_known_type)]
+
+
+def _require(principal: Principal, resource_type: str, permission: str, roles: frozenset[str]) -> None:
+    if principal.role not in roles:
+        raise FhirError.single(403, "forbidden", "this client's role may not use this interaction")
+    if not principal.may(resource_type, permission):
+        raise FhirError.single(
+            403, "forbidden", f"the token lacks a scope for {resource_type} ({permission})"
+        )
+
+
+def _resource_response(result: ReadResult, status: int = 200, location: str | None = None) -> Response:
+    headers = {"ETag": result.etag, "Last-Modified": result.last_modified}
+    if location:
+        headers["Location"] = location
+    return Response(result.body, status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+async def _denied(
+    principal: Principal,
+    subtype: str,
+    exc: FhirError,
+    resource_type: str,
+    resource_id: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> FhirError:
+    """Attach the refusal's audit entry; for an authority, with the consent decision that refused it."""
+    record = rest_record(
+        principal,
+        subtype,
+        Action.read,
+        outcome=Outcome.minor_failure,
+        entities=(AuditEntity(resource_type, resource_id),),
+        detail="not-found" if exc.status == 404 else f"status-{exc.status}",
+    )
+    if principal.role == "authority" and exc.status == 404:
+        claims = principal.claims
+        request = AccessRequest(
+            client_id=claims.client_id,
+            organization_id=claims.organization_id,
+            role=claims.role,
+            purpose=claims.purpose or "",
+            patient_id="",
+            resource_type=resource_type,
+            security_labels=frozenset(),
+            at=datetime.now(UTC),
+        )
+        decision = await explain_denial(
+            runtime.records, RecordRepository(session), request, resource_type, resource_id
+        )
+        if decision is not None:
+            record = replace(
+                record,
+                event_type=EventType.disclosure,
+                decision_rule=decision.rule,
+                consent_id=decision.consent_id,
+                consent_version=decision.consent_version,
+                detail="denied",
+            )
+    exc.audit = record
+    return exc
+
+
+async def _store(
+    session: SessionDep,
+    runtime: RuntimeDep,
+    principal: Principal,
+    subtype: str,
+    action: Action,
+    work: Callable[[Intake], Awaitable[IntakeResult]],
+) -> IntakeResult:
+    """Run an intake in a savepoint, retrying once if a concurrent submission claimed the same migrant."""
+    for attempt in (1, 2):
+        intake = Intake(runtime.records, RecordRepository(session), IdentityRepository(session))
+        try:
+            async with session.begin_nested():
+                result = await work(intake)
+            break
+        except PatientRaceLost:
+            if attempt == 2:
+                raise FhirError.single(
+                    409, "conflict", "concurrent submissions of the same migrant; retry"
+                ) from None
+    await audit(
+        session,
+        rest_record(
+            principal, subtype, action, entities=result.audit_entities(), patient_ids=result.patient_ids()
+        ),
+    )
+    return result
+
+
+def _location(runtime: RuntimeDep, rtype: str, rid: str, version: int) -> str:
+    return f"{runtime.settings.fhir_base_url}/{rtype}/{rid}/_history/{version}"
+
+
+@router.post("/fhir", response_class=FhirResponse, summary="transaction Bundle")
+@router.post("/fhir/", response_class=FhirResponse, include_in_schema=False)
+async def transaction(
+    request: Request, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    if principal.role != "clinic":
+        raise FhirError.single(403, "forbidden", "only clinics submit exams")
+    bundle = await read_fhir_json(request)
+    for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if isinstance(rtype, str) and rtype in STORED_TYPES:
+            method = (entry.get("request") or {}).get("method")
+            _require(principal, rtype, "u" if method == "PUT" else "c", WRITERS)
+    actor = actor_of(principal)
+    result = await _store(
+        session, runtime, principal, "transaction", Action.create, lambda i: i.transaction(bundle, actor)
+    )
+    entries = []
+    for written in result.by_entry:
+        status = "201 Created" if written.body and written.created else "200 OK"
+        location = f"{written.resource_type}/{written.resource_id}/_history/{written.version_id}"
+        last_modified = written.last_updated.isoformat().replace("+00:00", "Z")
+        response = {
+            "status": status,
+            "location": location,
+            "etag": f'W/"{written.version_id}"',
+            "lastModified": last_modified,
+        }
+        entries.append({"response": response})
+    return FhirResponse({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+
+@router.post("/fhir/{resource_type}", response_class=FhirResponse, summary="create")
+async def create(
+    resource_type: KnownType,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    if_none_exist: Annotated[str | None, Header()] = None,
+) -> Response:
+    _require(principal, resource_type, "c", WRITERS)
+    resource = await read_fhir_json(request)
+    if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+        raise FhirError.single(
+            400, "invalid", "the body's resourceType must match the URL", expression="resourceType"
+        )
+    actor = actor_of(principal)
+    result = await _store(
+        session,
+        runtime,
+        principal,
+        "create",
+        Action.create,
+        lambda i: i.create(resource, actor, if_none_exist),
+    )
+    written = result.by_entry[0]
+    location = _location(runtime, resource_type, written.resource_id, written.version_id)
+    if not written.body:  # If-None-Exist matched an existing resource
+        reader = Reader(runtime.records, RecordRepository(session))
+        existing = await reader.read(_visibility(principal), resource_type, written.resource_id)
+        return _resource_response(existing, 200, location)
+    return Response(
+        written.body,
+        status_code=201,
+        media_type=FHIR_JSON,
+        headers={"Location": location, "ETag": f'W/"{written.version_id}"'},
+    )
+
+
+@router.put(
+    "/fhir/{resource_type}/{resource_id}", response_class=FhirResponse, summary="update (new version)"
+)
+async def update(
+    resource_type: KnownType,
+    resource_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    _require(principal, resource_type, "u", WRITERS)
+    resource = await read_fhir_json(request)
+    actor = actor_of(principal)
+    result = await _store(
+        session,
+        runtime,
+        principal,
+        "update",
+        Action.update,
+        lambda i: i.update(resource_type, resource_id, resource, actor, if_match),
+    )
+    written = result.by_entry[0]
+    return Response(
+        written.body,
+        status_code=200,
+        media_type=FHIR_JSON,
+        headers={
+            "Location": _location(runtime, resource_type, resource_id, written.version_id),
+            "ETag": f'W/"{written.version_id}"',
+        },
+    )
+
+
+@router.delete("/fhir/{resource_type}/{resource_id}", response_class=FhirResponse, summary="not supported")
+async def delete(resource_type: str, resource_id: str, principal: PrincipalDep) -> Response:
+    raise FhirError.single(
+        405,
+        "not-supported",
+        "exams are never deleted: correct them with a new version or status entered-in-error",
+        headers={"Allow": "GET, PUT"},
+    )
+
+
+# --- reads ---------------------------------------------------------------------------------
+@router.get(
+    "/fhir/Patient/{patient_id}/$everything", response_class=FhirResponse, summary="Patient $everything"
+)
+async def everything(
+    patient_id: str, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    _require(principal, "Patient", "r", READERS)
+    reader = Reader(runtime.records, RecordRepository(session))
+    types = sorted(t for t in STORED_TYPES if principal.may(t, "r"))
+    try:
+        results = await reader.everything(_visibility(principal), patient_id, types)
+    except FhirError as exc:
+        raise await _denied(principal, "everything", exc, "Patient", patient_id, session, runtime) from None
+    await _audit_reads(session, principal, "everything", results)
+    base = runtime.settings.fhir_base_url
+    entries = [
+        (f"{base}/{r.row.resource_type}/{r.row.id}", r.body, b'"search":{"mode":"match"}') for r in results
+    ]
+    return Response(
+        bundle_bytes(
+            "searchset",
+            entries,
+            total=len(entries),
+            links=[("self", f"{base}/Patient/{patient_id}/$everything")],
+        ),
+        media_type=FHIR_JSON,
+    )
+
+
+@router.get("/fhir/{resource_type}/{resource_id}", response_class=FhirResponse, summary="read")
+async def read(
+    resource_type: KnownType,
+    resource_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    _require(principal, resource_type, "r", READERS)
+    reader = Reader(runtime.records, RecordRepository(session))
+    try:
+        result = await reader.read(_visibility(principal), resource_type, resource_id)
+    except FhirError as exc:
+        raise await _denied(principal, "read", exc, resource_type, resource_id, session, runtime) from None
+    await _audit_reads(session, principal, "read", [result])
+    return _resource_response(result)
+
+
+@router.get(
+    "/fhir/{resource_type}/{resource_id}/_history/{version_id}", response_class=FhirResponse, summary="vread"
+)
+async def vread(
+    resource_type: KnownType,
+    resource_id: str,
+    version_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    _require(principal, resource_type, "r", READERS)
+    if not version_id.isdigit() or len(version_id) > 9:
+        raise FhirError.single(404, "not-found", f"{resource_type} version not found")
+    reader = Reader(runtime.records, RecordRepository(session))
+    try:
+        result = await reader.vread(_visibility(principal), resource_type, resource_id, int(version_id))
+    except FhirError as exc:
+        raise await _denied(principal, "vread", exc, resource_type, resource_id, session, runtime) from None
+    await _audit_reads(session, principal, "vread", [result])
+    return _resource_response(result)
+
+
+@router.get("/fhir/{resource_type}/{resource_id}/_history", response_class=FhirResponse, summary="history")
+async def history(
+    resource_type: KnownType,
+    resource_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    _require(principal, resource_type, "r", READERS)
+    reader = Reader(runtime.records, RecordRepository(session))
+    try:
+        results = await reader.history(_visibility(principal), resource_type, resource_id)
+    except FhirError as exc:
+        raise await _denied(
+            principal, "history-instance", exc, resource_type, resource_id, session, runtime
+        ) from None
+    await _audit_reads(session, principal, "history-instance", results)
+    base = runtime.settings.fhir_base_url
+    entries = [
+        (
+            f"{base}/{r.row.resource_type}/{r.row.id}",
+            r.body,
+            b'"request":{"method":"'
+            + (b"POST" if r.row.version_id == 1 else b"PUT")
+            + b'","url":"'
+            + f"{r.row.resource_type}/{r.row.id}".encode()
+            + b'"}',
+        )
+        for r in results
+    ]
+    return Response(
+        bundle_bytes(
+            "history",
+            entries,
+            total=len(entries),
+            links=[("self", f"{base}/{resource_type}/{resource_id}/_history")],
+        ),
+        media_type=FHIR_JSON,
+    )
+
+
+def _visibility(principal: Principal) -> Visibility:
+    return Visibility(actor_of(principal), datetime.now(UTC))
+
+
+async def _audit_reads(
+    session: SessionDep,
+    principal: Principal,
+    subtype: str,
+    results: list[ReadResult],
+    query: str | None = None,
+) -> None:
+    """One entry for a clinic's read; for an authority, one privacy-disclosure entry per migrant,
+    naming the consent that permitted it. Written before the response: no entry, no data."""
+    action = Action.execute if subtype in ("search-type", "everything") else Action.read
+    if principal.role != "authority":
+        await audit(
+            session,
+            rest_record(
+                principal,
+                subtype,
+                action,
+                entities=_entities(results),
+                patient_ids=tuple(sorted({r.row.subject_id for r in results})),
+                query=query,
+            ),
+        )
+        return
+    by_patient: dict[str, list[ReadResult]] = {}
+    for result in results:
+        by_patient.setdefault(result.row.subject_id, []).append(result)
+    if not by_patient:  # an empty search is still an access
+        await audit(session, rest_record(principal, subtype, action, query=query))
+    for patient_id, disclosed in sorted(by_patient.items()):
+        permit = disclosed[0].permit
+        await audit(
+            session,
+            replace(
+                rest_record(
+                    principal,
+                    subtype,
+                    action,
+                    entities=_entities(disclosed),
+                    patient_ids=(patient_id,),
+                    query=query,
+                    event_type=EventType.disclosure,
+                ),
+                decision_rule=permit.rule,
+                consent_id=permit.consent_id,
+                consent_version=permit.consent_version,
+                recipients=(principal.organization_id,),
+            ),
+        )
+
+
+def _entities(results: list[ReadResult]) -> tuple[AuditEntity, ...]:
+    return tuple(
+        AuditEntity(r.row.resource_type, r.row.id, r.row.version_id, r.row.ciphertext_sha256) for r in results
+    )
+
+
+async def _search(
+    resource_type: str,
+    params: list[tuple[str, str]],
+    request: Request,
+    principal: Principal,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    _require(principal, resource_type, "s", READERS)
+    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
+    parsed = parse_search(resource_type, params, runtime.records.indexer, lenient=lenient)
+    result = await Reader(runtime.records, RecordRepository(session)).search(
+        _visibility(principal), parsed.filter, parsed
+    )
+    query = "&".join(sorted({name for name, _ in parsed.echo}))
+    await _audit_reads(session, principal, "search-type", result.rows, query=query)
+    base = runtime.settings.fhir_base_url
+    page = [("_count", str(parsed.count))]
+    links = [
+        ("self", search_url(base, resource_type, [*parsed.echo, *page, ("_offset", str(parsed.offset))]))
+    ]
+    if result.has_next:
+        links.append(
+            (
+                "next",
+                search_url(
+                    base, resource_type, [*parsed.echo, *page, ("_offset", str(parsed.offset + parsed.count))]
+                ),
+            )
+        )
+    entries = [
+        (f"{base}/{r.row.resource_type}/{r.row.id}", r.body, b'"search":{"mode":"match"}')
+        for r in result.rows
+    ]
+    return Response(bundle_bytes("searchset", entries, total=result.total, links=links), media_type=FHIR_JSON)
+
+
+@router.get("/fhir/{resource_type}", response_class=FhirResponse, summary="search")
+async def search(
+    resource_type: KnownType,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    return await _search(
+        resource_type, list(request.query_params.multi_items()), request, principal, session, runtime
+    )
+
+
+@router.post("/fhir/{resource_type}/_search", response_class=FhirResponse, summary="search (form body)")
+async def search_post(
+    resource_type: KnownType,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    """Search with parameters in the body, so identifiers never appear in URLs or access logs."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        raise FhirError.single(
+            415, "not-supported", "send search parameters as application/x-www-form-urlencoded"
+        )
+    try:
+        form = parse_qsl((await request.body()).decode("utf-8"), keep_blank_values=True, max_num_fields=100)
+    except (UnicodeDecodeError, ValueError):
+        raise FhirError.single(400, "invalid", "malformed form body") from None
+    params = [*request.query_params.multi_items(), *form]
+    return await _search(resource_type, params, request, principal, session, runtime)

@@ -1,0 +1,1 @@
+"""The encrypted exam store: intake of FHIR resources, reads, history and search."""

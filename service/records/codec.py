@@ -1,0 +1,40 @@
+"""Sealing and opening stored resource versions: canonical JSON bytes under the subject key."""
+
+from __future__ import annotations
+
+import logging
+
+from security.envelope import IntegrityError, resource_aad
+from service.errors import FhirError
+from service.records.repository import VersionRow
+from service.records.subject_keys import SubjectKeys
+from service.store.tables import Subject
+
+log = logging.getLogger(__name__)
+
+
+def integrity_failure(row: VersionRow) -> FhirError:
+    # An integrity event: logged with pseudonymous coordinates only, answered opaquely.
+    log.error(
+        "stored resource failed its integrity check",
+        extra={
+            "event": "integrity",
+            "resource_type": row.resource_type,
+            "resource_id": row.id,
+            "version_id": row.version_id,
+        },
+    )
+    return FhirError.single(500, "exception", "stored data failed its integrity check")
+
+
+def open_version(keys: SubjectKeys, subject: Subject | None, row: VersionRow) -> bytes:
+    """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure."""
+    try:
+        if subject is None:
+            raise IntegrityError
+        cipher = keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
+        return cipher.open(
+            row.ciphertext, resource_aad(row.resource_type, row.id, row.version_id, row.subject_id)
+        )
+    except IntegrityError:
+        raise integrity_failure(row) from None

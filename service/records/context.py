@@ -1,0 +1,30 @@
+"""What the record use-cases need from the running service, and who is acting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from security.blind_index import BlindIndexer
+from service.fhir_validation import ProfileValidator
+from service.records.labels import SecurityLabeler
+from service.records.subject_keys import SubjectKeys
+
+
+@dataclass(frozen=True)
+class RecordServices:
+    keys: SubjectKeys
+    indexer: BlindIndexer
+    validator: ProfileValidator
+    labeler: SecurityLabeler
+    fhir_base_url: str
+    # Consent policy URIs that mark a statutory public-health basis rather than voluntary consent.
+    statutory_policies: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Actor:
+    client_id: str
+    organization_id: str
+    role: str
+    person: str | None
+    purpose: str | None = None

@@ -1,0 +1,488 @@
+"""Intake: a clinic's transaction Bundle (or a single create/update) stored whole or not at all.
+
+Steps, all inside the request's one transaction:
+validate (R4B + profiles) -> plan ids and resolve ``ifNoneExist`` -> check and
+rewrite references -> find each resource's migrant -> encrypt each version
+under that migrant's key -> write versions, current pointers, blind indexes and
+a Provenance per migrant -> answer with a transaction-response.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from security.envelope import SubjectCipher, ciphertext_digest, resource_aad
+from service.audit.events import AuditEntity
+from service.errors import FhirError, OutcomeIssue
+from service.fhir_validation import Issue
+from service.identity.repository import IdentityRepository
+from service.records.consents import refresh_grants
+from service.records.context import Actor, RecordServices
+from service.records.indexing import identifier_tokens, index_resource, labels_token
+from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
+from service.records.repository import RecordRepository
+from service.records.resource_types import STORED_TYPES
+from service.records.subject_keys import SUBJECT_KEY_VERSION
+from service.store.tables import ResourceVersion, StoredResource, Subject
+
+CLIENT_ID_SYSTEM = "https://mhr.example.org/fhir/sid/client"
+PERSON_ID_SYSTEM = "https://mhr.example.org/fhir/sid/person"
+PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+MAX_ENTRIES = 500
+
+
+class PatientRaceLost(Exception):
+    """Another transaction claimed the same migrant identifier first; the caller retries once."""
+
+
+def validation_error(issues: list[Issue]) -> FhirError:
+    errors = [i for i in issues if i.severity in ("error", "fatal")]
+    status = 400 if any(i.code == "structure" for i in errors) else 422
+    return FhirError(
+        status,
+        [OutcomeIssue(i.code, i.diagnostics, severity=i.severity, expression=i.expression) for i in errors],
+    )
+
+
+def _invalid(diagnostics: str, expression: str, code: str = "invalid", status: int = 400) -> FhirError:
+    return FhirError.single(status, code, diagnostics, expression=expression)
+
+
+@dataclass
+class _Planned:
+    index: int
+    resource: dict[str, Any]
+    resource_type: str
+    resource_id: str
+    method: str  # "create" | "update" | "existing"
+    current: StoredResource | None = None
+    subject_id: str | None = None
+
+
+@dataclass
+class WrittenVersion:
+    resource_type: str
+    resource_id: str
+    version_id: int
+    last_updated: datetime
+    ciphertext_sha256: str
+    subject_id: str
+    created: bool
+    body: bytes = b""
+
+
+@dataclass
+class IntakeResult:
+    written: list[WrittenVersion] = field(default_factory=list)
+    by_entry: list[WrittenVersion] = field(default_factory=list)
+
+    def audit_entities(self) -> tuple[AuditEntity, ...]:
+        return tuple(
+            AuditEntity(w.resource_type, w.resource_id, w.version_id, w.ciphertext_sha256)
+            for w in self.written
+        )
+
+    def patient_ids(self) -> tuple[str, ...]:
+        return tuple(sorted({w.subject_id for w in self.written}))
+
+
+class Intake:
+    def __init__(
+        self, services: RecordServices, repo: RecordRepository, identities: IdentityRepository
+    ) -> None:
+        self.services = services
+        self.repo = repo
+        self.identities = identities
+        self._ciphers: dict[str, SubjectCipher] = {}
+
+    # --- entry points -------------------------------------------------------------
+    async def transaction(self, bundle: Any, actor: Actor) -> IntakeResult:
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise _invalid("expected a Bundle resource", "Bundle", "structure")
+        if bundle.get("type") != "transaction":
+            raise _invalid("only transaction Bundles are accepted here", "Bundle.type", "not-supported")
+        entries = bundle.get("entry")
+        if not isinstance(entries, list) or not entries:
+            raise _invalid("a transaction needs at least one entry", "Bundle.entry", "required")
+        if len(entries) > MAX_ENTRIES:
+            raise _invalid(
+                f"at most {MAX_ENTRIES} entries per transaction", "Bundle.entry", "too-costly", 413
+            )
+        issues = self.services.validator.validate_bundle(bundle)
+        if any(i.severity in ("error", "fatal") for i in issues):
+            raise validation_error(issues)
+        planned, aliases = await self._plan(entries, actor)
+        return await self._commit(planned, aliases, actor)
+
+    async def create(self, resource: Any, actor: Actor, if_none_exist: str | None = None) -> IntakeResult:
+        entry: dict[str, Any] = {
+            "resource": resource,
+            "request": {
+                "method": "POST",
+                "url": resource.get("resourceType") if isinstance(resource, dict) else "",
+            },
+        }
+        if if_none_exist:
+            entry["request"]["ifNoneExist"] = if_none_exist
+        return await self._single(resource, entry, actor)
+
+    async def update(
+        self, resource_type: str, resource_id: str, resource: Any, actor: Actor, if_match: str | None = None
+    ) -> IntakeResult:
+        if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+            raise _invalid("the body's resourceType must match the URL", "resourceType")
+        if resource.get("id") != resource_id:
+            raise _invalid("the body's id must match the URL", f"{resource_type}.id")
+        entry = {"resource": resource, "request": {"method": "PUT", "url": f"{resource_type}/{resource_id}"}}
+        result = await self._single(resource, entry, actor, if_match=if_match)
+        return result
+
+    async def _single(
+        self, resource: Any, entry: dict[str, Any], actor: Actor, if_match: str | None = None
+    ) -> IntakeResult:
+        if not isinstance(resource, dict):
+            raise _invalid("expected a FHIR resource", "$this", "structure")
+        issues = self.services.validator.validate(resource)
+        if any(i.severity in ("error", "fatal") for i in issues):
+            raise validation_error(issues)
+        planned, aliases = await self._plan([entry], actor, root="", if_match=if_match)
+        return await self._commit(planned, aliases, actor)
+
+    # --- planning -------------------------------------------------------------------
+    async def _plan(
+        self, entries: list[Any], actor: Actor, *, root: str = "Bundle.entry", if_match: str | None = None
+    ) -> tuple[list[_Planned], dict[str, str]]:
+        aliases: dict[str, str] = {}  # fullUrl -> "Type/id"
+        planned: list[_Planned] = []
+        for index, entry in enumerate(entries):
+            where = f"{root}[{index}]" if root else ""
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict):
+                raise _invalid("entry has no resource", f"{where}.resource".lstrip("."), "required")
+            rtype = resource.get("resourceType")
+            if rtype not in STORED_TYPES:
+                raise _invalid(
+                    "this resource type is not stored by this server",
+                    f"{where}.resource".lstrip("."),
+                    "not-supported",
+                )
+            request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+            method = request.get("method")
+            full_url = entry.get("fullUrl")
+            if method == "POST":
+                if request.get("url") != rtype:
+                    raise _invalid(
+                        "request.url must be the resource type", f"{where}.request.url".lstrip(".")
+                    )
+                item = _Planned(index, resource, rtype, str(uuid.uuid4()), "create")
+                if_none_exist = request.get("ifNoneExist")
+                if if_none_exist:
+                    existing = await self._if_none_exist(rtype, if_none_exist, actor, where)
+                    if existing is not None:
+                        item.resource_id, item.method = existing, "existing"
+            elif method == "PUT":
+                target = parse_relative(str(request.get("url", "")))
+                if target is None or target[0] != rtype or resource.get("id") != target[1]:
+                    raise _invalid(
+                        "PUT needs url Type/id matching the resource", f"{where}.request.url".lstrip(".")
+                    )
+                current = await self.repo.current_for_update(rtype, target[1])
+                if current is None or current.organization_id != actor.organization_id:
+                    # Unknown and someone else's look the same.
+                    raise FhirError.single(404, "not-found", f"{rtype} not found", expression=where or None)
+                if if_match is not None and if_match.strip() not in (
+                    f'W/"{current.version_id}"',
+                    f'"{current.version_id}"',
+                ):
+                    raise FhirError.single(412, "conflict", "If-Match does not name the current version")
+                item = _Planned(index, resource, rtype, target[1], "update", current=current)
+                item.subject_id = current.subject_id
+            else:
+                raise _invalid(
+                    "request.method must be POST or PUT (corrections are new versions)",
+                    f"{where}.request.method".lstrip("."),
+                    "not-supported",
+                )
+            if isinstance(full_url, str) and full_url:
+                if full_url in aliases:
+                    raise _invalid("duplicate fullUrl", f"{where}.fullUrl".lstrip("."))
+                aliases[full_url] = f"{rtype}/{item.resource_id}"
+            planned.append(item)
+        seen = [f"{p.resource_type}/{p.resource_id}" for p in planned if p.method == "update"]
+        if len(seen) != len(set(seen)):
+            raise _invalid("a resource is updated twice in one transaction", root or "$this")
+        await self._resolve_references(planned, aliases, actor, root)
+        await self._resolve_subjects(planned, actor, root)
+        return planned, aliases
+
+    async def _if_none_exist(self, rtype: str, query: str, actor: Actor, where: str) -> str | None:
+        expression = f"{where}.request.ifNoneExist".lstrip(".")
+        params = parse_qsl(query, keep_blank_values=True)
+        if rtype != "Patient" or len(params) != 1 or params[0][0] != "identifier" or "|" not in params[0][1]:
+            raise _invalid(
+                "ifNoneExist supports only Patient identifier=system|value", expression, "not-supported"
+            )
+        system, _, value = params[0][1].partition("|")
+        try:
+            token = self.services.indexer.identifier(system, value)
+        except ValueError:
+            raise _invalid("ifNoneExist identifier is empty", expression) from None
+        # Only this clinic's own migrants: matching another clinic's would reveal that it exists.
+        return await self.repo.patient_for_identifier(actor.organization_id, token)
+
+    async def _resolve_references(
+        self, planned: list[_Planned], aliases: dict[str, str], actor: Actor, root: str
+    ) -> None:
+        in_bundle = {f"{p.resource_type}/{p.resource_id}" for p in planned}
+        external: dict[tuple[str, str], list[str]] = defaultdict(list)
+        base = self.services.fhir_base_url + "/"
+        for item in planned:
+            where = f"{root}[{item.index}].resource" if root else item.resource_type
+            for path, reference in iter_references(item.resource):
+                expression = f"{where}.{path}"
+                if reference.startswith("#"):
+                    continue
+                if reference.startswith(base):
+                    reference = reference[len(base) :]
+                if reference.startswith("urn:uuid:") or reference.startswith("urn:oid:"):
+                    if reference not in aliases:
+                        raise _invalid("reference to an entry that is not in the Bundle", expression)
+                    continue
+                target = parse_relative(reference)
+                if target is None:
+                    raise _invalid(
+                        "references must be relative (Type/id), urn:uuid within the Bundle, "
+                        "or logical (identifier)",
+                        expression,
+                    )
+                if f"{target[0]}/{target[1]}" not in in_bundle:
+                    external[target].append(expression)
+
+        def replace(reference: str) -> str:
+            if reference.startswith(base):
+                reference = reference[len(base) :]
+            return aliases.get(reference, reference)
+
+        for item in planned:
+            rewrite_references(item.resource, replace)
+        if not external:
+            return
+        organizations = [k for k in external if k[0] == "Organization"]
+        for key in organizations:
+            if await self.identities.organization(key[1]) is None:
+                raise _invalid("referenced Organization not found", external[key][0], "not-found")
+        stored_refs = [k for k in external if k[0] != "Organization"]
+        found = await self.repo.existing_ids(stored_refs)
+        for key in stored_refs:
+            row = found.get(key)
+            if key[0] not in STORED_TYPES or row is None or row.organization_id != actor.organization_id:
+                raise _invalid("referenced resource not found", external[key][0], "not-found")
+
+    async def _resolve_subjects(self, planned: list[_Planned], actor: Actor, root: str) -> None:
+        patients_in_bundle = {p.resource_id for p in planned if p.resource_type == "Patient"}
+        for item in planned:
+            where = f"{root}[{item.index}].resource" if root else item.resource_type
+            subject: str | None
+            if item.resource_type == "Patient":
+                subject = item.resource_id
+            elif item.resource_type == "Provenance":
+                subject = self._provenance_subject(item, planned)
+                if subject is None:
+                    raise _invalid(
+                        "a Provenance must target resources of one migrant",
+                        f"{where}.target",
+                        "required",
+                        422,
+                    )
+            else:
+                reference = subject_reference(item.resource)
+                target = parse_relative(reference) if reference else None
+                if target is None or target[0] != "Patient":
+                    raise _invalid("the resource must reference its Patient", where, "required", 422)
+                subject = target[1]
+                if subject not in patients_in_bundle:
+                    row = await self.repo.current("Patient", subject)
+                    if row is None or row.organization_id != actor.organization_id:
+                        raise _invalid("referenced resource not found", where, "not-found")
+            if item.subject_id is not None and item.subject_id != subject:
+                raise _invalid("a resource cannot move to another migrant", where, "business-rule", 422)
+            item.subject_id = subject
+
+    @staticmethod
+    def _provenance_subject(item: _Planned, planned: list[_Planned]) -> str | None:
+        targets = item.resource.get("target", [])
+        subjects = set()
+        for t in targets if isinstance(targets, list) else []:
+            ref = parse_relative(t.get("reference", "")) if isinstance(t, dict) else None
+            if ref is None:
+                return None
+            if ref[0] == "Patient":
+                subjects.add(ref[1])
+            else:
+                match = next((p for p in planned if (p.resource_type, p.resource_id) == ref), None)
+                if match is None or match.resource_type == "Provenance":
+                    return None
+                subjects.add(match.subject_id or "")
+        return subjects.pop() if len(subjects) == 1 else None
+
+    # --- writing --------------------------------------------------------------------
+    async def _commit(self, planned: list[_Planned], aliases: dict[str, str], actor: Actor) -> IntakeResult:
+        now = datetime.now(UTC)
+        result = IntakeResult()
+        new_patients = [p for p in planned if p.resource_type == "Patient" and p.method == "create"]
+        for patient in new_patients:
+            wrapped, cipher = self.services.keys.create(patient.resource_id)
+            await self.repo.add_subject(
+                Subject(
+                    id=patient.resource_id,
+                    wrapped_key=wrapped,
+                    key_version=SUBJECT_KEY_VERSION,
+                    created_at=now,
+                )
+            )
+            self._ciphers[patient.resource_id] = cipher
+            hashes = identifier_tokens(self.services.indexer, patient.resource)
+            if await self.repo.claim_identifiers(actor.organization_id, patient.resource_id, sorted(hashes)):
+                raise PatientRaceLost
+        for patient in (p for p in planned if p.resource_type == "Patient" and p.method == "update"):
+            hashes = identifier_tokens(self.services.indexer, patient.resource)
+            if await self.repo.claim_identifiers(actor.organization_id, patient.resource_id, sorted(hashes)):
+                raise _invalid(
+                    "another migrant of this clinic already has that identifier",
+                    "Patient.identifier",
+                    "duplicate",
+                    409,
+                )
+        per_subject: dict[str, list[WrittenVersion]] = defaultdict(list)
+        for item in planned:
+            if item.method == "existing":
+                existing = await self.repo.current(item.resource_type, item.resource_id)
+                assert existing is not None
+                written = WrittenVersion(
+                    item.resource_type,
+                    item.resource_id,
+                    existing.version_id,
+                    existing.last_updated,
+                    "",
+                    existing.subject_id,
+                    created=False,
+                )
+                result.by_entry.append(written)
+                continue
+            written = await self._write(item, actor, now)
+            result.written.append(written)
+            result.by_entry.append(written)
+            per_subject[written.subject_id].append(written)
+        for subject_id, versions in per_subject.items():
+            if all(v.resource_type == "Provenance" for v in versions):
+                continue
+            provenance = self._provenance(versions, actor, now)
+            item = _Planned(-1, provenance, "Provenance", provenance["id"], "create", subject_id=subject_id)
+            result.written.append(await self._write(item, actor, now))
+        # A Consent written, corrected or withdrawn changes what authorities may
+        # receive from the very next request: recompute that migrant's grants now.
+        consents: dict[str, dict[str, bytes]] = defaultdict(dict)
+        for written in result.written:
+            if written.resource_type == "Consent":
+                consents[written.subject_id][written.resource_id] = written.body
+        for subject_id, fresh in consents.items():
+            await refresh_grants(self.services, self.repo, subject_id, fresh)
+        return result
+
+    async def _cipher(self, subject_id: str) -> SubjectCipher:
+        cipher = self._ciphers.get(subject_id)
+        if cipher is None:
+            subject = await self.repo.subject(subject_id)
+            if subject is None:
+                raise FhirError.single(404, "not-found", "Patient not found")
+            cipher = self.services.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
+            self._ciphers[subject_id] = cipher
+        return cipher
+
+    async def _write(self, item: _Planned, actor: Actor, now: datetime) -> WrittenVersion:
+        assert item.subject_id is not None
+        version_id = (item.current.version_id + 1) if item.current is not None else 1
+        resource = dict(item.resource)
+        resource["id"] = item.resource_id
+        meta = dict(resource.get("meta") or {})
+        meta["versionId"] = str(version_id)
+        meta["lastUpdated"] = now.isoformat().replace("+00:00", "Z")
+        resource["meta"] = meta
+        # Labels go into meta.security before encryption, so they travel with the resource.
+        labels = self.services.labeler.apply(resource)
+        body = orjson.dumps(resource)
+        cipher = await self._cipher(item.subject_id)
+        blob = cipher.seal(
+            body, resource_aad(item.resource_type, item.resource_id, version_id, item.subject_id)
+        )
+        digest = ciphertext_digest(blob)
+        index = index_resource(self.services.indexer, resource)
+        await self.repo.write_version(
+            version=ResourceVersion(
+                resource_type=item.resource_type,
+                id=item.resource_id,
+                version_id=version_id,
+                subject_id=item.subject_id,
+                organization_id=actor.organization_id,
+                last_updated=now,
+                ciphertext=blob,
+                ciphertext_sha256=digest,
+                client_id=actor.client_id,
+            ),
+            clinical_date=index.clinical_date,
+            labels_token=labels_token(self.services.indexer, labels),
+            tokens=index.tokens,
+            current=item.current,
+        )
+        return WrittenVersion(
+            item.resource_type,
+            item.resource_id,
+            version_id,
+            now,
+            digest,
+            item.subject_id,
+            created=item.current is None,
+            body=body,
+        )
+
+    @staticmethod
+    def _provenance(versions: list[WrittenVersion], actor: Actor, now: datetime) -> dict[str, Any]:
+        """Who wrote these versions: the clinic, its client, and the person the client asserted."""
+        updated = any(not v.created for v in versions)
+        agents: list[dict[str, Any]] = [
+            {
+                "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]},
+                "who": {"reference": f"Organization/{actor.organization_id}"},
+            },
+            {
+                "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "performer"}]},
+                "who": {"identifier": {"system": CLIENT_ID_SYSTEM, "value": actor.client_id}},
+                "onBehalfOf": {"reference": f"Organization/{actor.organization_id}"},
+            },
+        ]
+        if actor.person:
+            agents.append(
+                {
+                    "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "enterer"}]},
+                    "who": {"identifier": {"system": PERSON_ID_SYSTEM, "value": actor.person}},
+                    "onBehalfOf": {"reference": f"Organization/{actor.organization_id}"},
+                }
+            )
+        return {
+            "resourceType": "Provenance",
+            "id": str(uuid.uuid4()),
+            "target": [
+                {"reference": f"{v.resource_type}/{v.resource_id}/_history/{v.version_id}"} for v in versions
+            ],
+            "recorded": now.isoformat().replace("+00:00", "Z"),
+            "activity": {"coding": [{"system": DATA_OPERATION, "code": "UPDATE" if updated else "CREATE"}]},
+            "agent": agents,
+        }

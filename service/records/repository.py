@@ -1,0 +1,320 @@
+"""SQL for the encrypted store. Filters happen here, before paging; no HTTP, no rules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.store.tables import (
+    DisclosureGrant,
+    Organization,
+    PatientKey,
+    ResourceVersion,
+    SearchToken,
+    StoredResource,
+    Subject,
+)
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    resource_type: str
+    id: str
+    version_id: int
+    subject_id: str
+    organization_id: str
+    last_updated: datetime
+    ciphertext: bytes
+    ciphertext_sha256: str
+    labels_token: bytes | None = None
+
+
+@dataclass(frozen=True)
+class GrantFilter:
+    """Only what a disclosure grant lets this organization receive, for this purpose, now."""
+
+    organization_id: str
+    purpose: str
+    at: datetime
+
+
+@dataclass
+class SearchFilter:
+    """A search already reduced to columns: tenancy and blind-index values, never clear text."""
+
+    resource_type: str
+    organization_id: str | None = None
+    subject_ids: Sequence[str] | None = None
+    ids: Sequence[str] | None = None
+    token_groups: list[tuple[str, list[bytes]]] = field(default_factory=list)  # AND of ORs
+    date_ranges: list[tuple[str, datetime]] = field(default_factory=list)  # (op, bound)
+    updated_ranges: list[tuple[str, datetime]] = field(default_factory=list)
+    grant: GrantFilter | None = None
+    match_nothing: bool = False
+
+
+_OPS = {
+    "ge": lambda col, v: col >= v,
+    "gt": lambda col, v: col > v,
+    "le": lambda col, v: col <= v,
+    "lt": lambda col, v: col < v,
+}
+
+
+class RecordRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # --- subjects -------------------------------------------------------
+    async def subject(self, subject_id: str) -> Subject | None:
+        return await self.session.get(Subject, subject_id)
+
+    async def add_subject(self, subject: Subject) -> None:
+        self.session.add(subject)
+
+    # --- patients by identifier (ifNoneExist) --------------------------
+    async def patient_for_identifier(self, organization_id: str, identifier_hash: bytes) -> str | None:
+        result = await self.session.execute(
+            select(PatientKey.patient_id).where(
+                PatientKey.organization_id == organization_id,
+                PatientKey.identifier_hash == identifier_hash,
+            )
+        )
+        return result.scalar_one_or_none()
+
+    async def claim_identifiers(
+        self, organization_id: str, patient_id: str, hashes: Iterable[bytes]
+    ) -> str | None:
+        """Claim identifier hashes for a new patient; returns the existing patient on a race."""
+        for identifier_hash in hashes:
+            try:
+                async with self.session.begin_nested():
+                    self.session.add(
+                        PatientKey(
+                            organization_id=organization_id,
+                            identifier_hash=identifier_hash,
+                            patient_id=patient_id,
+                        )
+                    )
+            except IntegrityError:
+                existing = await self.patient_for_identifier(organization_id, identifier_hash)
+                if existing is not None and existing != patient_id:
+                    return existing
+        return None
+
+    # --- resources ------------------------------------------------------
+    async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        return await self.session.get(StoredResource, (resource_type, resource_id))
+
+    async def current_for_update(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        result = await self.session.execute(
+            select(StoredResource)
+            .where(StoredResource.resource_type == resource_type, StoredResource.id == resource_id)
+            .with_for_update()
+        )
+        return result.scalar_one_or_none()
+
+    async def existing_ids(self, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], StoredResource]:
+        wanted = list(set(refs))
+        found: dict[tuple[str, str], StoredResource] = {}
+        for rtype in {t for t, _ in wanted}:
+            ids = [i for t, i in wanted if t == rtype]
+            result = await self.session.execute(
+                select(StoredResource).where(
+                    StoredResource.resource_type == rtype, StoredResource.id.in_(ids)
+                )
+            )
+            for row in result.scalars():
+                found[(row.resource_type, row.id)] = row
+        return found
+
+    async def write_version(
+        self,
+        *,
+        version: ResourceVersion,
+        clinical_date: datetime | None,
+        labels_token: bytes,
+        tokens: Iterable[tuple[str, bytes]],
+        current: StoredResource | None,
+    ) -> None:
+        self.session.add(version)
+        if current is None:
+            self.session.add(
+                StoredResource(
+                    resource_type=version.resource_type,
+                    id=version.id,
+                    subject_id=version.subject_id,
+                    organization_id=version.organization_id,
+                    version_id=version.version_id,
+                    last_updated=version.last_updated,
+                    clinical_date=clinical_date,
+                    labels_token=labels_token,
+                )
+            )
+        else:
+            current.version_id = version.version_id
+            current.last_updated = version.last_updated
+            current.clinical_date = clinical_date
+            current.labels_token = labels_token
+            await self.session.execute(
+                delete(SearchToken).where(
+                    SearchToken.resource_type == version.resource_type, SearchToken.id == version.id
+                )
+            )
+        self.session.add_all(
+            SearchToken(resource_type=version.resource_type, id=version.id, param=param, value=value)
+            for param, value in set(tokens)
+        )
+
+    async def version(self, resource_type: str, resource_id: str, version_id: int) -> VersionRow | None:
+        row = await self.session.get(ResourceVersion, (resource_type, resource_id, version_id))
+        return _version_row(row) if row else None
+
+    async def history(self, resource_type: str, resource_id: str, limit: int) -> list[VersionRow]:
+        result = await self.session.execute(
+            select(ResourceVersion)
+            .where(ResourceVersion.resource_type == resource_type, ResourceVersion.id == resource_id)
+            .order_by(ResourceVersion.version_id.desc())
+            .limit(limit)
+        )
+        return [_version_row(r) for r in result.scalars()]
+
+    # --- search ---------------------------------------------------------
+    def _filtered(self, flt: SearchFilter) -> Select[StoredResource]:
+        query = select(StoredResource).where(StoredResource.resource_type == flt.resource_type)
+        if flt.organization_id is not None:
+            query = query.where(StoredResource.organization_id == flt.organization_id)
+        if flt.subject_ids is not None:
+            query = query.where(StoredResource.subject_id.in_(list(flt.subject_ids)))
+        if flt.ids is not None:
+            query = query.where(StoredResource.id.in_(list(flt.ids)))
+        for param, values in flt.token_groups:
+            query = query.where(
+                exists().where(
+                    and_(
+                        SearchToken.resource_type == StoredResource.resource_type,
+                        SearchToken.id == StoredResource.id,
+                        SearchToken.param == param,
+                        SearchToken.value.in_(values),
+                    )
+                )
+            )
+        for op, bound in flt.date_ranges:
+            query = query.where(_OPS[op](StoredResource.clinical_date, bound))
+        for op, bound in flt.updated_ranges:
+            query = query.where(_OPS[op](StoredResource.last_updated, bound))
+        if flt.grant is not None:
+            query = query.where(exists().where(_grant_matches(flt.grant)))
+        if flt.match_nothing:
+            query = query.where(StoredResource.id.is_(None))
+        return query
+
+    async def count(self, flt: SearchFilter) -> int:
+        subquery = self._filtered(flt).with_only_columns(StoredResource.id).subquery()
+        result = await self.session.execute(select(func.count()).select_from(subquery))
+        return int(result.scalar_one())
+
+    async def grants_for_subjects(
+        self, grant: GrantFilter, subject_ids: Iterable[str]
+    ) -> list[DisclosureGrant]:
+        """The grants in force for these migrants (to name the deciding consent in the audit entry)."""
+        result = await self.session.execute(
+            select(DisclosureGrant).where(
+                DisclosureGrant.subject_id.in_(sorted(set(subject_ids))),
+                DisclosureGrant.organization_id == grant.organization_id,
+                DisclosureGrant.purpose == grant.purpose,
+                or_(DisclosureGrant.valid_from.is_(None), DisclosureGrant.valid_from <= grant.at),
+                or_(DisclosureGrant.valid_to.is_(None), DisclosureGrant.valid_to > grant.at),
+            )
+        )
+        return list(result.scalars())
+
+    async def grant_for(self, grant: GrantFilter, row: StoredResource) -> DisclosureGrant | None:
+        for candidate in await self.grants_for_subjects(grant, [row.subject_id]):
+            if candidate.resource_type == row.resource_type and candidate.labels_token == row.labels_token:
+                return candidate
+        return None
+
+    async def replace_grants(self, subject_id: str, grants: Iterable[DisclosureGrant]) -> None:
+        await self.session.execute(delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id))
+        self.session.add_all(grants)
+
+    async def current_of_type(self, subject_id: str, resource_type: str) -> list[VersionRow]:
+        result = await self.session.execute(
+            select(ResourceVersion)
+            .join(
+                StoredResource,
+                and_(
+                    StoredResource.resource_type == ResourceVersion.resource_type,
+                    StoredResource.id == ResourceVersion.id,
+                    StoredResource.version_id == ResourceVersion.version_id,
+                ),
+            )
+            .where(StoredResource.subject_id == subject_id, StoredResource.resource_type == resource_type)
+        )
+        return [_version_row(r) for r in result.scalars()]
+
+    async def organization_ids(self) -> set[str]:
+        result = await self.session.execute(select(Organization.id))
+        return set(result.scalars())
+
+    async def search(
+        self, flt: SearchFilter, *, newest_first: bool, limit: int, offset: int
+    ) -> list[VersionRow]:
+        order = (
+            (StoredResource.last_updated.desc(), StoredResource.id.desc())
+            if newest_first
+            else (StoredResource.last_updated.asc(), StoredResource.id.asc())
+        )
+        page = self._filtered(flt).order_by(*order).limit(limit).offset(offset).subquery()
+        query = (
+            select(ResourceVersion)
+            .join(
+                page,
+                and_(
+                    ResourceVersion.resource_type == page.c.resource_type,
+                    ResourceVersion.id == page.c.id,
+                    ResourceVersion.version_id == page.c.version_id,
+                ),
+            )
+            .order_by(
+                *(
+                    (page.c.last_updated.desc(), page.c.id.desc())
+                    if newest_first
+                    else (page.c.last_updated.asc(), page.c.id.asc())
+                )
+            )
+        )
+        result = await self.session.execute(query.add_columns(page.c.labels_token))
+        return [_version_row(r, token) for r, token in result.all()]
+
+
+def _grant_matches(grant: GrantFilter) -> ColumnElement[bool]:
+    return and_(
+        DisclosureGrant.subject_id == StoredResource.subject_id,
+        DisclosureGrant.organization_id == grant.organization_id,
+        DisclosureGrant.purpose == grant.purpose,
+        DisclosureGrant.resource_type == StoredResource.resource_type,
+        DisclosureGrant.labels_token == StoredResource.labels_token,
+        or_(DisclosureGrant.valid_from.is_(None), DisclosureGrant.valid_from <= grant.at),
+        or_(DisclosureGrant.valid_to.is_(None), DisclosureGrant.valid_to > grant.at),
+    )
+
+
+def _version_row(row: ResourceVersion, labels_token: bytes | None = None) -> VersionRow:
+    return VersionRow(
+        resource_type=row.resource_type,
+        id=row.id,
+        version_id=row.version_id,
+        subject_id=row.subject_id,
+        organization_id=row.organization_id,
+        last_updated=row.last_updated,
+        ciphertext=row.ciphertext,
+        ciphertext_sha256=row.ciphertext_sha256,
+        labels_token=labels_token,
+    )

@@ -1,0 +1,42 @@
+"""Which resource types the store keeps, and where each names its migrant."""
+
+from __future__ import annotations
+
+# The element that points at the Patient, per type (FHIR R4).
+SUBJECT_ELEMENT: dict[str, str] = {
+    "Encounter": "subject",
+    "Observation": "subject",
+    "DiagnosticReport": "subject",
+    "ImagingStudy": "subject",
+    "Condition": "subject",
+    "Immunization": "patient",
+    "MedicationAdministration": "subject",
+    "DocumentReference": "subject",
+    "Consent": "patient",
+    "Specimen": "subject",
+}
+STORED_TYPES = frozenset({"Patient", "Provenance", *SUBJECT_ELEMENT})
+
+# The element holding the clinical date used by the `date` search parameter.
+DATE_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Encounter": ("period.start",),
+    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "Immunization": ("occurrenceDateTime",),
+    "Condition": ("recordedDate", "onsetDateTime"),
+    "ImagingStudy": ("started",),
+    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
+    "DocumentReference": ("date",),
+    "Consent": ("dateTime",),
+}
+
+# The CodeableConcept element searched by `code`.
+CODE_ELEMENTS: dict[str, str] = {
+    "Observation": "code",
+    "DiagnosticReport": "code",
+    "Condition": "code",
+    "Immunization": "vaccineCode",
+    "Encounter": "type",
+    "MedicationAdministration": "medicationCodeableConcept",
+    "DocumentReference": "type",
+}

@@ -1,0 +1,156 @@
+"""FHIR search parameters of the store, parsed into a ``SearchFilter`` of blind-index values and ranges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from security.blind_index import BlindIndexer
+from service.errors import FhirError
+from service.records.fhir_dates import parse_range
+from service.records.indexing import code_token
+from service.records.repository import SearchFilter
+
+_CLINICAL = ("patient", "_lastUpdated", "_id")
+SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
+    "Patient": frozenset({"identifier", "_lastUpdated", "_id"}),
+    "Encounter": frozenset({*_CLINICAL, "date", "type"}),
+    "Observation": frozenset({*_CLINICAL, "date", "code", "value-concept"}),
+    "DiagnosticReport": frozenset({*_CLINICAL, "date", "code"}),
+    "Immunization": frozenset({*_CLINICAL, "date", "vaccine-code", "code"}),
+    "Condition": frozenset({*_CLINICAL, "code"}),
+    "ImagingStudy": frozenset(_CLINICAL),
+    "MedicationAdministration": frozenset({*_CLINICAL, "code"}),
+    "DocumentReference": frozenset({*_CLINICAL, "date", "type"}),
+    "Consent": frozenset(_CLINICAL),
+    "Provenance": frozenset(_CLINICAL),
+    "Specimen": frozenset(_CLINICAL),
+}
+CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset"})
+DEFAULT_COUNT = 20
+MAX_COUNT = 100
+MAX_OFFSET = 10_000
+MAX_VALUES = 50
+_TOKEN_PARAMS = frozenset({"code", "vaccine-code", "type"})
+_PREFIXES = ("eq", "ge", "gt", "le", "lt")
+
+
+def _bad(diagnostics: str, param: str, code: str = "invalid") -> FhirError:
+    # The expression names the parameter, never its value (a value can be an identifier).
+    return FhirError.single(400, code, diagnostics, expression=param)
+
+
+@dataclass
+class ParsedSearch:
+    filter: SearchFilter
+    count: int
+    offset: int
+    newest_first: bool
+    echo: list[tuple[str, str]]  # the parameters understood, for self/next links
+    # value-concept is matched on decrypted resources, within what the caller may see:
+    # no index of results exists, in clear or blind.
+    value_concepts: list[list[tuple[str, str]]] = field(default_factory=list)
+
+
+def _split(value: str, param: str) -> list[str]:
+    values = [v for v in value.split(",") if v]
+    if not values or len(values) > MAX_VALUES:
+        raise _bad("a search parameter needs 1 to 50 values", param)
+    return values
+
+
+def _date_bounds(param: str, raw: str) -> list[tuple[str, datetime]]:
+    prefix = raw[:2] if raw[:2] in _PREFIXES else "eq"
+    text = raw[2:] if raw[:2] in _PREFIXES else raw
+    try:
+        start, end = parse_range(text)
+    except ValueError:
+        raise _bad("a date parameter needs a FHIR date or dateTime with an optional prefix", param) from None
+    return {
+        "eq": [("ge", start), ("lt", end)],
+        "ge": [("ge", start)],
+        "gt": [("ge", end)],
+        "le": [("lt", end)],
+        "lt": [("lt", start)],
+    }[prefix]
+
+
+def parse_search(
+    resource_type: str,
+    params: Sequence[tuple[str, str]],
+    indexer: BlindIndexer,
+    *,
+    lenient: bool,
+) -> ParsedSearch:
+    allowed = SEARCH_PARAMETERS.get(resource_type)
+    if allowed is None:
+        raise FhirError.single(404, "not-supported", f"{resource_type} is not searchable here")
+    flt = SearchFilter(resource_type=resource_type)
+    count, offset, newest_first = DEFAULT_COUNT, 0, True
+    echo: list[tuple[str, str]] = []
+    value_concepts: list[list[tuple[str, str]]] = []
+    for name, value in params:
+        base, _, modifier = name.partition(":")
+        if base in CONTROL_PARAMETERS:
+            if base == "_count":
+                if not value.isdigit() or not 1 <= int(value) <= MAX_COUNT:
+                    raise _bad(f"_count must be 1 to {MAX_COUNT}", name)
+                count = int(value)
+            elif base == "_offset":
+                if not value.isdigit() or int(value) > MAX_OFFSET:
+                    raise _bad(f"_offset must be 0 to {MAX_OFFSET}", name)
+                offset = int(value)
+            elif value in ("_lastUpdated", "-_lastUpdated"):
+                newest_first = value.startswith("-")
+                echo.append((name, value))
+            else:
+                raise _bad("_sort supports _lastUpdated and -_lastUpdated", name, "not-supported")
+            continue
+        if base not in allowed or modifier:
+            if lenient:
+                continue
+            raise _bad("unknown or unsupported search parameter", name, "not-supported")
+        echo.append((name, value))
+        if base == "patient":
+            ids = [v.removeprefix("Patient/") for v in _split(value, name)]
+            flt.subject_ids = ids if flt.subject_ids is None else [i for i in flt.subject_ids if i in ids]
+        elif base == "_id":
+            ids = _split(value, name)
+            flt.ids = ids if flt.ids is None else [i for i in flt.ids if i in ids]
+        elif base == "identifier":
+            hashes = []
+            for item in _split(value, name):
+                system, bar, ident = item.partition("|")
+                if not bar or not system or not ident:
+                    raise _bad("identifier search needs system|value", name)
+                try:
+                    hashes.append(indexer.identifier(system, ident))
+                except ValueError:
+                    raise _bad("identifier search needs system|value", name) from None
+            flt.token_groups.append(("identifier", hashes))
+        elif base == "value-concept":
+            alternatives = []
+            for item in _split(value, name):
+                system, bar, code = item.partition("|")
+                if not bar:
+                    system, code = "", item
+                if not code:
+                    raise _bad("value-concept needs [system|]code", name)
+                alternatives.append((system, code))
+            value_concepts.append(alternatives)
+        elif base in _TOKEN_PARAMS:
+            tokens = []
+            for item in _split(value, name):
+                system, bar, code = item.partition("|")
+                if not bar:
+                    system, code = "", item
+                if not code:
+                    raise _bad("a token parameter needs [system|]code", name)
+                tokens.append(code_token(indexer, system, code))
+            flt.token_groups.append(("code", tokens))
+        elif base in ("date", "_lastUpdated"):
+            target = flt.date_ranges if base == "date" else flt.updated_ranges
+            for op, bound in _date_bounds(name, value):
+                target.append((op, bound))
+    return ParsedSearch(flt, count, offset, newest_first, echo, value_concepts)
