@@ -1,0 +1,97 @@
+"""A real server: ``mhr serve`` in a subprocess on a free port, for clients that speak HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mhr_testkit import JWT_BEARER, REPO, Party, Service
+
+from security.jwk import sign_client_assertion
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    registry: Service  # registers parties on the same database and keyring
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def fhir_url(self) -> str:
+        return f"{self.base_url}/fhir"
+
+    def token(self, party: Party, scope: str | None = None, purpose: str | None = None) -> str:
+        token_url = f"{self.base_url}/auth/token"
+        assertion = sign_client_assertion(party.key, client_id=party.client_id, token_url=token_url)
+        form = {
+            "grant_type": "client_credentials",
+            "client_assertion_type": JWT_BEARER,
+            "client_assertion": assertion,
+            "scope": scope or party.scopes,
+        }
+        if purpose:
+            form["purpose_of_use"] = purpose
+        response = httpx.post(token_url, data=form, timeout=10)
+        assert response.status_code == 200, response.text
+        return str(response.json()["access_token"])
+
+
+def server_env(database_url: str, tmp_path: Path, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MHR_ENV": "development",
+        "MHR_DATABASE_URL": database_url,
+        "MHR_KEYRING_PATH": str(tmp_path / "keyring.json"),
+        "MHR_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "MHR_PORT": str(port),
+        "MHR_LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture
+def live_server(database_url: str, tmp_path: Path) -> Iterator[LiveServer]:
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with Service.start(database_url, tmp_path) as registry:
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"],
+                cwd=REPO,
+                env=server_env(database_url, tmp_path, port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.2)
+            yield LiveServer(base, registry, process, log_path)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
