@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from service.api import metadata, operations, organizations, smart
+from service.api import audit, metadata, operations, organizations, records, smart
 from service.asgi import RequestMiddleware
+from service.audit.log import start_integrator, stop_integrator
 from service.errors import install_error_handlers
 from service.runtime import Runtime, build_runtime
 from service.settings import Settings, load_settings
@@ -24,9 +25,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None
         app.state.runtime = runtime or build_runtime(settings)
+        integrator = start_integrator(app.state.runtime)
         try:
             yield
         finally:
+            await stop_integrator(integrator)
             if owned:
                 await app.state.runtime.database.dispose()
 
@@ -44,7 +47,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     if runtime is not None:
         app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (smart, metadata, organizations, operations):
+    # The generic /fhir/{type} routes come last so that specific ones win.
+    for module in (smart, metadata, organizations, operations, audit, records):
         app.include_router(module.router)
     return app
 

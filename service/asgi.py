@@ -16,16 +16,12 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import FHIR_JSON, OutcomeIssue, operation_outcome
+from service.errors import FHIR_JSON, BodyTooLarge, OutcomeIssue, operation_outcome
 from service.metrics import LATENCY, REQUESTS
 from service.request_context import reset_request_id, set_request_id
 
 access_log = logging.getLogger("mhr.access")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -64,7 +60,8 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
-                headers = list(message.get("headers", []))
+                # Ours replaces any the app set (the 500 handler names it too).
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
@@ -82,7 +79,7 @@ class RequestMiddleware:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
-                        raise BodyTooLarge
+                        raise BodyTooLarge(self.max_body_bytes)
                 return message
 
             try:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,8 @@ from security.jwk import (
     public_jwk,
     sign_client_assertion,
 )
+from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
+from service.audit.recorder import record_audit
 from service.identity.registry import (
     ClientRegistration,
     RegistrationError,
@@ -84,7 +87,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     migrate.upgrade(settings.database_url)
     open_keyring(settings)  # created with 0600 on first start
     if args.demo:
-        _with_db(settings, lambda db: seed_demo(db, DEMO_DIR))
+        created = _with_db(settings, lambda db: seed_demo(db, DEMO_DIR))
+        if created is not None:
+            _seed_demo_exams(settings, created["clinic"])
         _print_next_steps(settings, load_demo_clients(DEMO_DIR))
     uvicorn.run(
         "service.app:create_asgi_app",
@@ -99,6 +104,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=20,
     )
     return 0
+
+
+def _seed_demo_exams(settings: Settings, clinic: dict[str, str]) -> None:
+    from service.demo import seed_demo_exams
+    from service.runtime import build_runtime
+
+    async def run() -> int:
+        runtime = build_runtime(settings)
+        try:
+            return await seed_demo_exams(runtime, settings.ig_dir / "examples", clinic)
+        finally:
+            await runtime.database.dispose()
+
+    count = asyncio.run(run())
+    print(f"seeded {count} demo exams from {settings.ig_dir / 'examples'}", file=sys.stderr)
 
 
 def _print_next_steps(settings: Settings, clients: dict[str, dict[str, str]]) -> None:
@@ -129,8 +149,9 @@ def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
             repo = IdentityRepository(session)
             if args.action == "add":
                 org = await add_organization(
-                    repo, name=args.name, kind=args.kind, jurisdiction=args.jurisdiction
+                    repo, name=args.name, kind=args.kind, jurisdiction=args.jurisdiction, org_id=args.org_id
                 )
+                await _audit_admin(session, "organization-add", Action.create, ("Organization", org.id))
                 return {"id": org.id, "name": org.name, "kind": org.kind}
             return [organization_resource(o) for o in await repo.organizations(limit=10_000)]
 
@@ -172,6 +193,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                         description=args.description,
                     ),
                 )
+                await _audit_admin(session, "client-add", Action.create, ("Client", client.id))
                 return {
                     "client_id": client.id,
                     "organization_id": client.organization_id,
@@ -182,6 +204,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
             if args.action == "disable":
                 if not await repo.disable_client(args.client_id, _now()):
                     raise RegistrationError("no such active client")
+                await _audit_admin(session, "client-disable", Action.update, ("Client", args.client_id))
                 return {"client_id": args.client_id, "active": False}
             return [
                 {
@@ -204,6 +227,26 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
             str(exc) if isinstance(exc, RegistrationError) else f"cannot read JWKS: {type(exc).__name__}"
         )
     return 0
+
+
+async def _audit_admin(session: Any, subtype: str, action: Action, entity: tuple[str, str]) -> None:
+    """An admin action's audit entry, in the action's own transaction.
+
+    The operator is named by the OS account running the command (staff, not a migrant).
+    """
+    import getpass
+
+    from service.request_context import SOURCE
+
+    record = AuditRecord(
+        event_type=EventType.admin,
+        subtype=subtype,
+        action=action,
+        outcome=Outcome.success,
+        agent=AuditAgent("mhr-cli", None, "admin", getpass.getuser()),
+        entities=(AuditEntity(*entity),),
+    )
+    await record_audit(session, record, request_id=f"cli-{uuid.uuid4().hex}", source=SOURCE)
 
 
 def _now() -> Any:
@@ -244,6 +287,79 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_vkey(value: str) -> str:
+    path = Path(value)
+    return path.read_text().strip() if "+" not in value and path.is_file() else value.strip()
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from security.signed_note import NoteError, NoteSigner, NoteVerifier
+    from service.audit import log as audit_log
+    from service.audit.disclosures import disclosures_for_patient
+    from service.audit.verify import verify_database, verify_service
+    from service.runtime import open_keyring
+
+    if args.action == "verify":
+        try:
+            verifier = NoteVerifier.from_vkey(_read_vkey(args.vkey)) if args.vkey else None
+            trusted = Path(args.checkpoint).read_text() if args.checkpoint else None
+        except (OSError, NoteError) as exc:
+            return _fail(f"cannot read the trust anchor: {exc}")
+        if verifier is None and trusted is None:
+            return _fail("give --vkey and/or --checkpoint: verification needs a trust anchor")
+        if args.url:
+            if not args.token:
+                return _fail("--url needs --token (an auditor access token)")
+            report = asyncio.run(
+                verify_service(
+                    args.url, args.token, verifier=verifier, trusted_note=trusted, origin=args.origin
+                )
+            )
+        else:
+            url = args.database_url or settings.database_url
+            report = asyncio.run(
+                verify_database(url, verifier=verifier, trusted_note=trusted, origin=args.origin)
+            )
+        for failure in sorted(report.failures)[: args.show]:
+            print(f"FAIL {failure}", file=sys.stderr)
+        print(report.summary())
+        return 0 if report.ok else 1
+
+    if args.action == "disclosures":
+
+        async def listing(db: Database) -> Any:
+            async with db.sessions() as session:
+                return [d.as_json() for d in await disclosures_for_patient(session, args.patient)]
+
+        _emit(_with_db(settings, listing))
+        return 0
+
+    if args.action == "key":
+        keys = open_keyring(settings)
+        print(NoteSigner(settings.deployment_name, keys.log_signing_key()).vkey())
+        return 0
+
+    if args.action == "checkpoint":
+
+        async def latest(db: Database) -> str | None:
+            async with db.sessions() as session:
+                found = await audit_log.latest_checkpoint(session)
+                return None if found is None else found.note
+
+        note = _with_db(settings, latest)
+        if note is None:
+            return _fail("the audit log has no checkpoint yet", 1)
+        sys.stdout.write(note)
+        return 0
+
+    # seal
+    keys = open_keyring(settings)
+    signer = NoteSigner(settings.deployment_name, keys.log_signing_key())
+    size = _with_db(settings, lambda db: audit_log.seal_all(db, signer, settings.deployment_name))
+    print(f"audit log sealed: tree size {size}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_org.add_argument("--name", required=True)
     add_org.add_argument("--kind", required=True, choices=["clinic", "authority", "auditor", "admin"])
     add_org.add_argument("--jurisdiction", help="ISO 3166 code, e.g. CA or US-NY")
+    add_org.add_argument("--id", dest="org_id", help="stable id (consents name it); default a UUID")
     orgs.add_parser("list")
     for p in orgs.choices.values():
         p.set_defaults(handler=cmd_orgs)
@@ -299,6 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--url", help="service base URL (default MHR_PUBLIC_BASE_URL)")
     token.add_argument("--json", action="store_true", help="print the whole token response")
     token.set_defaults(handler=cmd_token)
+    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="action", required=True
+    )
+    audit.add_parser("seal", help="append unsealed entries to the Merkle log and sign a checkpoint")
+    audit.add_parser("checkpoint", help="print the latest signed checkpoint")
+    audit.add_parser("key", help="print the log's verifier key (vkey)")
+    verify = audit.add_parser("verify", help="verify the log; exit 1 naming the first failure")
+    source = verify.add_mutually_exclusive_group()
+    source.add_argument("--database-url", help="read the database directly (default MHR_DATABASE_URL)")
+    source.add_argument("--url", help="base URL of a running service (with --token)")
+    verify.add_argument("--token", help="an auditor access token for --url")
+    verify.add_argument("--vkey", help="the log's verifier key, or a file holding it")
+    verify.add_argument("--checkpoint", help="a trusted checkpoint (signed note) kept from earlier")
+    verify.add_argument("--origin", help="expected checkpoint origin (default: the key name)")
+    verify.add_argument("--show", type=int, default=10, help="how many failures to print")
+    disclosures = audit.add_parser("disclosures", help="every disclosure of one migrant's data")
+    disclosures.add_argument("--patient", required=True, help="the Patient id (pseudonym)")
+    for p in audit.choices.values():
+        p.set_defaults(handler=cmd_audit)
     return parser
 
 

@@ -12,9 +12,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from security.jwk import generate_client_key, private_key_pem, public_jwk
+from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
+from service.audit.recorder import record_audit
 from service.identity.registry import ClientRegistration, add_client, add_organization
 from service.identity.repository import IdentityRepository
+from service.records.context import Actor
+from service.records.intake import Intake
+from service.records.repository import RecordRepository
+from service.request_context import SOURCE
+from service.runtime import Runtime
 from service.store.database import Database
 
 
@@ -51,8 +60,9 @@ async def seed_demo(database: Database, demo_dir: Path) -> dict[str, dict[str, s
             return None
         created: dict[str, dict[str, str]] = {}
         for party in DEMO_PARTIES:
+            # Stable ids: the example Consents name "authority-a" as their recipient.
             org = await add_organization(
-                repo, name=party.name, kind=party.kind, jurisdiction=party.jurisdiction
+                repo, name=party.name, kind=party.kind, jurisdiction=party.jurisdiction, org_id=party.slug
             )
             key = generate_client_key("EC")
             client = await add_client(
@@ -83,3 +93,31 @@ def load_demo_clients(demo_dir: Path) -> dict[str, dict[str, str]]:
         return {}
     loaded: dict[str, dict[str, str]] = json.loads(path.read_text())
     return loaded
+
+
+async def seed_demo_exams(runtime: Runtime, examples_dir: Path, clinic: dict[str, str]) -> int:
+    """Submit the implementation guide's example exams as the demo clinic; returns how many."""
+    actor = Actor(clinic["client_id"], clinic["organization_id"], "clinic", person="demo-seed")
+    count = 0
+    for path in sorted(examples_dir.glob("exam-*.json")):
+        bundle = orjson.loads(path.read_bytes())
+        async with runtime.database.transaction() as session:
+            intake = Intake(runtime.records, RecordRepository(session), IdentityRepository(session))
+            result = await intake.transaction(bundle, actor)
+            await record_audit(
+                session,
+                AuditRecord(
+                    event_type=EventType.rest,
+                    subtype="transaction",
+                    action=Action.create,
+                    outcome=Outcome.success,
+                    agent=AuditAgent(actor.client_id, actor.organization_id, actor.role, actor.person),
+                    entities=result.audit_entities(),
+                    patient_ids=result.patient_ids(),
+                    detail="demo-seed",
+                ),
+                request_id="demo-seed",
+                source=SOURCE,
+            )
+        count += 1
+    return count

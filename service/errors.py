@@ -48,6 +48,9 @@ class FhirError(Exception):
     status: int
     issues: list[OutcomeIssue]
     headers: dict[str, str] = field(default_factory=dict)
+    # A refusal that must be on the audit record: written in its own transaction
+    # by the session dependency, after the request's transaction rolled back.
+    audit: Any = None
 
     @classmethod
     def single(
@@ -63,6 +66,17 @@ class FhirError(Exception):
 
     def __str__(self) -> str:
         return f"{self.status}: " + "; ".join(i.diagnostics for i in self.issues)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """The request body grew past the configured limit while streaming in.
+
+    An HTTPException, so that FastAPI's body parsing re-raises it (any other
+    exception there becomes a 400) and the 413 handler below answers it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
 def not_found(resource_type: str) -> FhirError:
@@ -127,6 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
         text = {404: "no such endpoint", 405: "method not allowed"}.get(status, "request failed")
+        if isinstance(exc, BodyTooLarge):
+            text = exc.detail  # fixed text naming the configured limit, never request data
         headers = dict(exc.headers) if exc.headers else None
         return outcome_response(status, [OutcomeIssue(_STATUS_CODES.get(status, "exception"), text)], headers)
 

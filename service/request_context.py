@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from contextvars import ContextVar
+
+# This service instance, as named in audit entries (BALP source observer).
+SOURCE = f"{socket.gethostname()}:{os.getpid()}"
 
 _request_id: ContextVar[str] = ContextVar("request_id", default="-")
 

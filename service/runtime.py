@@ -8,16 +8,23 @@ from typing import Any
 import orjson
 
 from security.access_tokens import AccessTokenCodec
+from security.blind_index import BlindIndexer
 from security.keys import KeyProvider, LocalKeyring
+from security.signed_note import NoteSigner
 from service.capability import load_capability_statement
+from service.fhir_validation import ProfileValidator
 from service.identity.client_status import ClientStatusCache
 from service.identity.jwks import JwksCache
 from service.identity.tokens import TokenPolicy
+from service.records.context import RecordServices
+from service.records.labels import SecurityLabeler
+from service.records.subject_keys import SubjectKeys
 from service.settings import Settings
 from service.store.database import Database
 from service.store.migrate import head_revision
 
 TOKEN_KEY_PURPOSE = "token-hmac"  # noqa: S105 - a key name, not a secret
+INDEX_KEY_PURPOSE = "blind-index"
 
 
 @dataclass
@@ -30,7 +37,10 @@ class Runtime:
     jwks: JwksCache
     client_status: ClientStatusCache
     capability_statement: bytes
+    records: RecordServices
     head_revision: str | None
+    # Signs audit checkpoints; its name is the deployment name, which is also the checkpoint origin.
+    log_signer: NoteSigner
 
 
 def open_keyring(settings: Settings) -> KeyProvider:
@@ -63,5 +73,14 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
         ),
         client_status=ClientStatusCache(database.sessions, ttl_seconds=settings.client_status_cache_seconds),
         capability_statement=orjson.dumps(capability),
+        records=RecordServices(
+            keys=SubjectKeys(keys),
+            indexer=BlindIndexer(keys.secret(INDEX_KEY_PURPOSE)[1]),
+            validator=ProfileValidator.load(settings.ig_dir),
+            labeler=SecurityLabeler.load(settings.ig_dir / "security-label-rules.json"),
+            statutory_policies=frozenset(settings.statutory_policies),
+            fhir_base_url=settings.fhir_base_url,
+        ),
         head_revision=head_revision(),
+        log_signer=NoteSigner(settings.deployment_name, keys.log_signing_key()),
     )

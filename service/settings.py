@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     client_status_cache_seconds: float = Field(default=10.0, ge=0, le=60)
     log_level: str = "INFO"
     deployment_name: str = "mhr.example.org/dev"
+    # Consent.policy URIs that mean "disclosure required by law" (a statutory public-health
+    # basis) rather than voluntary consent; set per destination jurisdiction.
+    statutory_policies: tuple[str, ...] = ("https://mhr.example.org/fhir/policy/statutory-public-health",)
 
     @field_validator("public_base_url")
     @classmethod

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from mhr_testkit import PG_DEFAULT_URL, Service, sync_url
+
 from service.store import migrate
 
 PG_URL = os.environ.get("MHR_TEST_DATABASE_URL", PG_DEFAULT_URL)

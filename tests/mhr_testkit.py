@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,22 +86,33 @@ class Service:
         purposes: tuple[str, ...] = (),
         key_kind: str = "EC",
         jurisdiction: str | None = None,
+        jwks_url: str | None = None,
+        org_id: str | None = None,
     ) -> Party:
-        """An organization of ``kind`` with one client holding a fresh key."""
+        """An organization of ``kind`` with one client holding a fresh key.
+
+        With ``jwks_url`` the client is registered by URL instead of by JWKS:
+        the caller serves the party's public key there.
+        """
         key = generate_client_key(key_kind)
 
         async def work(db: Database) -> Party:
             async with db.transaction() as session:
                 repo = IdentityRepository(session)
                 org = await add_organization(
-                    repo, name=f"{name} {uuid.uuid4().hex[:6]}", kind=kind, jurisdiction=jurisdiction
+                    repo,
+                    name=f"{name} {uuid.uuid4().hex[:6]}",
+                    kind=kind,
+                    jurisdiction=jurisdiction,
+                    org_id=org_id,
                 )
                 client = await add_client(
                     repo,
                     ClientRegistration(
                         organization=org.id,
                         role=kind,
-                        jwks={"keys": [public_jwk(key)]},
+                        jwks=None if jwks_url else {"keys": [public_jwk(key)]},
+                        jwks_url=jwks_url,
                         scopes=scopes,
                         purposes=purposes,
                     ),
@@ -132,3 +144,19 @@ class Service:
 
     def headers(self, party: Party, scope: str | None = None, **form: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(party, scope, **form)}"}
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "fhir" / "examples").glob("exam-*.json"))
+FHIR_HEADERS = {"Content-Type": "application/fhir+json"}
+
+
+def load_example(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
+
+
+def submit(service: Service, party: Party, bundle: dict[str, Any]) -> Any:
+    return service.client.post(
+        "/fhir", content=json.dumps(bundle), headers={**FHIR_HEADERS, **service.headers(party)}
+    )

@@ -12,7 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.access_tokens import AccessClaims, TokenInvalid
 from security.scopes import Scope, ScopeError, parse_scopes, scopes_allow
+from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
+from service.audit.recorder import record_audit, record_denial
 from service.errors import FhirError
+from service.request_context import SOURCE, current_request_id
 from service.runtime import Runtime
 
 
@@ -27,8 +30,20 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
     # The request owns the transaction: commit when the route returns, before
     # the response is sent (scope="function"), roll back on any error.
-    async with runtime.database.sessions() as session, session.begin():
-        yield session
+    async with runtime.database.sessions() as session:
+        try:
+            async with session.begin():
+                yield session
+        except FhirError as exc:
+            if exc.audit is not None:
+                await _record_refusal(runtime, exc.audit)
+            raise
+
+
+async def _record_refusal(runtime: Runtime, record: AuditRecord) -> None:
+    """A refused request's audit entry, in its own transaction (the request's rolled back)."""
+    async with runtime.database.transaction() as session:
+        await record_audit(session, record, request_id=current_request_id(), source=SOURCE)
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
@@ -62,7 +77,50 @@ def _unauthorized(error: str | None, description: str) -> FhirError:
     return FhirError.single(401, "login", description, headers={"WWW-Authenticate": challenge})
 
 
+_DENIAL_BY_PERMISSION = {
+    "r": ("read", Action.read),
+    "s": ("search-type", Action.execute),
+    "c": ("create", Action.create),
+    "u": ("update", Action.update),
+    "d": ("delete", Action.delete),
+}
+_DENIAL_BY_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
+
+
+async def _audit_denial(
+    request: Request, runtime: Runtime, exc: FhirError, claims: AccessClaims | None, permission: str | None
+) -> None:
+    """A 401/403 on the audit record, in its own short transaction (one INSERT; the request has
+    none open yet). The denial stands even if this write fails."""
+    subtype, action = _DENIAL_BY_PERMISSION[permission or _DENIAL_BY_METHOD.get(request.method, "r")]
+    route = getattr(request.scope.get("route"), "path", None)
+    agent = (
+        AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person)
+        if claims
+        else AuditAgent(None, None, None)
+    )
+    record = AuditRecord(
+        event_type=EventType.rest,
+        subtype=subtype,
+        action=action,
+        outcome=Outcome.minor_failure,
+        agent=agent,
+        purpose=claims.purpose if claims else None,
+        detail=f"{exc.status}: {exc.issues[0].diagnostics}"[:200],  # fixed texts, no request data
+        route=route if isinstance(route, str) else None,
+    )
+    await record_denial(runtime.database, record, request_id=current_request_id(), source=SOURCE)
+
+
 async def authenticate(request: Request, runtime: RuntimeDep) -> Principal:
+    try:
+        return await _authenticate(request, runtime)
+    except FhirError as exc:
+        await _audit_denial(request, runtime, exc, getattr(exc, "claims", None), None)
+        raise
+
+
+async def _authenticate(request: Request, runtime: Runtime) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized(None, "an access token is required")
@@ -75,7 +133,9 @@ async def authenticate(request: Request, runtime: RuntimeDep) -> Principal:
     except (TokenInvalid, ScopeError) as exc:
         raise _unauthorized("invalid_token", "the access token is invalid or expired") from exc
     if not await runtime.client_status.is_active(claims.client_id):
-        raise _unauthorized("invalid_token", "the access token is invalid or expired")
+        error = _unauthorized("invalid_token", "the access token is invalid or expired")
+        error.claims = claims  # type: ignore[attr-defined]  # for the audit entry: a disabled client
+        raise error
     return Principal(claims, scopes)
 
 
@@ -94,14 +154,18 @@ def _forbidden(description: str) -> FhirError:
 
 def requires(
     resource_type: str, permission: str, *, roles: frozenset[str]
-) -> Callable[[Principal], Awaitable[Principal]]:
+) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting only the given roles holding a scope for the interaction."""
 
-    async def check(principal: PrincipalDep) -> Principal:
+    async def check(principal: PrincipalDep, request: Request, runtime: RuntimeDep) -> Principal:
+        error = None
         if principal.role not in roles:
-            raise _forbidden("this client's role may not use this interaction")
-        if not principal.may(resource_type, permission):
-            raise _forbidden(f"the token lacks a scope for {resource_type} ({permission})")
+            error = _forbidden("this client's role may not use this interaction")
+        elif not principal.may(resource_type, permission):
+            error = _forbidden(f"the token lacks a scope for {resource_type} ({permission})")
+        if error is not None:
+            await _audit_denial(request, runtime, error, principal.claims, permission[:1])
+            raise error
         return principal
 
     return check

@@ -11,9 +11,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.deps import RuntimeDep, SessionDep
+from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
+from service.audit.recorder import record_audit
 from service.identity.repository import IdentityRepository
 from service.identity.tokens import OAuthError, issue_token
 from service.metrics import TOKENS
+from service.request_context import SOURCE, current_request_id
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -83,8 +86,38 @@ async def token(request: Request, runtime: RuntimeDep, session: SessionDep) -> R
     except OAuthError as exc:
         TOKENS.labels(exc.error).inc()
         log.info("token refused", extra={"oauth_error": exc.error, "reason": exc.reason})
+        # The refusal is audited in the request's transaction: this path returns normally, so it
+        # commits (with the jti the assertion may already have used up); a database failure
+        # here is a 500, never a token. The jti insert ran in a savepoint, so the session is sound.
+        await _audit_token(session, Outcome.minor_failure, detail=f"{exc.error}: {exc.reason}"[:200])
         headers = {"WWW-Authenticate": 'Bearer realm="mhr"'} if exc.status == 401 else None
         return _json(exc.status, {"error": exc.error, "error_description": exc.description}, headers)
+    claims = grant.claims
+    agent = AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person)
+    # Committed with the jti before the response leaves: no token without its entry.
+    await _audit_token(session, Outcome.success, agent=agent, purpose=claims.purpose)
     TOKENS.labels("issued").inc()
     log.info("token issued", extra={"client_id": grant.claims.client_id, "scope": grant.claims.scope})
     return _json(200, grant.as_response())
+
+
+async def _audit_token(
+    session: SessionDep,
+    outcome: Outcome,
+    *,
+    agent: AuditAgent | None = None,
+    purpose: str | None = None,
+    detail: str | None = None,
+) -> None:
+    record = AuditRecord(
+        event_type=EventType.login,
+        subtype="token",
+        action=Action.execute,
+        outcome=outcome,
+        # A refused caller is not identified: the client id in its assertion is unverified.
+        agent=agent or AuditAgent(None, None, None),
+        purpose=purpose,
+        detail=detail,
+        route="/auth/token",
+    )
+    await record_audit(session, record, request_id=current_request_id(), source=SOURCE)

@@ -36,9 +36,19 @@ class ClientRegistration:
     description: str | None = None
 
 
+_ORG_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,63}$")
+
+
 async def add_organization(
-    repo: IdentityRepository, *, name: str, kind: str, jurisdiction: str | None = None
+    repo: IdentityRepository,
+    *,
+    name: str,
+    kind: str,
+    jurisdiction: str | None = None,
+    org_id: str | None = None,
 ) -> Organization:
+    """``org_id`` lets an operator choose a stable id (it is the Organization's identifier,
+    which consents name); by default a random UUID."""
     name = name.strip()
     if not 1 <= len(name) <= 200:
         raise RegistrationError("organization name must be 1-200 characters")
@@ -46,10 +56,14 @@ async def add_organization(
         raise RegistrationError(f"kind must be one of {', '.join(ORG_KINDS)}")
     if jurisdiction is not None and not _JURISDICTION.match(jurisdiction):
         raise RegistrationError("jurisdiction must be an ISO 3166 code such as CA or US-NY")
-    if await repo.organization_by_id_or_name(name) is not None:
-        raise RegistrationError("an organization with that name exists")
+    if org_id is not None and not _ORG_ID.match(org_id):
+        raise RegistrationError("an organization id is 2-64 lowercase letters, digits and hyphens")
+    if await repo.organization_by_id_or_name(name) is not None or (
+        org_id is not None and await repo.organization(org_id) is not None
+    ):
+        raise RegistrationError("an organization with that name or id exists")
     org = Organization(
-        id=str(uuid.uuid4()),
+        id=org_id or str(uuid.uuid4()),
         name=name,
         kind=kind,
         jurisdiction=jurisdiction,

@@ -71,7 +71,10 @@ async def issue_token(
     now: datetime | None = None,
 ) -> TokenGrant:
     now = now or datetime.now(UTC)
-    if form.get("grant_type") != CLIENT_CREDENTIALS:
+    grant_type = form.get("grant_type")
+    if not grant_type:
+        raise OAuthError("invalid_request", "grant_type is required")
+    if grant_type != CLIENT_CREDENTIALS:
         raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
     if form.get("client_assertion_type") != JWT_BEARER:
         raise OAuthError("invalid_request", "client_assertion_type must be jwt-bearer")

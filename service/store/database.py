@@ -20,12 +20,22 @@ from sqlalchemy.ext.asyncio import (
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL: ~4x the durable commit rate of the default journal, and readers do
     # not block the writer. foreign_keys is off by default in SQLite.
+    # Take transaction control from the driver (its implicit BEGIN breaks SAVEPOINTs);
+    # _sqlite_begin below issues the BEGIN.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # IMMEDIATE takes the write lock up front. A deferred transaction that reads
+    # and then writes fails with SQLITE_BUSY when another writer committed in
+    # between; SQLite has one writer at a time anyway.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -35,6 +45,7 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
             Path(url.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 10})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(
         url,

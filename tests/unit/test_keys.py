@@ -141,9 +141,7 @@ def _corrupt(path: Path, edit: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "edit", ["short-kek", "bad-base64", "current-missing", "format", "no-signing"]
-)
+@pytest.mark.parametrize("edit", ["short-kek", "bad-base64", "current-missing", "format", "no-signing"])
 def test_load_rejects_malformed_keyring(keyring: LocalKeyring, edit: str) -> None:
     secret = keyring.secret("token-hmac")[1]
     with pytest.raises(KeyringError) as info:
