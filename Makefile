@@ -20,11 +20,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check service security tests migrations bench
+	$(BIN)/ruff format --check service security tests migrations $(wildcard bench)
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format service security tests migrations bench
+	$(BIN)/ruff format service security tests migrations $(wildcard bench)
 	$(BIN)/ruff check --fix .
 
 clean:

@@ -16,6 +16,7 @@ from service.api.auditing import audit, rest_record
 from service.api.deps import Principal, PrincipalDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse, search_url
+from service.audit.disclosures import Disclosure, disclosures_for_patient
 from service.audit.events import Action, AuditEntity, EventType, Outcome
 from service.errors import FHIR_JSON, FhirError
 from service.identity.repository import IdentityRepository
@@ -30,6 +31,7 @@ from service.records.search_params import parse_search
 
 router = APIRouter(tags=["fhir"])
 WRITERS = frozenset({"clinic"})
+PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 # Clinics read their own submissions; authorities read what consent permits.
 READERS = frozenset({"clinic", "authority"})
 
@@ -287,6 +289,61 @@ async def everything(
         ),
         media_type=FHIR_JSON,
     )
+
+
+@router.get(
+    "/fhir/Patient/{patient_id}/$disclosures",
+    response_class=FhirResponse,
+    summary="accounting of disclosures",
+)
+async def disclosures(
+    patient_id: str, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    """Every disclosure of a migrant's data (when, to whom, why, which kinds of resource), for the
+    clinic that examined them to hand to the migrant on request (GDPR Art. 15, HIPAA accounting)."""
+    _require(principal, "Patient", "r", WRITERS)
+    reader = Reader(runtime.records, RecordRepository(session))
+    try:
+        await reader.read(_visibility(principal), "Patient", patient_id)
+    except FhirError as exc:
+        raise await _denied(principal, "disclosures", exc, "Patient", patient_id, session, runtime) from None
+    found = await disclosures_for_patient(session, patient_id)
+    identities = IdentityRepository(session)
+    names = {org.id: org.name for org in await identities.organizations(limit=10_000)}
+    await audit(
+        session,
+        rest_record(
+            principal,
+            "disclosures",
+            Action.read,
+            patient_ids=(patient_id,),
+            entities=(AuditEntity("Patient", patient_id),),
+        ),
+    )
+    return FhirResponse(
+        {"resourceType": "Parameters", "parameter": [_disclosure_parameter(d, names) for d in found]}
+    )
+
+
+def _disclosure_parameter(disclosure: Disclosure, names: dict[str, str]) -> dict[str, object]:
+    parts: list[dict[str, object]] = [
+        {"name": "recorded", "valueInstant": disclosure.recorded.isoformat().replace("+00:00", "Z")}
+    ]
+    for org in disclosure.organizations:
+        parts.append(
+            {
+                "name": "recipient",
+                "valueReference": {"reference": f"Organization/{org}", "display": names.get(org, org)},
+            }
+        )
+    if disclosure.purpose:
+        parts.append(
+            {"name": "purpose", "valueCoding": {"system": PURPOSE_SYSTEM, "code": disclosure.purpose}}
+        )
+    parts.extend({"name": "resourceType", "valueCode": t} for t in disclosure.resource_types)
+    if disclosure.consent:
+        parts.append({"name": "consent", "valueReference": {"reference": disclosure.consent}})
+    return {"name": "disclosure", "part": parts}
 
 
 @router.get("/fhir/{resource_type}/{resource_id}", response_class=FhirResponse, summary="read")

@@ -350,3 +350,41 @@ def test_disclosures_and_denials_are_audited(world: World, database_url: str) ->
     for name in patient["name"]:
         assert name["family"] not in text
     assert patient["identifier"][0]["value"] not in text
+
+
+def test_migrant_accounting_of_disclosures(world: World) -> None:
+    consent_id = world.post_consent(consent(world.patient, world.authority.organization_id))
+    assert _read_patient(world, world.authority, "PUBHLTH") == (200, 1)
+    assert _search_obs(world, world.authority, "PUBHLTH")[0] == 200
+    assert _read_patient(world, world.other, "PUBHLTH") == (404, 0)  # a refusal is not a disclosure
+    report = world.service.client.get(
+        f"/fhir/Patient/{world.patient}/$disclosures", headers=world.service.headers(world.clinic)
+    )
+    assert report.status_code == 200
+    disclosures = report.json()["parameter"]
+    assert len(disclosures) == 2
+    for disclosure in disclosures:
+        parts = {p["name"]: p for p in disclosure["part"]}
+        assert (
+            parts["recipient"]["valueReference"]["reference"]
+            == f"Organization/{world.authority.organization_id}"
+        )
+        assert parts["purpose"]["valueCoding"]["code"] == "PUBHLTH"
+        assert parts["consent"]["valueReference"]["reference"] == f"Consent/{consent_id}/_history/1"
+    types = {p["valueCode"] for d in disclosures for p in d["part"] if p["name"] == "resourceType"}
+    assert types == {"Patient", "Observation"}
+    # Only the examining clinic may produce it; for anyone else the migrant does not exist.
+    other_clinic = world.service.register("other clinic", "clinic")
+    assert (
+        world.service.client.get(
+            f"/fhir/Patient/{world.patient}/$disclosures", headers=world.service.headers(other_clinic)
+        ).status_code
+        == 404
+    )
+    assert (
+        world.service.client.get(
+            f"/fhir/Patient/{world.patient}/$disclosures",
+            headers=world.service.headers(world.authority, purpose_of_use="PUBHLTH"),
+        ).status_code
+        == 403
+    )
