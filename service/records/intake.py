@@ -168,6 +168,9 @@ class Intake:
             if not isinstance(resource, dict):
                 raise _invalid("entry has no resource", f"{where}.resource".lstrip("."), "required")
             rtype = resource.get("resourceType")
+            # Work on a copy: references are rewritten in place, and a retried
+            # transaction must start again from what the client sent.
+            resource = orjson.loads(orjson.dumps(resource))
             if rtype not in STORED_TYPES:
                 raise _invalid(
                     "this resource type is not stored by this server",
