@@ -60,6 +60,19 @@ def _split(value: str, param: str) -> list[str]:
     return values
 
 
+def _tokens(value: str, param: str) -> list[tuple[str, str]]:
+    """``[system|]code`` alternatives of a token parameter; an empty system matches any."""
+    tokens = []
+    for item in _split(value, param):
+        system, bar, code = item.partition("|")
+        if not bar:
+            system, code = "", item
+        if not code:
+            raise _bad("a token parameter needs [system|]code", param)
+        tokens.append((system, code))
+    return tokens
+
+
 def _date_bounds(param: str, raw: str) -> list[tuple[str, datetime]]:
     prefix = raw[:2] if raw[:2] in _PREFIXES else "eq"
     text = raw[2:] if raw[:2] in _PREFIXES else raw
@@ -130,24 +143,9 @@ def parse_search(
                     raise _bad("identifier search needs system|value", name) from None
             flt.token_groups.append(("identifier", hashes))
         elif base == "value-concept":
-            alternatives = []
-            for item in _split(value, name):
-                system, bar, code = item.partition("|")
-                if not bar:
-                    system, code = "", item
-                if not code:
-                    raise _bad("value-concept needs [system|]code", name)
-                alternatives.append((system, code))
-            value_concepts.append(alternatives)
+            value_concepts.append(_tokens(value, name))
         elif base in _TOKEN_PARAMS:
-            tokens = []
-            for item in _split(value, name):
-                system, bar, code = item.partition("|")
-                if not bar:
-                    system, code = "", item
-                if not code:
-                    raise _bad("a token parameter needs [system|]code", name)
-                tokens.append(code_token(indexer, system, code))
+            tokens = [code_token(indexer, system, code) for system, code in _tokens(value, name)]
             flt.token_groups.append(("code", tokens))
         elif base in ("date", "_lastUpdated"):
             target = flt.date_ranges if base == "date" else flt.updated_ranges
