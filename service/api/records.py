@@ -32,6 +32,7 @@ from service.records.search_params import parse_search
 router = APIRouter(tags=["fhir"])
 WRITERS = frozenset({"clinic"})
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+IDENTIFYING_PARAMETERS = frozenset({"identifier"})
 # Clinics read their own submissions; authorities read what consent permits.
 READERS = frozenset({"clinic", "authority"})
 
@@ -506,9 +507,10 @@ async def _search(
     await _audit_reads(session, principal, "search-type", result.rows, query=query)
     base = runtime.settings.fhir_base_url
     page = [("_count", str(parsed.count))]
-    links = [
-        ("self", search_url(base, resource_type, [*parsed.echo, *page, ("_offset", str(parsed.offset))]))
-    ]
+    # A migrant's identifier never goes into a link we write: the self link names the
+    # search without it. (A further page, rare for an identifier, has to carry it.)
+    public = [(n, v) for n, v in parsed.echo if n.partition(":")[0] not in IDENTIFYING_PARAMETERS]
+    links = [("self", search_url(base, resource_type, [*public, *page, ("_offset", str(parsed.offset))]))]
     if result.has_next:
         links.append(
             (

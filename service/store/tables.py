@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
@@ -19,7 +19,28 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timestamps are always aware UTC in Python. SQLite drops the zone on the way back;
+    this puts it back, so that every timestamp the API writes says Z."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: store aware UTC timestamps only")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -43,7 +64,7 @@ class Organization(Base):
     kind: Mapped[str] = mapped_column(String(16))
     jurisdiction: Mapped[str | None] = mapped_column(String(64))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class Client(Base):
@@ -61,8 +82,8 @@ class Client(Base):
     scopes: Mapped[str] = mapped_column(Text)
     purposes: Mapped[str] = mapped_column(Text, default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class AssertionJti(Base):
@@ -72,7 +93,7 @@ class AssertionJti(Base):
 
     client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     jti: Mapped[str] = mapped_column(String(255), primary_key=True)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     __table_args__ = (Index("ix_assertion_jtis_expires_at", "expires_at"),)
 
@@ -86,8 +107,8 @@ class Subject(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_version: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class StoredResource(Base):
@@ -102,9 +123,9 @@ class StoredResource(Base):
     # The submitting clinic: tenancy.
     organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
     version_id: Mapped[int] = mapped_column(Integer)
-    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_updated: Mapped[datetime] = mapped_column(UtcDateTime())
     # The resource's clinical date (exam day), for `date` search.
-    clinical_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    clinical_date: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # Blind token of the resource's sensitivity-label set, matched against disclosure grants.
     labels_token: Mapped[bytes | None] = mapped_column(LargeBinary(32))
 
@@ -125,7 +146,7 @@ class ResourceVersion(Base):
     version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
     organization_id: Mapped[str] = mapped_column(String(64))
-    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_updated: Mapped[datetime] = mapped_column(UtcDateTime())
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext_sha256: Mapped[str] = mapped_column(String(64))
     client_id: Mapped[str] = mapped_column(String(64))
@@ -167,7 +188,7 @@ class AuditEntry(Base):
 
     # Insertion order only: ids can commit out of order, the leaf index is the log order.
     id: Mapped[int] = mapped_column(_AUDIT_ID, primary_key=True, autoincrement=True)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime())
     event_type: Mapped[str] = mapped_column(String(16))
     subtype: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(1))
@@ -221,7 +242,7 @@ class AuditCheckpoint(Base):
     size: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     root_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     note: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class DisclosureGrant(Base):
@@ -241,8 +262,8 @@ class DisclosureGrant(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     resource_type: Mapped[str] = mapped_column(String(64))
     labels_token: Mapped[bytes] = mapped_column(LargeBinary(32))
-    valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    valid_from: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    valid_to: Mapped[datetime | None] = mapped_column(UtcDateTime())
     rule: Mapped[str] = mapped_column(String(64))
     consent_id: Mapped[str] = mapped_column(String(64))
     consent_version: Mapped[int] = mapped_column(Integer)
