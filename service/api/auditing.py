@@ -6,7 +6,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.deps import Principal
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
-from service.audit.recorder import record_audit
+from service.audit.recorder import record_audit, record_audits
 from service.request_context import SOURCE, current_request_id
 
 
@@ -44,3 +44,8 @@ def rest_record(
 async def audit(session: AsyncSession, record: AuditRecord) -> None:
     """Write the entry in the caller's transaction: if it fails, the request fails."""
     await record_audit(session, record, request_id=current_request_id(), source=SOURCE)
+
+
+async def audit_all(session: AsyncSession, records: list[AuditRecord]) -> None:
+    """Several entries for one request, written together in the caller's transaction."""
+    await record_audits(session, records, request_id=current_request_id(), source=SOURCE)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
 
 from security.consent import AccessRequest
-from service.api.auditing import audit, rest_record
+from service.api.auditing import audit, audit_all, rest_record
 from service.api.deps import Principal, PrincipalDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse, search_url
@@ -20,7 +20,7 @@ from service.audit.disclosures import Disclosure, disclosures_for_patient
 from service.audit.events import Action, AuditEntity, EventType, Outcome
 from service.errors import FHIR_JSON, FhirError
 from service.identity.repository import IdentityRepository
-from service.records.access import Visibility
+from service.records.access import Permit, Visibility
 from service.records.consents import explain_denial
 from service.records.context import Actor
 from service.records.intake import Intake, IntakeResult, PatientRaceLost
@@ -77,12 +77,20 @@ async def _denied(
     runtime: RuntimeDep,
 ) -> FhirError:
     """Attach the refusal's audit entry; for an authority, with the consent decision that refused it."""
+    exists = await RecordRepository(session).current(resource_type, resource_id) is not None
+    # An id that names nothing was typed by the caller and could be anything, a passport
+    # number included: the audit trail keeps only a keyed hash of it.
+    recorded_id = (
+        resource_id
+        if exists
+        else "hmac:" + runtime.records.indexer.token("requested-id", resource_type, resource_id).hex()
+    )
     record = rest_record(
         principal,
         subtype,
         Action.read,
         outcome=Outcome.minor_failure,
-        entities=(AuditEntity(resource_type, resource_id),),
+        entities=(AuditEntity(resource_type, recorded_id),),
         detail="not-found" if exc.status == 404 else f"status-{exc.status}",
     )
     if principal.role == "authority" and exc.status == 404:
@@ -377,7 +385,7 @@ async def vread(
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
-    if not version_id.isdigit() or len(version_id) > 9:
+    if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
         raise FhirError.single(404, "not-found", f"{resource_type} version not found")
     reader = Reader(runtime.records, RecordRepository(session))
     try:
@@ -456,15 +464,16 @@ async def _audit_reads(
             ),
         )
         return
-    by_patient: dict[str, list[ReadResult]] = {}
+    # One entry per migrant and deciding consent, so each names exactly what permitted it.
+    by_decision: dict[tuple[str, Permit], list[ReadResult]] = {}
     for result in results:
-        by_patient.setdefault(result.row.subject_id, []).append(result)
-    if not by_patient:  # an empty search is still an access
+        by_decision.setdefault((result.row.subject_id, result.permit), []).append(result)
+    if not by_decision:  # an empty search is still an access
         await audit(session, rest_record(principal, subtype, action, query=query))
-    for patient_id, disclosed in sorted(by_patient.items()):
-        permit = disclosed[0].permit
-        await audit(
-            session,
+        return
+    records = []
+    for (patient_id, permit), disclosed in by_decision.items():
+        records.append(
             replace(
                 rest_record(
                     principal,
@@ -479,8 +488,9 @@ async def _audit_reads(
                 consent_id=permit.consent_id,
                 consent_version=permit.consent_version,
                 recipients=(principal.organization_id,),
-            ),
+            )
         )
+    await audit_all(session, records)
 
 
 def _entities(results: list[ReadResult]) -> tuple[AuditEntity, ...]:

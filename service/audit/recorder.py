@@ -15,6 +15,7 @@ verifier trusts only the content bytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,29 +128,41 @@ async def record_audit(session: AsyncSession, record: AuditRecord, *, request_id
     Executed at once rather than left for the commit's flush, so that a failure
     surfaces here, before the caller has produced any response.
     """
+    await record_audits(session, [record], request_id=request_id, source=source)
+
+
+async def record_audits(
+    session: AsyncSession, records: Sequence[AuditRecord], *, request_id: str, source: str
+) -> None:
+    """Insert several entries (e.g. one disclosure per migrant on a search page) in two statements."""
+    if not records:
+        return
     recorded = datetime.now(UTC)
-    content = canonical(entry_content(record, recorded=recorded, request_id=request_id, source=source))
-    entry_id = (
-        await session.execute(
-            insert(AuditEntry)
-            .values(
-                recorded_at=recorded,
-                event_type=record.event_type.value,
-                subtype=record.subtype[:64],
-                action=record.action.value,
-                outcome=record.outcome.value,
-                client_id=record.agent.client_id,
-                content=content,
-            )
-            .returning(AuditEntry.id)
-        )
-    ).scalar_one()
-    refs = _refs(record)
+    rows = [
+        {
+            "recorded_at": recorded,
+            "event_type": record.event_type.value,
+            "subtype": record.subtype[:64],
+            "action": record.action.value,
+            "outcome": record.outcome.value,
+            "client_id": record.agent.client_id,
+            "content": canonical(
+                entry_content(record, recorded=recorded, request_id=request_id, source=source)
+            ),
+        }
+        for record in records
+    ]
+    result = await session.execute(
+        insert(AuditEntry).returning(AuditEntry.id, sort_by_parameter_order=True), rows
+    )
+    entry_ids = list(result.scalars())
+    refs = [
+        {"entry_id": entry_id, "kind": kind, "value": value}
+        for entry_id, record in zip(entry_ids, records, strict=True)
+        for kind, value in sorted(_refs(record))
+    ]
     if refs:
-        await session.execute(
-            insert(AuditRef),
-            [{"entry_id": entry_id, "kind": kind, "value": value} for kind, value in sorted(refs)],
-        )
+        await session.execute(insert(AuditRef), refs)
 
 
 async def record_denial(database: Database, record: AuditRecord, *, request_id: str, source: str) -> None:

@@ -71,10 +71,12 @@ class Reader:
         return current, permit
 
     async def read(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
-        current, permit = await self._visible(visibility, resource_type, resource_id)
-        row = await self.repo.version(resource_type, resource_id, current.version_id)
-        if row is None:
+        found = await self.repo.current_with_version(resource_type, resource_id)
+        permit = await visibility.permits(self.repo, found[0]) if found is not None else None
+        if found is None or permit is None:
             raise not_found(resource_type)
+        _, row, subject = found
+        self._subjects[row.subject_id] = subject
         return await self._open(row, permit)
 
     async def vread(
@@ -129,6 +131,10 @@ class Reader:
         return results
 
     async def open_rows(self, flt: SearchFilter, rows: Sequence[VersionRow]) -> list[ReadResult]:
+        missing = {r.subject_id for r in rows} - self._subjects.keys()
+        if missing:  # one query for the page's subject keys, not one per row
+            found = await self.repo.subjects(missing)
+            self._subjects.update({subject_id: found.get(subject_id) for subject_id in missing})
         permits = await self._permits(flt, rows)
         return [
             await self._open(r, permits.get((r.subject_id, r.resource_type, r.labels_token), TENANCY))

@@ -74,6 +74,33 @@ class RecordRepository:
     async def subject(self, subject_id: str) -> Subject | None:
         return await self.session.get(Subject, subject_id)
 
+    async def subjects(self, subject_ids: Iterable[str]) -> dict[str, Subject]:
+        result = await self.session.execute(select(Subject).where(Subject.id.in_(sorted(set(subject_ids)))))
+        return {s.id: s for s in result.scalars()}
+
+    async def current_with_version(
+        self, resource_type: str, resource_id: str
+    ) -> tuple[StoredResource, VersionRow, Subject | None] | None:
+        """A read's three rows in one round trip: the current pointer, its version and the subject key."""
+        result = await self.session.execute(
+            select(StoredResource, ResourceVersion, Subject)
+            .join(
+                ResourceVersion,
+                and_(
+                    ResourceVersion.resource_type == StoredResource.resource_type,
+                    ResourceVersion.id == StoredResource.id,
+                    ResourceVersion.version_id == StoredResource.version_id,
+                ),
+            )
+            .outerjoin(Subject, Subject.id == StoredResource.subject_id)
+            .where(StoredResource.resource_type == resource_type, StoredResource.id == resource_id)
+        )
+        row = result.first()
+        if row is None:
+            return None
+        current, version, subject = row
+        return current, _version_row(version, current.labels_token), subject
+
     async def add_subject(self, subject: Subject) -> None:
         self.session.add(subject)
 
