@@ -25,7 +25,7 @@ from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
 from service.records.consents import refresh_grants
 from service.records.context import Actor, RecordServices
-from service.records.indexing import identifier_tokens, index_resource, labels_token
+from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
@@ -65,6 +65,9 @@ class _Planned:
     method: str  # "create" | "update" | "existing"
     current: StoredResource | None = None
     subject_id: str | None = None
+    # The ifNoneExist identifier's blind index: claimed on create, so that two
+    # concurrent submissions of the same migrant cannot both create one.
+    match_key: bytes | None = None
 
 
 @dataclass
@@ -188,7 +191,7 @@ class Intake:
                 item = _Planned(index, resource, rtype, str(uuid.uuid4()), "create")
                 if_none_exist = request.get("ifNoneExist")
                 if if_none_exist:
-                    existing = await self._if_none_exist(rtype, if_none_exist, actor, where)
+                    existing, item.match_key = await self._if_none_exist(rtype, if_none_exist, actor, where)
                     if existing is not None:
                         item.resource_id, item.method = existing, "existing"
             elif method == "PUT":
@@ -226,7 +229,10 @@ class Intake:
         await self._resolve_subjects(planned, actor, root)
         return planned, aliases
 
-    async def _if_none_exist(self, rtype: str, query: str, actor: Actor, where: str) -> str | None:
+    async def _if_none_exist(
+        self, rtype: str, query: str, actor: Actor, where: str
+    ) -> tuple[str | None, bytes]:
+        """The clinic's existing migrant with this identifier (None if none), and the identifier's index."""
         expression = f"{where}.request.ifNoneExist".lstrip(".")
         params = parse_qsl(query, keep_blank_values=True)
         if rtype != "Patient" or len(params) != 1 or params[0][0] != "identifier" or "|" not in params[0][1]:
@@ -239,7 +245,10 @@ class Intake:
         except ValueError:
             raise _invalid("ifNoneExist identifier is empty", expression) from None
         # Only this clinic's own migrants: matching another clinic's would reveal that it exists.
-        return await self.repo.patient_for_identifier(actor.organization_id, token)
+        matches = await self.repo.patients_with_identifier(actor.organization_id, token)
+        if len(matches) > 1:
+            raise _invalid("ifNoneExist matches more than one migrant", expression, "multiple-matches", 412)
+        return (matches[0] if matches else None), token
 
     async def _resolve_references(
         self, planned: list[_Planned], aliases: dict[str, str], actor: Actor, root: str
@@ -352,18 +361,12 @@ class Intake:
                 )
             )
             self._ciphers[patient.resource_id] = cipher
-            hashes = identifier_tokens(self.services.indexer, patient.resource)
-            if await self.repo.claim_identifiers(actor.organization_id, patient.resource_id, sorted(hashes)):
+            # Only the identifier the client matched on is unique: family members can
+            # share a case number, and a migrant may hold several passports.
+            if patient.match_key is not None and not await self.repo.claim_match_key(
+                actor.organization_id, patient.resource_id, patient.match_key
+            ):
                 raise PatientRaceLost
-        for patient in (p for p in planned if p.resource_type == "Patient" and p.method == "update"):
-            hashes = identifier_tokens(self.services.indexer, patient.resource)
-            if await self.repo.claim_identifiers(actor.organization_id, patient.resource_id, sorted(hashes)):
-                raise _invalid(
-                    "another migrant of this clinic already has that identifier",
-                    "Patient.identifier",
-                    "duplicate",
-                    409,
-                )
         per_subject: dict[str, list[WrittenVersion]] = defaultdict(list)
         for item in planned:
             if item.method == "existing":

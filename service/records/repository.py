@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -105,34 +105,51 @@ class RecordRepository:
         self.session.add(subject)
 
     # --- patients by identifier (ifNoneExist) --------------------------
-    async def patient_for_identifier(self, organization_id: str, identifier_hash: bytes) -> str | None:
+    async def patients_with_identifier(self, organization_id: str, identifier_hash: bytes) -> list[str]:
+        """The clinic's current Patients carrying this identifier (blind index), at most two."""
         result = await self.session.execute(
-            select(PatientKey.patient_id).where(
-                PatientKey.organization_id == organization_id,
-                PatientKey.identifier_hash == identifier_hash,
+            select(StoredResource.id)
+            .join(
+                SearchToken,
+                and_(
+                    SearchToken.resource_type == StoredResource.resource_type,
+                    SearchToken.id == StoredResource.id,
+                ),
             )
+            .where(
+                StoredResource.resource_type == "Patient",
+                StoredResource.organization_id == organization_id,
+                SearchToken.param == "identifier",
+                SearchToken.value == identifier_hash,
+            )
+            .limit(2)
         )
-        return result.scalar_one_or_none()
+        return list(result.scalars())
 
-    async def claim_identifiers(
-        self, organization_id: str, patient_id: str, hashes: Iterable[bytes]
-    ) -> str | None:
-        """Claim identifier hashes for a new patient; returns the existing patient on a race."""
-        for identifier_hash in hashes:
-            try:
-                async with self.session.begin_nested():
-                    self.session.add(
-                        PatientKey(
-                            organization_id=organization_id,
-                            identifier_hash=identifier_hash,
-                            patient_id=patient_id,
-                        )
+    async def claim_match_key(self, organization_id: str, patient_id: str, identifier_hash: bytes) -> bool:
+        """Claim an ifNoneExist key for a new migrant; False when a concurrent submission holds it."""
+        try:
+            async with self.session.begin_nested():
+                self.session.add(
+                    PatientKey(
+                        organization_id=organization_id,
+                        identifier_hash=identifier_hash,
+                        patient_id=patient_id,
                     )
-            except IntegrityError:
-                existing = await self.patient_for_identifier(organization_id, identifier_hash)
-                if existing is not None and existing != patient_id:
-                    return existing
-        return None
+                )
+        except IntegrityError:
+            if await self.patients_with_identifier(organization_id, identifier_hash):
+                return False
+            # The key's holder no longer carries that identifier (corrected since): take it over.
+            await self.session.execute(
+                update(PatientKey)
+                .where(
+                    PatientKey.organization_id == organization_id,
+                    PatientKey.identifier_hash == identifier_hash,
+                )
+                .values(patient_id=patient_id)
+            )
+        return True
 
     # --- resources ------------------------------------------------------
     async def current(self, resource_type: str, resource_id: str) -> StoredResource | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -89,6 +90,14 @@ def _date_bounds(param: str, raw: str) -> list[tuple[str, datetime]]:
     }[prefix]
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def _is_number(value: str) -> bool:
+    # ASCII digits only: str.isdigit() admits "²" and other digits that int() refuses.
+    return value.isascii() and value.isdigit() and len(value) <= 9
+
+
 def parse_search(
     resource_type: str,
     params: Sequence[tuple[str, str]],
@@ -104,14 +113,17 @@ def parse_search(
     echo: list[tuple[str, str]] = []
     value_concepts: list[list[tuple[str, str]]] = []
     for name, value in params:
+        if _CONTROL.search(name) or _CONTROL.search(value):
+            # PostgreSQL refuses NUL in text parameters; no search term holds control characters.
+            raise _bad("search parameters must not hold control characters", "")
         base, _, modifier = name.partition(":")
         if base in CONTROL_PARAMETERS:
             if base == "_count":
-                if not value.isdigit() or not 1 <= int(value) <= MAX_COUNT:
+                if not _is_number(value) or not 1 <= int(value) <= MAX_COUNT:
                     raise _bad(f"_count must be 1 to {MAX_COUNT}", name)
                 count = int(value)
             elif base == "_offset":
-                if not value.isdigit() or int(value) > MAX_OFFSET:
+                if not _is_number(value) or int(value) > MAX_OFFSET:
                     raise _bad(f"_offset must be 0 to {MAX_OFFSET}", name)
                 offset = int(value)
             elif value in ("_lastUpdated", "-_lastUpdated"):

@@ -378,3 +378,29 @@ def test_authorities_and_auditors_cannot_use_the_clinic_api(service: Service, cl
         headers={**FHIR_HEADERS, **service.headers(auditor)},
     )
     assert posted.status_code == 403
+
+
+def test_family_members_sharing_a_case_number_are_two_migrants(service: Service, clinic: Party) -> None:
+    first = load_example(EXAMPLES[0])
+    sibling = load_example(EXAMPLES[0])
+    patient = sibling["entry"][0]["resource"]
+    passport = patient["identifier"][0]
+    assert passport["type"]["coding"][0]["code"] == "PPN" and len(patient["identifier"]) > 1
+    passport["value"] = "ZX0000001"  # another passport; the case number stays the same
+    sibling["entry"][0]["request"]["ifNoneExist"] = f"identifier={passport['system']}|ZX0000001"
+    one, two = submit(service, clinic, first), submit(service, clinic, sibling)
+    assert one.status_code == two.status_code == 200, two.text
+    assert _first(one, "Patient") != _first(two, "Patient")
+    case = patient["identifier"][1]
+    shared = service.client.post(
+        "/fhir/Patient/_search",
+        data={"identifier": f"{case['system']}|{case['value']}"},
+        headers=service.headers(clinic),
+    ).json()
+    assert shared["total"] == 2
+    # Matching on the shared case number is now ambiguous: 412, nothing stored.
+    ambiguous = load_example(EXAMPLES[0])
+    ambiguous["entry"][0]["request"]["ifNoneExist"] = f"identifier={case['system']}|{case['value']}"
+    refused = submit(service, clinic, ambiguous)
+    assert refused.status_code == 412
+    assert refused.json()["issue"][0]["code"] == "multiple-matches"
