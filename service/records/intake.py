@@ -27,10 +27,10 @@ from service.records.consents import refresh_grants
 from service.records.context import Actor, RecordServices
 from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
-from service.records.repository import RecordRepository
+from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION
-from service.store.tables import ResourceVersion, StoredResource, Subject
+from service.store.tables import StoredResource, Subject
 
 CLIENT_ID_SYSTEM = "https://mhr.example.org/fhir/sid/client"
 PERSON_ID_SYSTEM = "https://mhr.example.org/fhir/sid/person"
@@ -105,6 +105,7 @@ class Intake:
         self.repo = repo
         self.identities = identities
         self._ciphers: dict[str, SubjectCipher] = {}
+        self._batch = WriteBatch()
 
     # --- entry points -------------------------------------------------------------
     async def transaction(self, bundle: Any, actor: Actor) -> IntakeResult:
@@ -393,6 +394,7 @@ class Intake:
             provenance = self._provenance(versions, actor, now)
             item = _Planned(-1, provenance, "Provenance", provenance["id"], "create", subject_id=subject_id)
             result.written.append(await self._write(item, actor, now))
+        await self.repo.write_batch(self._batch)
         # A Consent written, corrected or withdrawn changes what authorities may
         # receive from the very next request: recompute that migrant's grants now.
         consents: dict[str, dict[str, bytes]] = defaultdict(dict)
@@ -431,18 +433,18 @@ class Intake:
         )
         digest = ciphertext_digest(blob)
         index = index_resource(self.services.indexer, resource)
-        await self.repo.write_version(
-            version=ResourceVersion(
-                resource_type=item.resource_type,
-                id=item.resource_id,
-                version_id=version_id,
-                subject_id=item.subject_id,
-                organization_id=actor.organization_id,
-                last_updated=now,
-                ciphertext=blob,
-                ciphertext_sha256=digest,
-                client_id=actor.client_id,
-            ),
+        self._batch.add(
+            {
+                "resource_type": item.resource_type,
+                "id": item.resource_id,
+                "version_id": version_id,
+                "subject_id": item.subject_id,
+                "organization_id": actor.organization_id,
+                "last_updated": now,
+                "ciphertext": blob,
+                "ciphertext_sha256": digest,
+                "client_id": actor.client_id,
+            },
             clinical_date=index.clinical_date,
             labels_token=labels_token(self.services.indexer, labels),
             tokens=index.tokens,

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,6 +32,51 @@ class VersionRow:
     ciphertext: bytes
     ciphertext_sha256: str
     labels_token: bytes | None = None
+
+
+@dataclass
+class WriteBatch:
+    """Rows of new resource versions, collected so that they are inserted together."""
+
+    versions: list[dict[str, object]] = field(default_factory=list)
+    resources: list[dict[str, object]] = field(default_factory=list)
+    updates: list[tuple[StoredResource, dict[str, object]]] = field(default_factory=list)
+    tokens: list[dict[str, object]] = field(default_factory=list)
+    cleared: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(
+        self,
+        version: dict[str, object],
+        *,
+        clinical_date: datetime | None,
+        labels_token: bytes,
+        tokens: Iterable[tuple[str, bytes]],
+        current: StoredResource | None,
+    ) -> None:
+        self.versions.append(version)
+        pointer = {
+            "version_id": version["version_id"],
+            "last_updated": version["last_updated"],
+            "clinical_date": clinical_date,
+            "labels_token": labels_token,
+        }
+        if current is None:
+            self.resources.append(
+                {
+                    "resource_type": version["resource_type"],
+                    "id": version["id"],
+                    "subject_id": version["subject_id"],
+                    "organization_id": version["organization_id"],
+                    **pointer,
+                }
+            )
+        else:
+            self.updates.append((current, pointer))
+            self.cleared.append((current.resource_type, current.id))
+        self.tokens.extend(
+            {"resource_type": version["resource_type"], "id": version["id"], "param": param, "value": value}
+            for param, value in sorted(set(tokens))
+        )
 
 
 @dataclass(frozen=True)
@@ -177,43 +222,25 @@ class RecordRepository:
                 found[(row.resource_type, row.id)] = row
         return found
 
-    async def write_version(
-        self,
-        *,
-        version: ResourceVersion,
-        clinical_date: datetime | None,
-        labels_token: bytes,
-        tokens: Iterable[tuple[str, bytes]],
-        current: StoredResource | None,
-    ) -> None:
-        self.session.add(version)
-        if current is None:
-            self.session.add(
-                StoredResource(
-                    resource_type=version.resource_type,
-                    id=version.id,
-                    subject_id=version.subject_id,
-                    organization_id=version.organization_id,
-                    version_id=version.version_id,
-                    last_updated=version.last_updated,
-                    clinical_date=clinical_date,
-                    labels_token=labels_token,
-                )
-            )
-        else:
-            current.version_id = version.version_id
-            current.last_updated = version.last_updated
-            current.clinical_date = clinical_date
-            current.labels_token = labels_token
+    async def write_batch(self, batch: WriteBatch) -> None:
+        """Everything one intake writes, in a handful of multi-row statements (not one per row)."""
+        await self.session.flush()  # subjects and claims added through the ORM go first
+        for resource_type, resource_id in batch.cleared:
             await self.session.execute(
                 delete(SearchToken).where(
-                    SearchToken.resource_type == version.resource_type, SearchToken.id == version.id
+                    SearchToken.resource_type == resource_type, SearchToken.id == resource_id
                 )
             )
-        self.session.add_all(
-            SearchToken(resource_type=version.resource_type, id=version.id, param=param, value=value)
-            for param, value in set(tokens)
-        )
+        if batch.versions:
+            await self.session.execute(insert(ResourceVersion), batch.versions)
+        if batch.resources:
+            await self.session.execute(insert(StoredResource), batch.resources)
+        for current, values in batch.updates:
+            for key, value in values.items():
+                setattr(current, key, value)
+        if batch.tokens:
+            await self.session.execute(insert(SearchToken), batch.tokens)
+        await self.session.flush()
 
     async def version(self, resource_type: str, resource_id: str, version_id: int) -> VersionRow | None:
         row = await self.session.get(ResourceVersion, (resource_type, resource_id, version_id))
