@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp
@@ -12,6 +13,7 @@ from service.api import audit, metadata, operations, organizations, records, sma
 from service.asgi import RequestMiddleware
 from service.audit.log import start_integrator, stop_integrator
 from service.errors import install_error_handlers
+from service.ratelimit import RateLimiter
 from service.runtime import Runtime, build_runtime
 from service.settings import Settings, load_settings
 
@@ -46,15 +48,147 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     if runtime is not None:
         app.state.runtime = runtime
+    app.state.rate_limiter = RateLimiter.from_settings(settings)
     install_error_handlers(app)
     # The generic /fhir/{type} routes come last so that specific ones win.
     for module in (smart, metadata, organizations, operations, audit, records):
         app.include_router(module.router)
+    _document_api(app)
     return app
 
 
+# Operations anyone may call; every other one needs a bearer access token.
+PUBLIC_OPERATIONS = frozenset(
+    {
+        ("get", "/fhir/metadata"),
+        ("get", "/fhir/.well-known/smart-configuration"),
+        ("post", "/auth/token"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    }
+)
+_OUTCOME = {
+    "application/fhir+json": {
+        "schema": {
+            "type": "object",
+            "required": ["resourceType", "issue"],
+            "properties": {"resourceType": {"const": "OperationOutcome"}, "issue": {"type": "array"}},
+        }
+    }
+}
+_FHIR_BODY = {"application/fhir+json": {"schema": {"type": "object"}}}
+_FORM_BODY = {
+    "application/x-www-form-urlencoded": {
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}}
+    }
+}
+_TOKEN_FORM = {
+    "application/x-www-form-urlencoded": {
+        "schema": {
+            "type": "object",
+            "required": ["grant_type", "client_assertion_type", "client_assertion"],
+            "properties": {
+                "grant_type": {"const": "client_credentials"},
+                "client_assertion_type": {"const": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"},
+                "client_assertion": {"type": "string"},
+                "scope": {"type": "string"},
+                "purpose_of_use": {"type": "string"},
+            },
+        }
+    }
+}
+_OAUTH_ERROR = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+        }
+    }
+}
+# What any operation may answer besides its success: every one an OperationOutcome.
+_ERRORS = {
+    "400": "invalid request",
+    "401": "no valid access token",
+    "403": "the token's role or scopes do not allow this interaction",
+    "404": "not found, or not visible to this client",
+    "405": "method not allowed",
+    "408": "the request body arrived too slowly",
+    "409": "conflict",
+    "412": "precondition failed",
+    "413": "request body too large",
+    "415": "unsupported media type",
+    "422": "the resource fails its profile",
+    "429": "rate limit exceeded (see Retry-After)",
+    "500": "internal error (a correlation id only)",
+    "503": "temporarily unavailable (see Retry-After)",
+}
+
+
+def _document_api(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API does: bearer auth, FHIR bodies read by the
+    routes themselves, OperationOutcome errors (FastAPI's 422 is answered as a 400 here)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+        }
+        paths = schema.get("paths", {})
+        # DELETE exists only to say "never deleted" (405 with Allow): not an operation to offer.
+        paths.get("/fhir/{resource_type}/{resource_id}", {}).pop("delete", None)
+        for path, by_method in paths.items():
+            for method, operation in by_method.items():
+                for response in operation.get("responses", {}).values():
+                    fhir = response.get("content", {}).get("application/fhir+json")
+                    if fhir is not None and fhir.get("schema") in (None, {}, {"type": "string"}):
+                        fhir["schema"] = {"type": "object"}  # FHIR JSON, not a string
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if (method, path) in PUBLIC_OPERATIONS:
+                    operation["security"] = []
+                else:
+                    operation["security"] = [{"bearer": []}]
+                if method in ("post", "put") and "requestBody" not in operation:
+                    body = _FORM_BODY if path.endswith("/_search") or path == "/auth/token" else _FHIR_BODY
+                    operation["requestBody"] = {"required": True, "content": body}
+                if method in ("post", "put") and path.startswith("/fhir/{resource_type}"):
+                    responses.setdefault("201", {"description": "created", "content": _FHIR_BODY})
+                for status, text in _ERRORS.items():
+                    responses.setdefault(status, {"description": text, "content": _OUTCOME})
+        token = paths["/auth/token"]["post"]
+        token["requestBody"]["content"] = _TOKEN_FORM
+        for status in ("400", "401"):  # OAuth errors (RFC 6749 section 5.2) are plain JSON
+            token["responses"][status] = {"description": "OAuth error", "content": _OAUTH_ERROR}
+        for signed_note in ("/audit/checkpoint", "/audit/key"):  # C2SP signed note / vkey: text
+            paths[signed_note]["get"]["responses"]["200"]["content"] = {
+                "text/plain": {"schema": {"type": "string"}}
+            }
+        schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {
+            "text/plain": {"schema": {"type": "string"}}
+        }
+        schema["paths"]["/readyz"]["get"]["responses"]["503"] = {
+            "description": "not ready (see Retry-After)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
-    return RequestMiddleware(app, max_body_bytes=settings.max_request_bytes)
+    return RequestMiddleware(
+        app,
+        max_body_bytes=settings.max_request_bytes,
+        body_timeout_seconds=settings.request_body_timeout_seconds,
+    )
 
 
 def create_asgi_app() -> ASGIApp:

@@ -7,6 +7,7 @@ whole), the access log line and the metrics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -16,12 +17,16 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import FHIR_JSON, BodyTooLarge, OutcomeIssue, operation_outcome
+from service.errors import FHIR_JSON, BodyTimeout, BodyTooLarge, OutcomeIssue, operation_outcome
 from service.metrics import LATENCY, REQUESTS
 from service.request_context import reset_request_id, set_request_id
 
 access_log = logging.getLogger("mhr.access")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+# No path or query of this API holds a control character, and PostgreSQL refuses NUL in text:
+# answered here, before any route, rather than as a database error deep inside one.
+_CONTROL_IN_PATH = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_IN_QUERY = re.compile(rb"%(?:[01][0-9a-fA-F]|7[fF])|[\x00-\x1f\x7f]")
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -38,9 +43,10 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_seconds: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_seconds = body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,23 +69,51 @@ class RequestMiddleware:
                 # Ours replaces any the app set (the 500 handler names it too).
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
+                if status_holder.get("body_refused") and not any(
+                    k.lower() == b"connection" for k, _ in headers
+                ):
+                    # The rest of a refused body must not be read (and discarded) on this connection.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
         try:
+            if _CONTROL_IN_PATH.search(scope.get("path", "")):
+                await self._refuse(send_wrapper, 404, "not-found", "no such endpoint or resource")
+                return
+            if _CONTROL_IN_QUERY.search(scope.get("query_string", b"")):
+                await self._refuse(send_wrapper, 400, "invalid", "the query string holds a control character")
+                return
             length = _header(scope, b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 await self._too_large(send_wrapper)
                 return
             received = 0
+            body_done = False
+            # The whole body must arrive by this deadline: a slow client cannot hold a worker.
+            body_deadline = started + self.body_timeout_seconds
 
             async def limited_receive() -> Message:
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done:  # after the body only http.disconnect can come: no deadline
+                    return await receive()
+                remaining = body_deadline - time.perf_counter()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(remaining):
+                        message = await receive()
+                except TimeoutError:
+                    status_holder["body_refused"] = True
+                    raise BodyTimeout(self.body_timeout_seconds) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
+                        status_holder["body_refused"] = True
                         raise BodyTooLarge(self.max_body_bytes)
+                    body_done = not message.get("more_body", False)
+                else:
+                    body_done = True
                 return message
 
             try:
@@ -87,6 +121,9 @@ class RequestMiddleware:
             except BodyTooLarge:
                 if not status_holder["started"]:
                     await self._too_large(send_wrapper)
+            except BodyTimeout as exc:
+                if not status_holder["started"]:
+                    await self._refuse(send_wrapper, 408, "timeout", str(exc.detail))
             except Exception:
                 # Starlette's error middleware has already logged it and sent the
                 # opaque 500; re-raising would let the server log the message too.
@@ -112,20 +149,16 @@ class RequestMiddleware:
             reset_request_id(token)
 
     async def _too_large(self, send: Send) -> None:
-        body = orjson.dumps(
-            operation_outcome(
-                [
-                    OutcomeIssue(
-                        "too-costly",
-                        f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                    )
-                ]
-            )
+        await self._refuse(
+            send, 413, "too-costly", f"request body exceeds the limit of {self.max_body_bytes} bytes"
         )
+
+    async def _refuse(self, send: Send, status: int, code: str, text: str) -> None:
+        body = orjson.dumps(operation_outcome([OutcomeIssue(code, text)]))
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", FHIR_JSON.encode()),
                     (b"content-length", str(len(body)).encode()),

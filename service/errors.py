@@ -9,10 +9,13 @@ exception text can carry PHI or internals.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import orjson
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,6 +82,67 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
+class BodyTimeout(StarletteHTTPException):
+    """The client did not send its whole request body within the configured time (a slow client)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body was not received within {seconds:g} seconds")
+
+
+# How long a client should wait before retrying while the database is unreachable.
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+# Exceptions that mean "the database cannot be reached right now", wherever they are raised:
+# asyncpg raises OSError subclasses (ConnectionRefusedError, TimeoutError) from connect, which
+# SQLAlchemy does not wrap; a connection lost mid-query arrives as a DBAPIError.
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    sqlalchemy.exc.TimeoutError,  # the pool is exhausted
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    sqlite3.OperationalError,  # "database is locked"
+)
+DATABASE_ERROR_TYPES: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the database is unreachable: a 503, not a 500."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and (
+            current.connection_invalidated
+            or isinstance(current, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+        ):
+            return True
+        if isinstance(current, _UNAVAILABLE_TYPES):
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError):
+            current = current.orig
+            continue
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def database_unavailable_response() -> Response:
+    return outcome_response(
+        503,
+        [OutcomeIssue("transient", "the database is unavailable; retry later")],
+        {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+    )
+
+
 def not_found(resource_type: str) -> FhirError:
     # One message for "does not exist" and "exists but not yours": no existence oracle.
     return FhirError.single(404, "not-found", f"{resource_type} not found")
@@ -108,6 +172,7 @@ _STATUS_CODES = {
     406: "not-supported",
     409: "conflict",
     410: "deleted",
+    408: "timeout",
     412: "conflict",
     413: "too-costly",
     415: "not-supported",
@@ -141,7 +206,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
         text = {404: "no such endpoint", 405: "method not allowed"}.get(status, "request failed")
-        if isinstance(exc, BodyTooLarge):
+        if isinstance(exc, BodyTooLarge | BodyTimeout):
             text = exc.detail  # fixed text naming the configured limit, never request data
         headers = dict(exc.headers) if exc.headers else None
         return outcome_response(status, [OutcomeIssue(_STATUS_CODES.get(status, "exception"), text)], headers)
@@ -151,6 +216,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return outcome_response(400, _validation_issues(exc))
 
     async def unexpected(_: Request, exc: Exception) -> Response:
+        if database_unavailable(exc):
+            # Logged without its message: a driver error can name hosts or quote statements.
+            log.warning("database unavailable", extra={"error_type": type(exc).__name__})
+            return database_unavailable_response()
         request_id = current_request_id()
         log.error("unhandled error", exc_info=exc, extra={"error_type": type(exc).__name__})
         return outcome_response(
@@ -162,4 +231,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FhirError, fhir_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    # Database errors are answered here (in the routing layer) rather than by the server-error
+    # layer, which would re-raise them after answering; `unexpected` tells outage from bug.
+    for error_type in DATABASE_ERROR_TYPES:
+        app.add_exception_handler(error_type, unexpected)
     app.add_exception_handler(Exception, unexpected)

@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
     assertion_max_lifetime_seconds: int = Field(default=300, ge=30, le=300)
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # A client that has not sent its whole body by then gets 408 (a slow client holds a worker).
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # Per-client rate limit, a token bucket in cost units: a write costs more than a search,
+    # a search more than a read. Enforced per process (per replica).
+    rate_limit_enabled: bool = True
+    rate_limit_per_second: float = Field(default=100.0, gt=0)
+    rate_limit_burst: float = Field(default=1000.0, gt=0)
+    rate_limit_read_cost: float = Field(default=1.0, ge=0)
+    rate_limit_search_cost: float = Field(default=2.0, ge=0)
+    rate_limit_write_cost: float = Field(default=10.0, ge=0)
     jwks_fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
     jwks_cache_seconds: int = Field(default=300, ge=0)
     client_status_cache_seconds: float = Field(default=10.0, ge=0, le=60)

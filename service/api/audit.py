@@ -197,7 +197,7 @@ async def search_audit_events(
 
 @router.get("/fhir/AuditEvent/{entry_id}", tags=["audit"], response_class=FhirResponse)
 async def read_audit_event(entry_id: str, principal: AuditReader, session: SessionDep) -> FhirResponse:
-    if not entry_id.isdigit() or len(entry_id) > 18:
+    if not (entry_id.isascii() and entry_id.isdigit()) or len(entry_id) > 18:
         raise not_found("AuditEvent")
     row = await read_entry(session, int(entry_id))
     if row is None:

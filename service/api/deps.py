@@ -15,6 +15,7 @@ from security.scopes import Scope, ScopeError, parse_scopes, scopes_allow
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit, record_denial
 from service.errors import FhirError
+from service.ratelimit import RateLimiter
 from service.request_context import SOURCE, current_request_id
 from service.runtime import Runtime
 
@@ -114,10 +115,28 @@ async def _audit_denial(
 
 async def authenticate(request: Request, runtime: RuntimeDep) -> Principal:
     try:
-        return await _authenticate(request, runtime)
+        principal = await _authenticate(request, runtime)
+        _rate_limit(request, principal)
     except FhirError as exc:
         await _audit_denial(request, runtime, exc, getattr(exc, "claims", None), None)
         raise
+    return principal
+
+
+def _rate_limit(request: Request, principal: Principal) -> None:
+    """Charge the client's bucket for this request (after authentication: the key is the client)."""
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is None:
+        return
+    route = getattr(request.scope.get("route"), "path", None)
+    cost = limiter.costs.of(request.method, route if isinstance(route, str) else None)
+    retry_after = limiter.charge(principal.client_id, cost)
+    if retry_after is not None:
+        error = FhirError.single(
+            429, "throttled", "rate limit exceeded for this client", headers={"Retry-After": str(retry_after)}
+        )
+        error.claims = principal.claims  # type: ignore[attr-defined]  # names the client in the audit entry
+        raise error
 
 
 async def _authenticate(request: Request, runtime: Runtime) -> Principal:
