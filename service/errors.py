@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.request_context import current_request_id
 
@@ -197,18 +198,39 @@ def _validation_issues(exc: RequestValidationError) -> list[OutcomeIssue]:
     return issues
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route accepts at this path: the router stops at the first route
+    whose path matches, so its own Allow header names only that route's methods."""
+    probe = {**request.scope, "method": "\x00"}  # a method no route accepts: path matches are PARTIAL
+    methods: set[str] = set()
+    pending = list(request.app.router.routes)
+    while pending:
+        route = pending.pop()
+        included = getattr(route, "original_router", None)  # FastAPI wraps included routers
+        if included is not None:
+            pending.extend(included.routes)
+            continue
+        match, _ = route.matches(probe)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    # The DELETE route exists only to explain that exams are never deleted.
+    return ", ".join(sorted(methods - {"DELETE"}))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def fhir_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, FhirError)
         return outcome_response(exc.status, exc.issues, exc.headers)
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
         text = {404: "no such endpoint", 405: "method not allowed"}.get(status, "request failed")
         if isinstance(exc, BodyTooLarge | BodyTimeout):
             text = exc.detail  # fixed text naming the configured limit, never request data
         headers = dict(exc.headers) if exc.headers else None
+        if status == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return outcome_response(status, [OutcomeIssue(_STATUS_CODES.get(status, "exception"), text)], headers)
 
     async def validation_error(_: Request, exc: Exception) -> Response:

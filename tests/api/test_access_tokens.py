@@ -557,3 +557,10 @@ def test_metrics_use_route_templates_and_no_ids(service: Service) -> None:
     assert "mhr_http_request_duration_seconds_bucket" in text
     for leak in (clinic.organization_id, clinic.client_id, "missing-id-canary", "no-such-route-canary"):
         assert leak not in text
+
+
+def test_405_names_every_method_the_path_allows(service: Service) -> None:
+    clinic = service.register("clinic", "clinic")
+    response = service.client.patch("/fhir/Observation/abc", headers=service.headers(clinic))
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, PUT"
