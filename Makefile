@@ -27,5 +27,11 @@ fmt: $(STAMP)
 	$(BIN)/ruff format service security tests migrations $(wildcard bench)
 	$(BIN)/ruff check --fix .
 
+# Benchmarks (not tests): ~15-20 min by default, `make bench BENCH_ARGS=--quick` in under 3.
+# Installs wrk (apt) and the fhirstarter peer (bench/.venv-peer) when missing; figures in bench/results/.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,618 @@
+"""``make bench``: every workload and baseline in one run, figures to ``bench/results/``.
+
+    python -m bench.run              # default: 1k exams, 30 s per workload, scale 10k (about 15-20 min)
+    python -m bench.run --quick      # small counts, 4 s per workload (under 3 minutes)
+    python -m bench.run --scale 100000 --profile W1,W2
+
+Everything runs on this machine: PostgreSQL at 127.0.0.1:5432 (databases
+``mhr_bench``, ``mhr_bench_peer``, ``mhr_bench_scale``; never ``test``), the
+servers under test with 2 uvicorn workers, and wrk. See README, "Performance".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+
+from bench import report, scale
+from bench.generate import exam
+from bench.loadgen import Load, ensure_wrk, measure
+from bench.parties import database_url, psql, recreate_database, setup
+from bench.parties import load as load_parties
+from bench.servers import REPO, Server, free_port, running
+from bench.validation import ceiling
+
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+PEER_VENV = BENCH / ".venv-peer"
+PEER_REQUIREMENTS = BENCH / "peer" / "requirements.txt"
+MAIN_DB = "mhr_bench"
+PEER_DB = "mhr_bench_peer"
+FHIR = "application/fhir+json"
+SINCE = "2020-01-01T00:00:00Z"
+CONNECTIONS = {"W1": 4, "W2": 16, "W3": 8, "W4": 8, "W5": 16, "hello": 16}
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- setup ------------------------------------------------------------------------------
+def ensure_peer_venv() -> None:
+    """fhirstarter pins an older FastAPI: it gets its own venv, from PyPI, pinned."""
+    stamp = PEER_VENV / ".installed"
+    wanted = PEER_REQUIREMENTS.read_text()
+    if stamp.exists() and stamp.read_text() == wanted:
+        return
+    log("installing the peer (fhirstarter) into bench/.venv-peer")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+    pip = [str(PEER_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    for extra in (["--upgrade", "pip"], ["-r", str(PEER_REQUIREMENTS)]):
+        done = subprocess.run([*pip, *extra], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"cannot install the peer:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    stamp.write_text(wanted)
+
+
+def _version(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError:
+        return "?"
+    return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else "?"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    with Path("/proc/cpuinfo").open() as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    packages = {}
+    for name in (
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "fhir.resources",
+        "SQLAlchemy",
+        "asyncpg",
+    ):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    peer = subprocess.run(
+        [str(PEER_VENV / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    peer_packages = {
+        p["name"]: p["version"]
+        for p in (json.loads(peer.stdout) if peer.returncode == 0 else [])
+        if p["name"].lower() in ("fhirstarter", "fastapi", "fhir.resources", "uvicorn", "asyncpg", "pydantic")
+    }
+    return {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": _version(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgresql": psql("postgres", "SHOW server_version"),
+        "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
+        "packages": packages,
+        "peer_packages": peer_packages,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        # The figures are of the working tree: say which tracked files differ from the commit.
+        "git_modified": subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "diff",
+                "--name-only",
+                "HEAD",
+                "--",
+                "service",
+                "security",
+                "migrations",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split(),
+    }
+
+
+def mhr_env(db_url: str, keyring: Path, port: int) -> dict[str, str]:
+    return {
+        "MHR_ENV": "development",
+        "MHR_DATABASE_URL": db_url,
+        "MHR_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "MHR_KEYRING_PATH": str(keyring),
+        "MHR_LOG_LEVEL": "WARNING",
+        "MHR_TOKEN_LIFETIME_SECONDS": "3600",
+        # The per-client rate limit is a policy, not capacity: raised out of reach, still on the path.
+        "MHR_RATE_LIMIT_PER_SECOND": "1000000",
+        "MHR_RATE_LIMIT_BURST": "1000000",
+    }
+
+
+@contextmanager
+def mhr_server(name: str, db_url: str, keyring: Path, out: Path) -> Iterator[Server]:
+    port = free_port()
+    argv = [str(REPO / ".venv" / "bin" / "mhr"), "serve", "--workers", "2", "--port", str(port)]
+    with running(
+        name,
+        argv,
+        port=port,
+        ready_path="/readyz",
+        log_path=out / f"{name}.log",
+        env=mhr_env(db_url, keyring, port),
+    ) as server:
+        yield server
+
+
+# --- request files ----------------------------------------------------------------------
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def write_bundles(path: Path, first: int, count: int) -> Path:
+    now = datetime.now(UTC)
+    with path.open("wb") as handle:
+        for index in range(first, first + count):
+            handle.write(b"/fhir\t" + orjson.dumps(exam(index, 1, now)) + b"\n")
+    return path
+
+
+def observation(patient_id: str, rng: random.Random) -> dict[str, Any]:
+    """The W5 resource: one vital sign, as a clinic system would post it."""
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "vital-signs",
+                    }
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "Heart rate"},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": f"2026-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T09:30:00+03:00",
+        "valueQuantity": {
+            "value": rng.randint(55, 110),
+            "unit": "beats/minute",
+            "system": "http://unitsofmeasure.org",
+            "code": "/min",
+        },
+    }
+
+
+def ids(db: str, sql: str) -> list[list[str]]:
+    out = psql(db, sql)
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+# --- steps ------------------------------------------------------------------------------
+def failure(extra: dict[str, Any], phase: str, exc: Exception) -> None:
+    log(f"{phase} failed: {exc!r}")
+    traceback.print_exc()
+    extra.setdefault("failures", []).append({"phase": phase, "error": repr(exc)[:2000]})
+
+
+async def _post_all(
+    base: str, token: str, bundles: Callable[[int], dict[str, Any]], count: int, conc: int
+) -> int:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR}
+    queue = iter(range(count))
+    failures = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal failures
+        for index in queue:
+            response = await client.post(
+                f"{base}/fhir", content=orjson.dumps(bundles(index)), headers=headers
+            )
+            if response.status_code != 200:
+                failures += 1
+                if failures < 3:
+                    log(f"load failed {response.status_code}: {response.text[:300]}")
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await asyncio.gather(*(worker(client) for _ in range(conc)))
+    return failures
+
+
+def load_through_api(server: Server, token: str, count: int) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    began = time.perf_counter()
+    failures = asyncio.run(_post_all(server.base_url, token, lambda i: exam(i, 1, now), count, 4))
+    seconds = time.perf_counter() - began
+    if failures:
+        raise RuntimeError(f"{failures} exams failed to load")
+    return {
+        "exams": count,
+        "seconds": round(seconds, 1),
+        "exams_per_s": round(count / seconds, 1),
+        "connections": 4,
+    }
+
+
+def create_observations(base: str, path: str, token: str | None, bodies: list[bytes]) -> list[str]:
+    """Create resources one by one; the ids from the Location headers."""
+    headers = {"Content-Type": FHIR}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    created = []
+    with httpx.Client(timeout=30) as client:
+        for body in bodies:
+            response = client.post(f"{base}{path}", content=body, headers=headers)
+            if response.status_code != 201:
+                raise RuntimeError(f"create failed {response.status_code}: {response.text[:300]}")
+            location = response.headers["Location"]
+            created.append(location.split("/Observation/")[1].split("/")[0])
+    return created
+
+
+def smoke(server: Server, load: Load) -> None:
+    """One request of the workload, checked by hand before wrk replays it thousands of times."""
+    line = load.requests_file.open().readline().rstrip("\n")
+    path, _, body = line.partition("\t")
+    headers = {"Accept": FHIR}
+    if load.token:
+        headers["Authorization"] = f"Bearer {load.token}"
+    if body:
+        headers["Content-Type"] = FHIR
+    response = httpx.request(
+        load.method, server.base_url + path, content=body or None, headers=headers, timeout=60
+    )
+    if response.status_code not in (200, 201):
+        raise RuntimeError(
+            f"{load.name}: {load.method} {path} -> {response.status_code} {response.text[:400]}"
+        )
+    data = response.json() if response.content else {}
+    if data.get("resourceType") == "Bundle" and data.get("type") == "searchset" and not data.get("entry"):
+        raise RuntimeError(f"{load.name}: {path} answered an empty Bundle")
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        self.args = args
+        self.out = out
+        self.results: list[dict[str, Any]] = []
+        self.profiles: dict[str, dict[str, Any]] = {}
+
+    def run(
+        self, server: Server, load: Load, *, workload: str, label: str, database: str | None
+    ) -> dict[str, Any]:
+        smoke(server, load)
+        log(f"{label}: {load.connections} connections, {self.args.duration:g} s")
+        figures = measure(
+            server, load, seconds=self.args.duration, warmup=self.args.warmup, database=database
+        )
+        figures.update({"id": workload, "label": label})
+        self.results.append(figures)
+        log(
+            f"  {figures['rps']} req/s  p50 {figures['p50_ms']} ms  p95 {figures['p95_ms']} ms  "
+            f"p99 {figures['p99_ms']} ms  errors {figures['errors']}  server CPU {figures['server_cpu_pct']}%"
+        )
+        if workload in self.args.profile and server.name.startswith("mhr"):
+            self.profile(server, load, workload)
+        return figures
+
+    def profile(self, server: Server, load: Load, workload: str) -> None:
+        """A separate, unmeasured run with py-spy sampling the workers (it costs CPU itself)."""
+        pyspy = shutil.which("py-spy") or str(REPO / ".venv" / "bin" / "py-spy")
+        target = self.out / f"profile-{workload}.txt"
+        seconds = max(5, round(self.args.duration))
+        spy = subprocess.Popen(
+            [
+                pyspy,
+                "record",
+                "--pid",
+                str(server.process.pid),
+                "--subprocesses",
+                "-r",
+                "97",
+                "-d",
+                str(seconds),
+                "-f",
+                "raw",
+                "-o",
+                str(target),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1)
+        measure(server, load, seconds=seconds, warmup=0)
+        spy.wait(timeout=seconds + 60)
+        self.profiles[workload] = {"file": target.name, "top": report.profile_summary(target)}
+        log(f"  profile of {workload}: {target}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, 4 s per workload")
+    parser.add_argument("--exams", type=int, help="exams loaded through the API (default 1000; quick 100)")
+    parser.add_argument("--scale", type=int, help="exams in the scale database (default 10000; quick 500)")
+    parser.add_argument("--duration", type=float, help="seconds per measured workload (default 30; quick 4)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each (default 3; quick 1)")
+    parser.add_argument(
+        "--profile",
+        help="workloads to profile with py-spy after measuring them (default W1,W2,W3a; quick none)",
+    )
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-scale", action="store_true")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.exams = args.exams or (100 if quick else 1000)
+    args.scale = args.scale or (500 if quick else 10_000)
+    args.duration = args.duration or (4.0 if quick else 30.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 3.0)
+    if args.profile is None:
+        args.profile = "" if quick else "W1,W2,W3a"
+    args.profile = {p.strip() for p in args.profile.split(",") if p.strip()}
+
+    started = time.perf_counter()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_wrk()
+    if not args.no_peer:
+        ensure_peer_venv()
+    info = machine()
+    log(
+        f"results in {out}; {info['cores']} cores, {info['cpu']}, "
+        f"load average {info['load_average_at_start']}"
+    )
+    runner = Runner(args, out)
+    extra: dict[str, Any] = {}
+
+    # Request files for intake: bodies never repeat within a run (each is a new migrant).
+    w1_count = 200 if quick else 1500
+    w1_file = write_bundles(out / "w1-exams.txt", 1_000_000, w1_count)
+    w1_warm = write_bundles(out / "w1-warmup.txt", 2_000_000, 30 if quick else 150)
+
+    # --- mhr on the 1k database ------------------------------------------------------
+    log(f"database {MAIN_DB}: fresh, migrated, parties registered")
+    parties = setup(MAIN_DB, out / "parties")
+    keyring = out / "parties" / "keyring.json"
+    with mhr_server("mhr", database_url(MAIN_DB), keyring, out) as server:
+        clinic = parties["clinic"].token(server.base_url, "system/*.cruds")
+        authority = parties["authority-a"].token(server.base_url, "system/*.rs", "PUBHLTH")
+        log(f"loading {args.exams} exams through the API (POST /fhir, 4 connections)")
+        extra["api_load"] = load_through_api(server, clinic, args.exams)
+        psql(MAIN_DB, "ANALYZE")  # the same planner statistics as the scale database gets
+        log(f"  {extra['api_load']}")
+        rng = random.Random(7)
+        readable = ids(
+            MAIN_DB,
+            "SELECT resource_type, id FROM resources WHERE resource_type IN ('Patient', 'Observation', "
+            "'Encounter', 'Immunization', 'DiagnosticReport', 'ImagingStudy', 'DocumentReference') "
+            "ORDER BY md5(id) LIMIT 3000",
+        )
+        patients = [
+            r[0] for r in ids(MAIN_DB, "SELECT id FROM resources WHERE resource_type = 'Patient' ORDER BY id")
+        ]
+        w2 = write_lines(out / "w2.txt", [f"/fhir/{t}/{i}" for t, i in readable])
+        # The first 20 pages (or as many as there are) of everything since 2020: an authority's first pull.
+        offsets = range(0, min(1000, len(patients)), 50)
+        pages = [f"/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50&_offset={o}" for o in offsets] * 10
+        rng.shuffle(pages)
+        w3a = write_lines(out / "w3a.txt", pages)
+        w3b = write_lines(out / "w3b.txt", [f"/fhir/Observation?patient={p}&_count=50" for p in patients])
+        w4 = write_lines(out / "w4.txt", [f"/fhir/Patient/{p}/$everything" for p in patients])
+        w5_bodies = [orjson.dumps(observation(rng.choice(patients), rng)) for _ in range(300)]
+        w5c = write_lines(out / "w5-create.txt", [f"/fhir/Observation\t{b.decode()}" for b in w5_bodies])
+
+        c = CONNECTIONS
+        runner.run(
+            server,
+            Load("W2", w2, c["W2"], token=authority),
+            workload="W2",
+            label="W2 authority read",
+            database=MAIN_DB,
+        )
+        runner.run(
+            server,
+            Load("W3a", w3a, c["W3"], token=authority),
+            workload="W3a",
+            label=f"W3 Patient?_lastUpdated page at {args.exams} exams",
+            database=MAIN_DB,
+        )
+        runner.run(
+            server,
+            Load("W3b", w3b, c["W3"], token=authority),
+            workload="W3b",
+            label=f"W3 Observation?patient page at {args.exams} exams",
+            database=MAIN_DB,
+        )
+        runner.run(
+            server,
+            Load("W4", w4, c["W4"], token=authority),
+            workload="W4",
+            label="W4 Patient/$everything",
+            database=MAIN_DB,
+        )
+        runner.run(
+            server,
+            Load("W5c", w5c, c["W5"], method="POST", token=clinic),
+            workload="W5c",
+            label="W5 clinic create Observation",
+            database=MAIN_DB,
+        )
+        created = create_observations(server.base_url, "/fhir/Observation", clinic, w5_bodies)
+        w5r = write_lines(out / "w5-read.txt", [f"/fhir/Observation/{i}" for i in created])
+        runner.run(
+            server,
+            Load("W5r", w5r, c["W5"], token=clinic),
+            workload="W5r",
+            label="W5 clinic read Observation",
+            database=MAIN_DB,
+        )
+        w1 = runner.run(
+            server,
+            Load("W1", w1_file, c["W1"], method="POST", token=clinic, timeout_s=60, warmup_file=w1_warm),
+            workload="W1",
+            label="W1 intake (exam Bundle)",
+            database=MAIN_DB,
+        )
+        if w1["requests"] > w1_count:
+            w1["note"] = f"{w1['requests'] - w1_count} bundles were sent twice (the file has {w1_count})"
+
+    # --- the HTTP-stack ceiling ------------------------------------------------------------
+    port = free_port()
+    hello_file = write_lines(out / "hello.txt", ["/hello"])
+    with running(
+        "hello",
+        [sys.executable, "-m", "bench.serve_app", "bench.baselines.hello:app", str(port)],
+        port=port,
+        ready_path="/hello",
+        log_path=out / "hello.log",
+    ) as server:
+        runner.run(
+            server,
+            Load("hello", hello_file, c["hello"]),
+            workload="hello",
+            label="HTTP-stack ceiling (FastAPI hello)",
+            database=None,
+        )
+
+    # --- the validation ceiling ------------------------------------------------------------
+    seconds = max(5.0, args.duration / 2)
+    log(
+        f"validation ceiling: fhir.resources on the W1 Bundles, {psutil.cpu_count()} processes, {seconds:g} s"
+    )
+    validation_file = out / "w1-validation.ndjson"
+    validation_file.write_bytes(
+        b"".join(line.split(b"\t", 1)[1] for line in w1_file.read_bytes().splitlines(keepends=True)[:200])
+    )
+    extra["validation"] = ceiling(validation_file, seconds)
+    log(f"  {extra['validation']}")
+    extra["validation_profiles"] = ceiling(validation_file, seconds, kind="mhr ProfileValidator")
+    log(f"  {extra['validation_profiles']}")
+
+    # --- the peer --------------------------------------------------------------------------
+    try:
+        if not args.no_peer:
+            recreate_database(PEER_DB)
+            psql(
+                PEER_DB,
+                "CREATE TABLE resources (type text NOT NULL, id uuid NOT NULL, body jsonb NOT NULL, "
+                "PRIMARY KEY (type, id))",
+            )
+            port = free_port()
+            env = {"FHIR_SEQUENCE": "R4B", "PEER_DSN": f"postgresql://postgres@127.0.0.1:5432/{PEER_DB}"}
+            argv = [
+                str(PEER_VENV / "bin" / "python"),
+                "-m",
+                "bench.serve_app",
+                "bench.peer.app:app",
+                str(port),
+            ]
+            with running(
+                "peer", argv, port=port, ready_path="/metadata", log_path=out / "peer.log", env=env
+            ) as server:
+                peer_c = write_lines(
+                    out / "peer-create.txt", [f"/Observation\t{b.decode()}" for b in w5_bodies]
+                )
+                runner.run(
+                    server,
+                    Load("W5c", peer_c, c["W5"], method="POST"),
+                    workload="peer-W5c",
+                    label="peer fhirstarter create Observation",
+                    database=PEER_DB,
+                )
+                peer_ids = create_observations(server.base_url, "/Observation", None, w5_bodies)
+                peer_r = write_lines(out / "peer-read.txt", [f"/Observation/{i}" for i in peer_ids])
+                runner.run(
+                    server,
+                    Load("W5r", peer_r, c["W5"]),
+                    workload="peer-W5r",
+                    label="peer fhirstarter read Observation",
+                    database=PEER_DB,
+                )
+    except Exception as exc:  # the figures measured so far are still written
+        failure(extra, "peer", exc)
+
+    # --- scale: W3 at args.scale exams -------------------------------------------------------
+    try:
+        if not args.no_scale:
+            log(f"scale database: {args.scale} exams")
+            began = time.perf_counter()
+            manifest = scale.ensure(args.scale, log=log)
+            extra["scale"] = {**manifest, "prepare_seconds_this_run": round(time.perf_counter() - began, 1)}
+            state = scale.STATE
+            with mhr_server("mhr-scale", database_url(scale.DB), state / "keyring.json", out) as server:
+                scale_parties = load_parties(state)
+                authority = scale_parties["authority-a"].token(server.base_url, "system/*.rs", "PUBHLTH")
+                full_patients = [
+                    r[0]
+                    for r in ids(
+                        scale.DB,
+                        "SELECT DISTINCT subject_id FROM resources WHERE resource_type = 'Immunization' "
+                        "ORDER BY subject_id LIMIT 1000",
+                    )
+                ]
+                w3b_s = write_lines(
+                    out / "w3b-scale.txt", [f"/fhir/Observation?patient={p}&_count=50" for p in full_patients]
+                )
+                n = manifest["exams"]
+                runner.run(
+                    server,
+                    Load("W3a", w3a, c["W3"], token=authority),
+                    workload="W3a-scale",
+                    label=f"W3 Patient?_lastUpdated page at {n} exams",
+                    database=scale.DB,
+                )
+                runner.run(
+                    server,
+                    Load("W3b", w3b_s, c["W3"], token=authority),
+                    workload="W3b-scale",
+                    label=f"W3 Observation?patient page at {n} exams",
+                    database=scale.DB,
+                )
+    except Exception as exc:  # the figures measured so far are still written
+        failure(extra, "scale", exc)
+
+    total = time.perf_counter() - started
+    document = report.build(args, info, runner.results, extra, runner.profiles, total)
+    report.write(document, out, RESULTS)
+    log(f"done in {total / 60:.1f} min: {RESULTS / 'latest.md'}")
+    print((RESULTS / "latest.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
