@@ -58,6 +58,7 @@ cannot represent, as the same instant with its fixed UTC offset).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,6 +68,7 @@ from typing import Final, TypeGuard
 from security.consent import (
     AUTHORITY_ROLE,
     MAX_PROVISION_DEPTH,
+    SENSITIVE_LABELS,
     AccessRequest,
     ConsentPolicy,
     Decision,
@@ -125,10 +127,18 @@ def materialise_grants(
     universe = _names(label_universe, "label")
     if len(universe) > MAX_LABEL_UNIVERSE:
         raise ValueError(f"label universe has {len(universe)} labels, at most {MAX_LABEL_UNIVERSE} allowed")
+    nodes = [(c, list(_provisions(c))) for c in consents if isinstance(c, ConsentPolicy)]
+    # Pruning that cannot change an answer (decide() reads the resource type only
+    # through provision classes, and permits a sensitive label only where a permit
+    # names it): a sensitive label no provision names can only ever deny, and
+    # without classes every resource type gets the same answer as the first.
+    named_labels = {label for _, ps in nodes for p in ps for label in _strings(p.security_labels)}
+    universe = [label for label in universe if label in named_labels or label not in SENSITIVE_LABELS]
+    by_class = any(any(True for _ in _strings(p.classes)) for _, ps in nodes for p in ps)
+    evaluated_types = types if by_class or not types else types[:1]
     sizes = range(len(universe) + 1)
     label_sets = [frozenset(c) for n in sizes for c in itertools.combinations(universe, n)]
 
-    nodes = [(c, list(_provisions(c))) for c in consents if isinstance(c, ConsentPolicy)]
     organizations = sorted({a for _, ps in nodes for p in ps for a in _strings(p.actors)})
     purposes = sorted({u for _, ps in nodes for p in ps for u in _strings(p.purposes)})
     bounds = sorted(
@@ -142,7 +152,9 @@ def materialise_grants(
     intervals = _intervals(bounds)
 
     grants: list[Grant] = []
-    for org, purpose, rtype, labels in itertools.product(organizations, purposes, types, label_sets):
+    for org, purpose, rtype, labels in itertools.product(
+        organizations, purposes, evaluated_types, label_sets
+    ):
         run: tuple[Decision, dt.datetime | None, dt.datetime | None] | None = None
         for start, end, instant in intervals:
             request = AccessRequest(
@@ -164,6 +176,8 @@ def materialise_grants(
             run = (decision, start, end)
         if run is not None:
             grants.extend(_grant(org, purpose, rtype, labels, *run))
+    if evaluated_types != types:
+        grants = [dataclasses.replace(g, resource_type=t) for g in grants for t in types]
     grants.sort(key=grant_sort_key)
     return grants
 

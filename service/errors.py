@@ -19,6 +19,7 @@ import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
@@ -242,6 +243,10 @@ def install_error_handlers(app: FastAPI) -> None:
             # Logged without its message: a driver error can name hosts or quote statements.
             log.warning("database unavailable", extra={"error_type": type(exc).__name__})
             return database_unavailable_response()
+        if isinstance(exc, ClientDisconnect):
+            # The client went away mid-body: nothing to answer and nothing went wrong here.
+            log.info("client disconnected before the request body was read")
+            return outcome_response(400, [OutcomeIssue("incomplete", "the request body was not received")])
         request_id = current_request_id()
         log.error("unhandled error", exc_info=exc, extra={"error_type": type(exc).__name__})
         return outcome_response(

@@ -42,7 +42,7 @@ def actor_of(principal: Principal) -> Actor:
     return Actor(c.client_id, c.organization_id, c.role, c.person, c.purpose)
 
 
-def _known_type(resource_type: str) -> str:
+async def _known_type(resource_type: str) -> str:
     if resource_type not in STORED_TYPES:
         raise FhirError.single(404, "not-supported", "unknown or unsupported resource type")
     return resource_type
