@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -30,6 +30,7 @@ from service.records.resource_types import STORED_TYPES
 from service.records.search_params import parse_search
 
 router = APIRouter(tags=["fhir"])
+T = TypeVar("T")
 WRITERS = frozenset({"clinic"})
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 IDENTIFYING_PARAMETERS = frozenset({"identifier"})
@@ -52,12 +53,40 @@ KnownType = Annotated[str, Depends(_known_type)]
 
 
 def _require(principal: Principal, resource_type: str, permission: str, roles: frozenset[str]) -> None:
+    """Role and scope for this interaction on this type; a refusal is a 403 on the audit record."""
     if principal.role not in roles:
-        raise FhirError.single(403, "forbidden", "this client's role may not use this interaction")
-    if not principal.may(resource_type, permission):
-        raise FhirError.single(
+        denied = FhirError.single(403, "forbidden", "this client's role may not use this interaction")
+    elif not principal.may(resource_type, permission):
+        denied = FhirError.single(
             403, "forbidden", f"the token lacks a scope for {resource_type} ({permission})"
         )
+    else:
+        return
+    denied.audit = rest_record(
+        principal,
+        f"{resource_type}.{permission}",
+        Action.read if permission in "rs" else Action.create if permission == "c" else Action.update,
+        outcome=Outcome.minor_failure,
+        detail="forbidden",
+    )
+    raise denied
+
+
+async def _guarded(
+    principal: Principal,
+    subtype: str,
+    resource_type: str,
+    resource_id: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    fetch: Callable[[Reader, Visibility], Awaitable[T]],
+) -> T:
+    """Run a read as this principal may see; a refusal becomes a 404 with its audit entry."""
+    reader = Reader(runtime.records, RecordRepository(session))
+    try:
+        return await fetch(reader, _visibility(principal))
+    except FhirError as exc:
+        raise await _denied(principal, subtype, exc, resource_type, resource_id, session, runtime) from None
 
 
 def _resource_response(result: ReadResult, status: int = 200, location: str | None = None) -> Response:
@@ -159,8 +188,7 @@ def _location(runtime: RuntimeDep, rtype: str, rid: str, version: int) -> str:
 async def transaction(
     request: Request, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
-    if principal.role != "clinic":
-        raise FhirError.single(403, "forbidden", "only clinics submit exams")
+    _require(principal, "Bundle", "c", WRITERS)  # only clinics submit exams
     bundle = await read_fhir_json(request)
     for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -278,12 +306,16 @@ async def everything(
     patient_id: str, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     _require(principal, "Patient", "r", READERS)
-    reader = Reader(runtime.records, RecordRepository(session))
     types = sorted(t for t in STORED_TYPES if principal.may(t, "r"))
-    try:
-        results = await reader.everything(_visibility(principal), patient_id, types)
-    except FhirError as exc:
-        raise await _denied(principal, "everything", exc, "Patient", patient_id, session, runtime) from None
+    results = await _guarded(
+        principal,
+        "everything",
+        "Patient",
+        patient_id,
+        session,
+        runtime,
+        lambda reader, seen: reader.everything(seen, patient_id, types),
+    )
     await _audit_reads(session, principal, "everything", results)
     base = runtime.settings.fhir_base_url
     entries = [
@@ -311,11 +343,15 @@ async def disclosures(
     """Every disclosure of a migrant's data (when, to whom, why, which kinds of resource), for the
     clinic that examined them to hand to the migrant on request (GDPR Art. 15, HIPAA accounting)."""
     _require(principal, "Patient", "r", WRITERS)
-    reader = Reader(runtime.records, RecordRepository(session))
-    try:
-        await reader.read(_visibility(principal), "Patient", patient_id)
-    except FhirError as exc:
-        raise await _denied(principal, "disclosures", exc, "Patient", patient_id, session, runtime) from None
+    await _guarded(
+        principal,
+        "disclosures",
+        "Patient",
+        patient_id,
+        session,
+        runtime,
+        lambda reader, seen: reader.read(seen, "Patient", patient_id),
+    )
     found = await disclosures_for_patient(session, patient_id)
     identities = IdentityRepository(session)
     names = {org.id: org.name for org in await identities.organizations(limit=10_000)}
@@ -364,11 +400,15 @@ async def read(
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
-    reader = Reader(runtime.records, RecordRepository(session))
-    try:
-        result = await reader.read(_visibility(principal), resource_type, resource_id)
-    except FhirError as exc:
-        raise await _denied(principal, "read", exc, resource_type, resource_id, session, runtime) from None
+    result = await _guarded(
+        principal,
+        "read",
+        resource_type,
+        resource_id,
+        session,
+        runtime,
+        lambda reader, seen: reader.read(seen, resource_type, resource_id),
+    )
     await _audit_reads(session, principal, "read", [result])
     return _resource_response(result)
 
@@ -387,11 +427,15 @@ async def vread(
     _require(principal, resource_type, "r", READERS)
     if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
         raise FhirError.single(404, "not-found", f"{resource_type} version not found")
-    reader = Reader(runtime.records, RecordRepository(session))
-    try:
-        result = await reader.vread(_visibility(principal), resource_type, resource_id, int(version_id))
-    except FhirError as exc:
-        raise await _denied(principal, "vread", exc, resource_type, resource_id, session, runtime) from None
+    result = await _guarded(
+        principal,
+        "vread",
+        resource_type,
+        resource_id,
+        session,
+        runtime,
+        lambda reader, seen: reader.vread(seen, resource_type, resource_id, int(version_id)),
+    )
     await _audit_reads(session, principal, "vread", [result])
     return _resource_response(result)
 
@@ -405,13 +449,15 @@ async def history(
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
-    reader = Reader(runtime.records, RecordRepository(session))
-    try:
-        results = await reader.history(_visibility(principal), resource_type, resource_id)
-    except FhirError as exc:
-        raise await _denied(
-            principal, "history-instance", exc, resource_type, resource_id, session, runtime
-        ) from None
+    results = await _guarded(
+        principal,
+        "history-instance",
+        resource_type,
+        resource_id,
+        session,
+        runtime,
+        lambda reader, seen: reader.history(seen, resource_type, resource_id),
+    )
     await _audit_reads(session, principal, "history-instance", results)
     base = runtime.settings.fhir_base_url
     entries = [

@@ -367,7 +367,9 @@ def test_malformed_wrong_type_and_oversize_bodies(service: Service, clinic: Part
     assert _row_count(database_url) == before
 
 
-def test_authorities_and_auditors_cannot_use_the_clinic_api(service: Service, clinic: Party) -> None:
+def test_authorities_and_auditors_cannot_use_the_clinic_api(
+    service: Service, clinic: Party, database_url: str
+) -> None:
     reply = submit(service, clinic, load_example(EXAMPLES[0]))
     patient = _first(reply, "Patient")
     auditor = service.register("auditor", "auditor")
@@ -378,6 +380,18 @@ def test_authorities_and_auditors_cannot_use_the_clinic_api(service: Service, cl
         headers={**FHIR_HEADERS, **service.headers(auditor)},
     )
     assert posted.status_code == 403
+    # Every refusal is on the audit record.
+    engine = sa.create_engine(sync_url(database_url))
+    with engine.connect() as conn:
+        contents = [
+            json.loads(bytes(c)) for c in conn.execute(sa.text("SELECT content FROM audit_entries")).scalars()
+        ]
+    engine.dispose()
+    refusals = [
+        c for c in contents if c.get("detail") == "forbidden" and c["agent"]["client"] == auditor.client_id
+    ]
+    assert len(refusals) == 2
+    assert all(c["outcome"] == "4" for c in refusals)
 
 
 def test_family_members_sharing_a_case_number_are_two_migrants(service: Service, clinic: Party) -> None:
