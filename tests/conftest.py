@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from mhr_testkit import PG_DEFAULT_URL, Service, sync_url
+from mhr_testkit import PG_DEFAULT_URL, Service, sync_url, truncate_postgres
 
 from service.store import migrate
 
@@ -57,21 +57,6 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _truncate_postgres(url: str) -> None:
-    engine = sa.create_engine(sync_url(url))
-    with engine.begin() as conn:
-        tables = conn.execute(
-            sa.text(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-                "AND tablename <> 'alembic_version'"
-            )
-        ).scalars()
-        names = ", ".join(f'"{t}"' for t in tables)
-        if names:
-            conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    engine.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database of each kind."""
@@ -81,7 +66,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         shutil.copyfile(template, target)
         return f"sqlite+aiosqlite:///{target}"
     url: str = request.getfixturevalue("postgres_url")
-    _truncate_postgres(url)
+    truncate_postgres(url)
     return url
 
 

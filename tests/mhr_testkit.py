@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import sqlalchemy as sa
 from starlette.testclient import TestClient
 
 from security.jwk import PrivateKey, generate_client_key, public_jwk, sign_client_assertion
@@ -160,3 +162,35 @@ def submit(service: Service, party: Party, bundle: dict[str, Any]) -> Any:
     return service.client.post(
         "/fhir", content=json.dumps(bundle), headers={**FHIR_HEADERS, **service.headers(party)}
     )
+
+
+def truncate_postgres(url: str) -> None:
+    """Empty every table but Alembic's, keeping the migrated schema."""
+    engine = sa.create_engine(sync_url(url))
+    with engine.begin() as conn:
+        tables = conn.execute(
+            sa.text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'"
+            )
+        ).scalars()
+        names = ", ".join(f'"{t}"' for t in tables)
+        if names:
+            conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+def live_token(base_url: str, party: Party, scope: str | None = None, purpose: str | None = None) -> str:
+    """An access token from a running server's token endpoint, over HTTP."""
+    token_url = f"{base_url}/auth/token"
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": JWT_BEARER,
+        "client_assertion": sign_client_assertion(party.key, client_id=party.client_id, token_url=token_url),
+        "scope": scope or party.scopes,
+    }
+    if purpose:
+        form["purpose_of_use"] = purpose
+    response = httpx.post(token_url, data=form, timeout=10)
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])

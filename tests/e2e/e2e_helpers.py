@@ -13,9 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mhr_testkit import JWT_BEARER, REPO, Party, Service
-
-from security.jwk import sign_client_assertion
+from mhr_testkit import REPO, Party, Service, live_token
 
 
 def free_port() -> int:
@@ -36,19 +34,7 @@ class LiveServer:
         return f"{self.base_url}/fhir"
 
     def token(self, party: Party, scope: str | None = None, purpose: str | None = None) -> str:
-        token_url = f"{self.base_url}/auth/token"
-        assertion = sign_client_assertion(party.key, client_id=party.client_id, token_url=token_url)
-        form = {
-            "grant_type": "client_credentials",
-            "client_assertion_type": JWT_BEARER,
-            "client_assertion": assertion,
-            "scope": scope or party.scopes,
-        }
-        if purpose:
-            form["purpose_of_use"] = purpose
-        response = httpx.post(token_url, data=form, timeout=10)
-        assert response.status_code == 200, response.text
-        return str(response.json()["access_token"])
+        return live_token(self.base_url, party, scope, purpose)
 
 
 def server_env(database_url: str, tmp_path: Path, port: int) -> dict[str, str]:

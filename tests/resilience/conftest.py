@@ -6,30 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from mhr_testkit import Service, sync_url
+from mhr_testkit import Service, truncate_postgres
 from resilience_kit import ServerProcess
-
-
-def truncate(url: str) -> None:
-    engine = sa.create_engine(sync_url(url))
-    with engine.begin() as conn:
-        tables = conn.execute(
-            sa.text(
-                "SELECT tablename FROM pg_tables "
-                "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
-            )
-        ).scalars()
-        names = ", ".join(f'"{t}"' for t in tables)
-        if names:
-            conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    engine.dispose()
 
 
 @pytest.fixture
 def pg_database(postgres_url: str) -> str:
     """The PostgreSQL test database, migrated and empty (these tests need a real server database)."""
-    truncate(postgres_url)
+    truncate_postgres(postgres_url)
     return postgres_url
 
 

@@ -16,9 +16,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 from e2e_helpers import free_port, server_env
-from mhr_testkit import EXAMPLES, JWT_BEARER, REPO, Party, load_example, sync_url
-
-from security.jwk import sign_client_assertion
+from mhr_testkit import EXAMPLES, REPO, Party, live_token, load_example, sync_url
 
 REFUGEE_EXAMPLE = next(p for p in EXAMPLES if p.stem == "exam-refugee-vaccinations")
 PASSPORT = "N014782936"
@@ -111,19 +109,7 @@ class ServerProcess:
             self.process.wait(timeout=10)
 
     def token(self, party: Party, scope: str | None = None, purpose: str | None = None) -> str:
-        token_url = f"{self.base_url}/auth/token"
-        assertion = sign_client_assertion(party.key, client_id=party.client_id, token_url=token_url)
-        form = {
-            "grant_type": "client_credentials",
-            "client_assertion_type": JWT_BEARER,
-            "client_assertion": assertion,
-            "scope": scope or party.scopes,
-        }
-        if purpose:
-            form["purpose_of_use"] = purpose
-        response = httpx.post(token_url, data=form, timeout=10)
-        assert response.status_code == 200, response.text
-        return str(response.json()["access_token"])
+        return live_token(self.base_url, party, scope, purpose)
 
 
 def run_cli(
