@@ -9,6 +9,7 @@ nothing. Client assertions, verified by us but signed by others, stay asymmetric
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,9 @@ from datetime import UTC, datetime
 import jwt
 
 ALGORITHM = "HS256"
+# Verified tokens remembered (LRU): a client reuses its token for every request of its
+# lifetime, and decoding one costs more than the rest of a cached read's authentication.
+VERIFIED_CACHE_SIZE = 4096
 
 
 class TokenInvalid(Exception):
@@ -49,6 +53,8 @@ class AccessTokenCodec:
         self._audience = audience
         self._kid, self._key = current_key
         self._key_for = key_for
+        # Only tokens that passed verification get in, so forged ones cannot crowd it.
+        self._verified: OrderedDict[str, tuple[str, AccessClaims]] = OrderedDict()
 
     def issue(
         self,
@@ -82,6 +88,23 @@ class AccessTokenCodec:
         return token, self._claims(claims)
 
     def verify(self, token: str, *, now: datetime | None = None) -> AccessClaims:
+        cached = self._verified.get(token)
+        if cached is not None:
+            kid, claims = cached
+            # Still in force: not expired, and its key not retired from the keyring since.
+            if claims.expires_at > (now or datetime.now(UTC)) and self._key_for(kid) is not None:
+                self._verified.move_to_end(token)
+                return claims
+            del self._verified[token]
+        parsed, kid = self._decode(token)
+        if now is not None and parsed.expires_at <= now:
+            raise TokenInvalid
+        self._verified[token] = (kid, parsed)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return parsed
+
+    def _decode(self, token: str) -> tuple[AccessClaims, str]:
         try:
             header = jwt.get_unverified_header(token)
             kid = header.get("kid")
@@ -99,9 +122,7 @@ class AccessTokenCodec:
             parsed = self._claims(claims)
         except (jwt.PyJWTError, KeyError, TypeError, ValueError) as exc:
             raise TokenInvalid from exc
-        if now is not None and parsed.expires_at <= now:
-            raise TokenInvalid
-        return parsed
+        return parsed, str(kid)
 
     @staticmethod
     def _claims(claims: dict[str, object]) -> AccessClaims:
