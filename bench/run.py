@@ -191,6 +191,23 @@ def write_bundles(path: Path, first: int, count: int) -> Path:
     return path
 
 
+def first_pull(base: str, token: str, rng: random.Random, pages: int = 20) -> list[str]:
+    """An authority's first pull: everything since 2020, 50 a page, the first ``pages`` pages
+    (or as many as there are) as a client gets them, by following next links. Ten walks, shuffled."""
+    url: str | None = f"{base}/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50"
+    walk = []
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {token}", "Accept": FHIR}) as client:
+        while url is not None and len(walk) < pages:
+            walk.append(url.removeprefix(base))
+            response = client.get(url)
+            response.raise_for_status()
+            links = response.json().get("link", [])
+            url = next((link["url"] for link in links if link["relation"] == "next"), None)
+    lines = walk * 10
+    rng.shuffle(lines)
+    return lines
+
+
 def observation(patient_id: str, rng: random.Random) -> dict[str, Any]:
     """The W5 resource: one vital sign, as a clinic system would post it."""
     return {
@@ -426,11 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             r[0] for r in ids(MAIN_DB, "SELECT id FROM resources WHERE resource_type = 'Patient' ORDER BY id")
         ]
         w2 = write_lines(out / "w2.txt", [f"/fhir/{t}/{i}" for t, i in readable])
-        # The first 20 pages (or as many as there are) of everything since 2020: an authority's first pull.
-        offsets = range(0, min(1000, len(patients)), 50)
-        pages = [f"/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50&_offset={o}" for o in offsets] * 10
-        rng.shuffle(pages)
-        w3a = write_lines(out / "w3a.txt", pages)
+        w3a = write_lines(out / "w3a.txt", first_pull(server.base_url, authority, rng))
         w3b = write_lines(out / "w3b.txt", [f"/fhir/Observation?patient={p}&_count=50" for p in patients])
         w4 = write_lines(out / "w4.txt", [f"/fhir/Patient/{p}/$everything" for p in patients])
         w5_bodies = [orjson.dumps(observation(rng.choice(patients), rng)) for _ in range(300)]
@@ -589,9 +602,11 @@ def main(argv: list[str] | None = None) -> int:
                     out / "w3b-scale.txt", [f"/fhir/Observation?patient={p}&_count=50" for p in full_patients]
                 )
                 n = manifest["exams"]
+                # Cursors are bound to the client and keyed: this database's authority walks its own.
+                w3a_s = write_lines(out / "w3a-scale.txt", first_pull(server.base_url, authority, rng))
                 runner.run(
                     server,
-                    Load("W3a", w3a, c["W3"], token=authority),
+                    Load("W3a", w3a_s, c["W3"], token=authority),
                     workload="W3a-scale",
                     label=f"W3 Patient?_lastUpdated page at {n} exams",
                     database=scale.DB,

@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         try:
             yield
         finally:
+            await app.state.runtime.audit_writer.drain()
             await stop_integrator(integrator)
             if owned:
                 await app.state.runtime.database.dispose()

@@ -11,6 +11,7 @@ from security.access_tokens import AccessTokenCodec
 from security.blind_index import BlindIndexer
 from security.keys import KeyProvider, LocalKeyring
 from security.signed_note import NoteSigner
+from service.audit.writer import AuditWriter
 from service.capability import load_capability_statement
 from service.fhir_validation import ProfileValidator
 from service.identity.client_status import ClientStatusCache
@@ -41,6 +42,8 @@ class Runtime:
     head_revision: str | None
     # Signs audit checkpoints; its name is the deployment name, which is also the checkpoint origin.
     log_signer: NoteSigner
+    # Entries of requests without a transaction of their own (reads, refusals), group-committed.
+    audit_writer: AuditWriter
 
 
 def open_keyring(settings: Settings) -> KeyProvider:
@@ -83,4 +86,5 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
         ),
         head_revision=head_revision(),
         log_signer=NoteSigner(settings.deployment_name, keys.log_signing_key()),
+        audit_writer=AuditWriter(database),
     )

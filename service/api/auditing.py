@@ -6,8 +6,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.deps import Principal
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
-from service.audit.recorder import record_audit, record_audits
+from service.audit.recorder import record_audit
 from service.request_context import SOURCE, current_request_id
+from service.runtime import Runtime
 
 
 def agent_of(principal: Principal) -> AuditAgent:
@@ -46,6 +47,6 @@ async def audit(session: AsyncSession, record: AuditRecord) -> None:
     await record_audit(session, record, request_id=current_request_id(), source=SOURCE)
 
 
-async def audit_all(session: AsyncSession, records: list[AuditRecord]) -> None:
-    """Several entries for one request, written together in the caller's transaction."""
-    await record_audits(session, records, request_id=current_request_id(), source=SOURCE)
+async def audit_read(runtime: Runtime, records: list[AuditRecord]) -> None:
+    """A read's entries, committed by the audit writer before this returns: no entry, no data."""
+    await runtime.audit_writer.write(records, request_id=current_request_id(), source=SOURCE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,11 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from security.access_tokens import AccessClaims, TokenInvalid
 from security.scopes import Scope, ScopeError, parse_scopes, scopes_allow
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
-from service.audit.recorder import record_audit, record_denial
 from service.errors import FhirError
 from service.ratelimit import RateLimiter
 from service.request_context import SOURCE, current_request_id
 from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -41,13 +43,25 @@ async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
             raise
 
 
+async def _read_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
+    # Reads write nothing but audit entries, and those go through the audit writer
+    # (committed before the route returns): no transaction to hold open.
+    async with runtime.database.reading() as session:
+        try:
+            yield session
+        except FhirError as exc:
+            if exc.audit is not None:
+                await _record_refusal(runtime, exc.audit)
+            raise
+
+
 async def _record_refusal(runtime: Runtime, record: AuditRecord) -> None:
-    """A refused request's audit entry, in its own transaction (the request's rolled back)."""
-    async with runtime.database.transaction() as session:
-        await record_audit(session, record, request_id=current_request_id(), source=SOURCE)
+    """A refused request's audit entry, outside its transaction (that one is rolled back)."""
+    await runtime.audit_writer.write([record], request_id=current_request_id(), source=SOURCE)
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(_read_session, scope="function")]
 
 
 @dataclass(frozen=True)
@@ -91,8 +105,8 @@ _DENIAL_BY_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "PATCH": 
 async def _audit_denial(
     request: Request, runtime: Runtime, exc: FhirError, claims: AccessClaims | None, permission: str | None
 ) -> None:
-    """A 401/403 on the audit record, in its own short transaction (one INSERT; the request has
-    none open yet). The denial stands even if this write fails."""
+    """A 401/403 on the audit record, through the audit writer (the request has no transaction
+    open yet). Nothing took effect, so the refusal stands even if this write fails."""
     subtype, action = _DENIAL_BY_PERMISSION[permission or _DENIAL_BY_METHOD.get(request.method, "r")]
     route = getattr(request.scope.get("route"), "path", None)
     agent = (
@@ -110,7 +124,10 @@ async def _audit_denial(
         detail=f"{exc.status}: {exc.issues[0].diagnostics}"[:200],  # fixed texts, no request data
         route=route if isinstance(route, str) else None,
     )
-    await record_denial(runtime.database, record, request_id=current_request_id(), source=SOURCE)
+    try:
+        await runtime.audit_writer.write([record], request_id=current_request_id(), source=SOURCE)
+    except Exception as exc:
+        log.error("audit entry for a refusal could not be written", extra={"error_type": type(exc).__name__})
 
 
 async def authenticate(request: Request, runtime: RuntimeDep) -> Principal:

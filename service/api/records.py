@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
 
 from security.consent import AccessRequest
-from service.api.auditing import audit, audit_all, rest_record
-from service.api.deps import Principal, PrincipalDep, RuntimeDep, SessionDep
+from service.api.auditing import audit, audit_read, rest_record
+from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse, search_url
 from service.audit.disclosures import Disclosure, disclosures_for_patient
@@ -24,6 +24,7 @@ from service.records.access import Permit, Visibility
 from service.records.consents import explain_denial
 from service.records.context import Actor
 from service.records.intake import Intake, IntakeResult, PatientRaceLost
+from service.records.paging import CursorScope, PageCursor, decode_cursor, encode_cursor
 from service.records.reading import Reader, ReadResult, bundle_bytes
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
@@ -303,7 +304,7 @@ async def delete(resource_type: str, resource_id: str, principal: PrincipalDep) 
     "/fhir/Patient/{patient_id}/$everything", response_class=FhirResponse, summary="Patient $everything"
 )
 async def everything(
-    patient_id: str, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
+    patient_id: str, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     _require(principal, "Patient", "r", READERS)
     types = sorted(t for t in STORED_TYPES if principal.may(t, "r"))
@@ -316,7 +317,7 @@ async def everything(
         runtime,
         lambda reader, seen: reader.everything(seen, patient_id, types),
     )
-    await _audit_reads(session, principal, "everything", results)
+    await _audit_reads(runtime, principal, "everything", results)
     base = runtime.settings.fhir_base_url
     entries = [
         (f"{base}/{r.row.resource_type}/{r.row.id}", r.body, b'"search":{"mode":"match"}') for r in results
@@ -338,7 +339,7 @@ async def everything(
     summary="accounting of disclosures",
 )
 async def disclosures(
-    patient_id: str, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
+    patient_id: str, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     """Every disclosure of a migrant's data (when, to whom, why, which kinds of resource), for the
     clinic that examined them to hand to the migrant on request (GDPR Art. 15, HIPAA accounting)."""
@@ -355,16 +356,14 @@ async def disclosures(
     found = await disclosures_for_patient(session, patient_id)
     identities = IdentityRepository(session)
     names = {org.id: org.name for org in await identities.organizations(limit=10_000)}
-    await audit(
-        session,
-        rest_record(
-            principal,
-            "disclosures",
-            Action.read,
-            patient_ids=(patient_id,),
-            entities=(AuditEntity("Patient", patient_id),),
-        ),
+    record = rest_record(
+        principal,
+        "disclosures",
+        Action.read,
+        patient_ids=(patient_id,),
+        entities=(AuditEntity("Patient", patient_id),),
     )
+    await audit_read(runtime, [record])
     return FhirResponse(
         {"resourceType": "Parameters", "parameter": [_disclosure_parameter(d, names) for d in found]}
     )
@@ -396,7 +395,7 @@ async def read(
     resource_type: KnownType,
     resource_id: str,
     principal: PrincipalDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
@@ -409,7 +408,7 @@ async def read(
         runtime,
         lambda reader, seen: reader.read(seen, resource_type, resource_id),
     )
-    await _audit_reads(session, principal, "read", [result])
+    await _audit_reads(runtime, principal, "read", [result])
     return _resource_response(result)
 
 
@@ -421,7 +420,7 @@ async def vread(
     resource_id: str,
     version_id: str,
     principal: PrincipalDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
@@ -436,7 +435,7 @@ async def vread(
         runtime,
         lambda reader, seen: reader.vread(seen, resource_type, resource_id, int(version_id)),
     )
-    await _audit_reads(session, principal, "vread", [result])
+    await _audit_reads(runtime, principal, "vread", [result])
     return _resource_response(result)
 
 
@@ -445,7 +444,7 @@ async def history(
     resource_type: KnownType,
     resource_id: str,
     principal: PrincipalDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
@@ -458,7 +457,7 @@ async def history(
         runtime,
         lambda reader, seen: reader.history(seen, resource_type, resource_id),
     )
-    await _audit_reads(session, principal, "history-instance", results)
+    await _audit_reads(runtime, principal, "history-instance", results)
     base = runtime.settings.fhir_base_url
     entries = [
         (
@@ -488,7 +487,7 @@ def _visibility(principal: Principal) -> Visibility:
 
 
 async def _audit_reads(
-    session: SessionDep,
+    runtime: RuntimeDep,
     principal: Principal,
     subtype: str,
     results: list[ReadResult],
@@ -498,24 +497,22 @@ async def _audit_reads(
     naming the consent that permitted it. Written before the response: no entry, no data."""
     action = Action.execute if subtype in ("search-type", "everything") else Action.read
     if principal.role != "authority":
-        await audit(
-            session,
-            rest_record(
-                principal,
-                subtype,
-                action,
-                entities=_entities(results),
-                patient_ids=tuple(sorted({r.row.subject_id for r in results})),
-                query=query,
-            ),
+        record = rest_record(
+            principal,
+            subtype,
+            action,
+            entities=_entities(results),
+            patient_ids=tuple(sorted({r.row.subject_id for r in results})),
+            query=query,
         )
+        await audit_read(runtime, [record])
         return
     # One entry per migrant and deciding consent, so each names exactly what permitted it.
     by_decision: dict[tuple[str, Permit], list[ReadResult]] = {}
     for result in results:
         by_decision.setdefault((result.row.subject_id, result.permit), []).append(result)
     if not by_decision:  # an empty search is still an access
-        await audit(session, rest_record(principal, subtype, action, query=query))
+        await audit_read(runtime, [rest_record(principal, subtype, action, query=query)])
         return
     records = []
     for (patient_id, permit), disclosed in by_decision.items():
@@ -536,7 +533,7 @@ async def _audit_reads(
                 recipients=(principal.organization_id,),
             )
         )
-    await audit_all(session, records)
+    await audit_read(runtime, records)
 
 
 def _entities(results: list[ReadResult]) -> tuple[AuditEntity, ...]:
@@ -550,32 +547,35 @@ async def _search(
     params: list[tuple[str, str]],
     request: Request,
     principal: Principal,
-    session: SessionDep,
+    session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "s", READERS)
     lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
     parsed = parse_search(resource_type, params, runtime.records.indexer, lenient=lenient)
+    indexer = runtime.records.indexer
+    scope = CursorScope(principal.client_id, resource_type, parsed.echo)
+    cursor = decode_cursor(indexer, parsed.cursor, scope) if parsed.cursor else None
     result = await Reader(runtime.records, RecordRepository(session)).search(
-        _visibility(principal), parsed.filter, parsed
+        _visibility(principal), parsed.filter, parsed, cursor
     )
     query = "&".join(sorted({name for name, _ in parsed.echo}))
-    await _audit_reads(session, principal, "search-type", result.rows, query=query)
+    await _audit_reads(runtime, principal, "search-type", result.rows, query=query)
     base = runtime.settings.fhir_base_url
     page = [("_count", str(parsed.count))]
+    here = [("_cursor", parsed.cursor)] if parsed.cursor else [("_offset", str(parsed.offset))]
     # A migrant's identifier never goes into a link we write: the self link names the
     # search without it. (A further page, rare for an identifier, has to carry it.)
     public = [(n, v) for n, v in parsed.echo if n.partition(":")[0] not in IDENTIFYING_PARAMETERS]
-    links = [("self", search_url(base, resource_type, [*public, *page, ("_offset", str(parsed.offset))]))]
+    links = [("self", search_url(base, resource_type, [*public, *page, *here]))]
     if result.has_next:
-        links.append(
-            (
-                "next",
-                search_url(
-                    base, resource_type, [*parsed.echo, *page, ("_offset", str(parsed.offset + parsed.count))]
-                ),
-            )
-        )
+        if parsed.value_concepts:  # matched after decryption, within a bounded scan: by offset
+            further = ("_offset", str(parsed.offset + parsed.count))
+        else:
+            position = result.last_position
+            assert position is not None  # a next page follows a full one
+            further = ("_cursor", encode_cursor(indexer, PageCursor(position, result.total), scope))
+        links.append(("next", search_url(base, resource_type, [*parsed.echo, *page, further])))
     entries = [
         (f"{base}/{r.row.resource_type}/{r.row.id}", r.body, b'"search":{"mode":"match"}')
         for r in result.rows
@@ -588,7 +588,7 @@ async def search(
     resource_type: KnownType,
     request: Request,
     principal: PrincipalDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     return await _search(
@@ -601,7 +601,7 @@ async def search_post(
     resource_type: KnownType,
     request: Request,
     principal: PrincipalDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     """Search with parameters in the body, so identifiers never appear in URLs or access logs."""

@@ -1,9 +1,12 @@
-"""The one audit chokepoint: every audited action writes its entry through `record_audit`.
+"""The one audit chokepoint: every audited entry is inserted by `insert_entries`.
 
-The entry is inserted in the caller's transaction, so it commits or rolls back
-with the action it records (fail closed: if the insert fails the action fails,
-and a route answers only after its transaction committed). Nothing is queued
-in memory: a crash cannot lose an entry for an action that took effect.
+A request that writes inserts its entry in its own transaction (`record_audit`),
+so the entry commits or rolls back with the action it records (fail closed: if
+the insert fails the action fails, and a route answers only after its
+transaction committed). A request that only reads hands its entries to
+`service.audit.writer`, which commits them, batched with other requests', before
+the request answers. Nothing is acknowledged from memory: a crash cannot lose an
+entry for an action that took effect.
 
 What is stored is the entry's canonical content (sorted-key compact JSON,
 UTF-8): exactly the bytes that the Merkle leaf hashes once the integrator
@@ -16,15 +19,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.events import AuditRecord
-from service.store.database import Database
 from service.store.tables import AuditEntry, AuditRef
 
 log = logging.getLogger(__name__)
@@ -135,45 +138,50 @@ async def record_audits(
     session: AsyncSession, records: Sequence[AuditRecord], *, request_id: str, source: str
 ) -> None:
     """Insert several entries (e.g. one disclosure per migrant on a search page) in two statements."""
-    if not records:
+    await insert_entries(session, [PendingEntry(record, request_id, source) for record in records])
+
+
+@dataclass(frozen=True)
+class PendingEntry:
+    """An entry to insert, with the request it belongs to."""
+
+    record: AuditRecord
+    request_id: str
+    source: str
+
+
+async def insert_entries(session: AsyncSession, entries: Sequence[PendingEntry]) -> None:
+    """Insert entries, of one request or of several (the audit writer's batches), in two statements."""
+    if not entries:
         return
     recorded = datetime.now(UTC)
     rows = [
         {
             "recorded_at": recorded,
-            "event_type": record.event_type.value,
-            "subtype": record.subtype[:64],
-            "action": record.action.value,
-            "outcome": record.outcome.value,
-            "client_id": record.agent.client_id,
+            "event_type": e.record.event_type.value,
+            "subtype": e.record.subtype[:64],
+            "action": e.record.action.value,
+            "outcome": e.record.outcome.value,
+            "client_id": e.record.agent.client_id,
             "content": canonical(
-                entry_content(record, recorded=recorded, request_id=request_id, source=source)
+                entry_content(e.record, recorded=recorded, request_id=e.request_id, source=e.source)
             ),
         }
-        for record in records
+        for e in entries
     ]
-    result = await session.execute(
-        insert(AuditEntry).returning(AuditEntry.id, sort_by_parameter_order=True), rows
-    )
+    connection = await session.connection()  # Core, not the ORM's bulk-insert machinery
+    result = await connection.execute(_INSERT_ENTRIES, rows)
     entry_ids = list(result.scalars())
     refs = [
         {"entry_id": entry_id, "kind": kind, "value": value}
-        for entry_id, record in zip(entry_ids, records, strict=True)
-        for kind, value in sorted(_refs(record))
+        for entry_id, e in zip(entry_ids, entries, strict=True)
+        for kind, value in sorted(_refs(e.record))
     ]
     if refs:
-        await session.execute(insert(AuditRef), refs)
+        await connection.execute(_INSERT_REFS, refs)
 
 
-async def record_denial(database: Database, record: AuditRecord, *, request_id: str, source: str) -> None:
-    """Record a refused request in its own transaction.
-
-    For refusals raised before the request opened its own transaction (401/403
-    from authentication): nothing took effect, so a failure to record is
-    logged and the refusal still stands, rather than turning it into a 500.
-    """
-    try:
-        async with database.transaction() as session:
-            await record_audit(session, record, request_id=request_id, source=source)
-    except Exception as exc:
-        log.error("audit entry for a refusal could not be written", extra={"error_type": type(exc).__name__})
+# Built once: SQLAlchemy caches a statement's compiled form by the statement object.
+_ENTRIES = cast(Table, AuditEntry.__table__)
+_INSERT_ENTRIES = insert(_ENTRIES).returning(_ENTRIES.c.id, sort_by_parameter_order=True)
+_INSERT_REFS = insert(cast(Table, AuditRef.__table__))

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service.records.context import Actor
-from service.records.repository import GrantFilter, RecordRepository, SearchFilter
-from service.store.tables import StoredResource
+from service.records.repository import CurrentRead, GrantFilter, SearchFilter
 
 
 @dataclass(frozen=True)
@@ -44,14 +43,13 @@ class Visibility:
     def is_disclosure(self) -> bool:
         return self.actor.role == "authority"
 
-    async def permits(self, repo: RecordRepository, row: StoredResource) -> Permit | None:
+    def permits(self, found: CurrentRead) -> Permit | None:
+        """May this actor see a resource fetched with ``self.grant`` (its matching grant joined)?"""
         if self.actor.role == "clinic":
-            return TENANCY if row.organization_id == self.actor.organization_id else None
-        grant = self.grant
-        if grant is None:
+            return TENANCY if found.organization_id == self.actor.organization_id else None
+        if self.grant is None or found.grant is None:
             return None
-        found = await repo.grant_for(grant, row)
-        return Permit(found.rule, found.consent_id, found.consent_version) if found else None
+        return Permit(found.grant.rule, found.grant.consent_id, found.grant.consent_version)
 
     def restrict(self, flt: SearchFilter) -> SearchFilter:
         if self.actor.role == "clinic":

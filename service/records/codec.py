@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from security.envelope import IntegrityError, resource_aad
 from service.errors import FhirError
 from service.records.repository import VersionRow
 from service.records.subject_keys import SubjectKeys
-from service.store.tables import Subject
 
 log = logging.getLogger(__name__)
+
+
+class WrappedKey(Protocol):
+    """A migrant's wrapped data key: a ``subjects`` row, or the columns of it a read fetched."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def wrapped_key(self) -> bytes | None: ...
+
+    @property
+    def key_version(self) -> int: ...
 
 
 def integrity_failure(row: VersionRow) -> FhirError:
@@ -27,7 +40,7 @@ def integrity_failure(row: VersionRow) -> FhirError:
     return FhirError.single(500, "exception", "stored data failed its integrity check")
 
 
-def open_version(keys: SubjectKeys, subject: Subject | None, row: VersionRow) -> bytes:
+def open_version(keys: SubjectKeys, subject: WrappedKey | None, row: VersionRow) -> bytes:
     """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure."""
     try:
         if subject is None:

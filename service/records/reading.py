@@ -15,11 +15,11 @@ import orjson
 from security.envelope import SubjectCipher
 from service.errors import FhirError, not_found
 from service.records.access import TENANCY, Permit, Visibility
-from service.records.codec import open_version
+from service.records.codec import WrappedKey, open_version
 from service.records.context import RecordServices
-from service.records.repository import RecordRepository, SearchFilter, VersionRow
+from service.records.paging import PageCursor, PagePosition
+from service.records.repository import CurrentRead, RecordRepository, SearchFilter, VersionRow
 from service.records.search_params import ParsedSearch
-from service.store.tables import StoredResource, Subject
 
 MAX_HISTORY = 100
 # value-concept filters decrypted resources: bounded so one search cannot decrypt the world.
@@ -45,39 +45,41 @@ class ReadResult:
 @dataclass(frozen=True)
 class SearchResult:
     rows: list[ReadResult]
-    total: int
+    total: int | None  # None: not counted (_total=none)
     has_next: bool
+
+    @property
+    def last_position(self) -> PagePosition | None:
+        last = self.rows[-1].row if self.rows else None
+        return PagePosition(last.last_updated, last.id) if last else None
 
 
 class Reader:
     def __init__(self, services: RecordServices, repo: RecordRepository) -> None:
         self.services = services
         self.repo = repo
-        self._subjects: dict[str, Subject | None] = {}
+        self._subjects: dict[str, WrappedKey | None] = {}
         self._ciphers: dict[str, SubjectCipher] = {}
 
     async def _open(self, row: VersionRow, permit: Permit = TENANCY) -> ReadResult:
         if row.subject_id not in self._subjects:
-            self._subjects[row.subject_id] = await self.repo.subject(row.subject_id)
+            found = await self.repo.subject_keys([row.subject_id])
+            self._subjects[row.subject_id] = found.get(row.subject_id)
         return ReadResult(row, open_version(self.services.keys, self._subjects[row.subject_id], row), permit)
 
     async def _visible(
         self, visibility: Visibility, resource_type: str, resource_id: str
-    ) -> tuple[StoredResource, Permit]:
-        current = await self.repo.current(resource_type, resource_id)
-        permit = await visibility.permits(self.repo, current) if current is not None else None
-        if current is None or permit is None:
-            raise not_found(resource_type)
-        return current, permit
-
-    async def read(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
-        found = await self.repo.current_with_version(resource_type, resource_id)
-        permit = await visibility.permits(self.repo, found[0]) if found is not None else None
+    ) -> tuple[CurrentRead, Permit]:
+        found = await self.repo.current_for_read(resource_type, resource_id, visibility.grant)
+        permit = visibility.permits(found) if found is not None else None
         if found is None or permit is None:
             raise not_found(resource_type)
-        _, row, subject = found
-        self._subjects[row.subject_id] = subject
-        return await self._open(row, permit)
+        self._subjects[found.row.subject_id] = found.subject
+        return found, permit
+
+    async def read(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
+        found, permit = await self._visible(visibility, resource_type, resource_id)
+        return await self._open(found.row, permit)
 
     async def vread(
         self, visibility: Visibility, resource_type: str, resource_id: str, version_id: int
@@ -93,17 +95,28 @@ class Reader:
         rows = await self.repo.history(resource_type, resource_id, MAX_HISTORY)
         return [await self._open(r, permit) for r in rows]
 
-    async def search(self, visibility: Visibility, flt: SearchFilter, parsed: ParsedSearch) -> SearchResult:
-        """Filtered in SQL before paging, so totals and pages hold only what may be seen."""
+    async def search(
+        self, visibility: Visibility, flt: SearchFilter, parsed: ParsedSearch, cursor: PageCursor | None
+    ) -> SearchResult:
+        """Filtered in SQL before paging, so totals and pages hold only what may be seen.
+
+        The total is counted on the first page only; later pages carry it in their cursor."""
         flt = visibility.restrict(flt)
         if parsed.value_concepts:
             return await self._search_values(flt, parsed)
-        total = await self.repo.count(flt)
+        if cursor is not None:
+            total = cursor.total
+        else:
+            total = await self.repo.count(flt) if parsed.count_total else None
         rows = await self.repo.search(
-            flt, newest_first=parsed.newest_first, limit=parsed.count, offset=parsed.offset
+            flt,
+            newest_first=parsed.newest_first,
+            limit=parsed.count + 1,  # one more than the page: is there a next one?
+            offset=parsed.offset,
+            after=cursor.after if cursor else None,
         )
-        opened = await self.open_rows(flt, rows)
-        return SearchResult(opened, total, parsed.offset + len(rows) < total)
+        opened = await self.open_rows(flt, rows[: parsed.count])
+        return SearchResult(opened, total, len(rows) > parsed.count)
 
     async def _search_values(self, flt: SearchFilter, parsed: ParsedSearch) -> SearchResult:
         rows = await self.repo.search(flt, newest_first=parsed.newest_first, limit=MAX_VALUE_SCAN, offset=0)
@@ -118,22 +131,22 @@ class Reader:
     async def everything(
         self, visibility: Visibility, patient_id: str, types: Sequence[str]
     ) -> list[ReadResult]:
-        """Patient/$everything: the patient and every resource of theirs the caller may see."""
+        """Patient/$everything: the patient and every resource of theirs the caller may see,
+        newest first, in one search over all the types (not one per type)."""
         results = [await self.read(visibility, "Patient", patient_id)]
-        for resource_type in types:
-            if resource_type == "Patient" or len(results) >= MAX_EVERYTHING:
-                continue
-            flt = visibility.restrict(SearchFilter(resource_type=resource_type, subject_ids=[patient_id]))
-            rows = await self.repo.search(
-                flt, newest_first=True, limit=MAX_EVERYTHING - len(results), offset=0
+        others = [t for t in types if t != "Patient"]
+        if others:
+            flt = visibility.restrict(
+                SearchFilter(resource_type="", resource_types=others, subject_ids=[patient_id])
             )
+            rows = await self.repo.search(flt, newest_first=True, limit=MAX_EVERYTHING - 1)
             results.extend(await self.open_rows(flt, rows))
         return results
 
     async def open_rows(self, flt: SearchFilter, rows: Sequence[VersionRow]) -> list[ReadResult]:
         missing = {r.subject_id for r in rows} - self._subjects.keys()
         if missing:  # one query for the page's subject keys, not one per row
-            found = await self.repo.subjects(missing)
+            found = await self.repo.subject_keys(missing)
             self._subjects.update({subject_id: found.get(subject_id) for subject_id in missing})
         permits = await self._permits(flt, rows)
         return [
@@ -148,10 +161,7 @@ class Reader:
         if flt.grant is None or not rows:
             return {}
         grants = await self.repo.grants_for_subjects(flt.grant, {r.subject_id for r in rows})
-        return {
-            (g.subject_id, g.resource_type, g.labels_token): Permit(g.rule, g.consent_id, g.consent_version)
-            for g in grants
-        }
+        return {key: Permit(g.rule, g.consent_id, g.consent_version) for key, g in grants.items()}
 
 
 def bundle_bytes(

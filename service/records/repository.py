@@ -5,11 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.records.paging import PagePosition
 from service.store.tables import (
     DisclosureGrant,
     Organization,
@@ -32,6 +48,34 @@ class VersionRow:
     ciphertext: bytes
     ciphertext_sha256: str
     labels_token: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SubjectKey:
+    """A migrant's wrapped data key, as a read needs it."""
+
+    id: str
+    wrapped_key: bytes | None
+    key_version: int
+
+
+@dataclass(frozen=True)
+class GrantMatch:
+    """The disclosure grant that lets an authority see one resource (named in the audit entry)."""
+
+    rule: str
+    consent_id: str
+    consent_version: int
+
+
+@dataclass(frozen=True)
+class CurrentRead:
+    """What a read needs, fetched in one statement: the current version, its key, who may see it."""
+
+    row: VersionRow
+    organization_id: str
+    subject: SubjectKey | None
+    grant: GrantMatch | None
 
 
 @dataclass
@@ -93,6 +137,8 @@ class SearchFilter:
     """A search already reduced to columns: tenancy and blind-index values, never clear text."""
 
     resource_type: str
+    # Several types at once ($everything); when set, ``resource_type`` is not used.
+    resource_types: Sequence[str] | None = None
     organization_id: str | None = None
     subject_ids: Sequence[str] | None = None
     ids: Sequence[str] | None = None
@@ -119,32 +165,51 @@ class RecordRepository:
     async def subject(self, subject_id: str) -> Subject | None:
         return await self.session.get(Subject, subject_id)
 
-    async def subjects(self, subject_ids: Iterable[str]) -> dict[str, Subject]:
-        result = await self.session.execute(select(Subject).where(Subject.id.in_(sorted(set(subject_ids)))))
-        return {s.id: s for s in result.scalars()}
-
-    async def current_with_version(
-        self, resource_type: str, resource_id: str
-    ) -> tuple[StoredResource, VersionRow, Subject | None] | None:
-        """A read's three rows in one round trip: the current pointer, its version and the subject key."""
-        result = await self.session.execute(
-            select(StoredResource, ResourceVersion, Subject)
-            .join(
-                ResourceVersion,
-                and_(
-                    ResourceVersion.resource_type == StoredResource.resource_type,
-                    ResourceVersion.id == StoredResource.id,
-                    ResourceVersion.version_id == StoredResource.version_id,
-                ),
-            )
-            .outerjoin(Subject, Subject.id == StoredResource.subject_id)
-            .where(StoredResource.resource_type == resource_type, StoredResource.id == resource_id)
+    async def subject_keys(self, subject_ids: Iterable[str]) -> dict[str, SubjectKey]:
+        """The wrapped keys of these migrants, in one statement (columns, not ORM objects)."""
+        s = _SUBJECTS
+        connection = await self.session.connection()
+        result = await connection.execute(
+            select(s.c.id, s.c.wrapped_key, s.c.key_version).where(s.c.id.in_(sorted(set(subject_ids))))
         )
-        row = result.first()
-        if row is None:
+        return {row.id: SubjectKey(row.id, row.wrapped_key, row.key_version) for row in result}
+
+    async def current_for_read(
+        self, resource_type: str, resource_id: str, grant: GrantFilter | None
+    ) -> CurrentRead | None:
+        """A read in one round trip: the current version, the subject key and, for an authority,
+        the grant in force that matches the resource's type and exact label set (or none)."""
+        params: dict[str, object] = {"rtype": resource_type, "rid": resource_id}
+        if grant is not None:
+            params.update(org=grant.organization_id, purpose=grant.purpose, at=grant.at)
+        connection = await self.session.connection()
+        result = await connection.execute(_READ_WITH_GRANT if grant else _READ, params)
+        found = result.first()
+        if found is None:
             return None
-        current, version, subject = row
-        return current, _version_row(version, current.labels_token), subject
+        m = found._mapping
+        row = VersionRow(
+            resource_type=resource_type,
+            id=resource_id,
+            version_id=m["version_id"],
+            subject_id=m["subject_id"],
+            organization_id=m["version_organization_id"],
+            last_updated=m["last_updated"],
+            ciphertext=m["ciphertext"],
+            ciphertext_sha256=m["ciphertext_sha256"],
+            labels_token=m["labels_token"],
+        )
+        subject = (
+            SubjectKey(m["subject_id"], m["wrapped_key"], m["key_version"])
+            if m["key_version"] is not None
+            else None
+        )
+        matched = (
+            GrantMatch(m["rule"], m["consent_id"], m["consent_version"])
+            if grant is not None and m["rule"] is not None
+            else None
+        )
+        return CurrentRead(row, m["organization_id"], subject, matched)
 
     async def add_subject(self, subject: Subject) -> None:
         self.session.add(subject)
@@ -257,7 +322,11 @@ class RecordRepository:
 
     # --- search ---------------------------------------------------------
     def _filtered(self, flt: SearchFilter) -> Select[StoredResource]:
-        query = select(StoredResource).where(StoredResource.resource_type == flt.resource_type)
+        query = select(StoredResource).where(
+            StoredResource.resource_type.in_(list(flt.resource_types))
+            if flt.resource_types is not None
+            else StoredResource.resource_type == flt.resource_type
+        )
         if flt.organization_id is not None:
             query = query.where(StoredResource.organization_id == flt.organization_id)
         if flt.subject_ids is not None:
@@ -292,24 +361,34 @@ class RecordRepository:
 
     async def grants_for_subjects(
         self, grant: GrantFilter, subject_ids: Iterable[str]
-    ) -> list[DisclosureGrant]:
-        """The grants in force for these migrants (to name the deciding consent in the audit entry)."""
-        result = await self.session.execute(
-            select(DisclosureGrant).where(
-                DisclosureGrant.subject_id.in_(sorted(set(subject_ids))),
-                DisclosureGrant.organization_id == grant.organization_id,
-                DisclosureGrant.purpose == grant.purpose,
-                or_(DisclosureGrant.valid_from.is_(None), DisclosureGrant.valid_from <= grant.at),
-                or_(DisclosureGrant.valid_to.is_(None), DisclosureGrant.valid_to > grant.at),
+    ) -> dict[tuple[str, str, bytes], GrantMatch]:
+        """The grants in force for these migrants, by (migrant, resource type, label set): which
+        consent let each row of a page through, named in its disclosure's audit entry."""
+        g = _GRANTS
+        connection = await self.session.connection()
+        result = await connection.execute(
+            select(
+                g.c.subject_id,
+                g.c.resource_type,
+                g.c.labels_token,
+                g.c.rule,
+                g.c.consent_id,
+                g.c.consent_version,
             )
+            .where(
+                g.c.subject_id.in_(sorted(set(subject_ids))),
+                g.c.organization_id == grant.organization_id,
+                g.c.purpose == grant.purpose,
+                or_(g.c.valid_from.is_(None), g.c.valid_from <= grant.at),
+                or_(g.c.valid_to.is_(None), g.c.valid_to > grant.at),
+            )
+            .order_by(g.c.consent_id, g.c.consent_version)
         )
-        return list(result.scalars())
-
-    async def grant_for(self, grant: GrantFilter, row: StoredResource) -> DisclosureGrant | None:
-        for candidate in await self.grants_for_subjects(grant, [row.subject_id]):
-            if candidate.resource_type == row.resource_type and candidate.labels_token == row.labels_token:
-                return candidate
-        return None
+        found: dict[tuple[str, str, bytes], GrantMatch] = {}
+        for row in result:  # where two grants overlap, the first in order, as a single read picks
+            key = (row.subject_id, row.resource_type, row.labels_token)
+            found.setdefault(key, GrantMatch(row.rule, row.consent_id, row.consent_version))
+        return found
 
     async def replace_grants(self, subject_id: str, grants: Iterable[DisclosureGrant]) -> None:
         await self.session.execute(delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id))
@@ -335,23 +414,41 @@ class RecordRepository:
         return set(result.scalars())
 
     async def search(
-        self, flt: SearchFilter, *, newest_first: bool, limit: int, offset: int
+        self,
+        flt: SearchFilter,
+        *,
+        newest_first: bool,
+        limit: int,
+        offset: int = 0,
+        after: PagePosition | None = None,
     ) -> list[VersionRow]:
+        """A page in ``(last_updated, id)`` order, starting after ``after`` (keyset) or at ``offset``."""
         order = (
             (StoredResource.last_updated.desc(), StoredResource.id.desc())
             if newest_first
             else (StoredResource.last_updated.asc(), StoredResource.id.asc())
         )
-        page = self._filtered(flt).order_by(*order).limit(limit).offset(offset).subquery()
+        filtered = self._filtered(flt)
+        if after is not None:
+            key = tuple_(StoredResource.last_updated, StoredResource.id)
+            start = tuple_(
+                bindparam("after_updated", after.last_updated, type_=StoredResource.last_updated.type),
+                bindparam("after_id", after.resource_id),
+            )
+            filtered = filtered.where(key < start if newest_first else key > start)
+        page = filtered.order_by(*order).limit(limit).offset(offset).subquery()
+        v = _VERSIONS
         query = (
-            select(ResourceVersion)
-            .join(
-                page,
-                and_(
-                    ResourceVersion.resource_type == page.c.resource_type,
-                    ResourceVersion.id == page.c.id,
-                    ResourceVersion.version_id == page.c.version_id,
-                ),
+            select(*_VERSION_COLUMNS, page.c.labels_token)
+            .select_from(
+                v.join(
+                    page,
+                    and_(
+                        v.c.resource_type == page.c.resource_type,
+                        v.c.id == page.c.id,
+                        v.c.version_id == page.c.version_id,
+                    ),
+                )
             )
             .order_by(
                 *(
@@ -361,8 +458,9 @@ class RecordRepository:
                 )
             )
         )
-        result = await self.session.execute(query.add_columns(page.c.labels_token))
-        return [_version_row(r, token) for r, token in result.all()]
+        connection = await self.session.connection()  # Core rows: no ORM identity map to fill
+        result = await connection.execute(query)
+        return [VersionRow(*row) for row in result]
 
 
 def _grant_matches(grant: GrantFilter) -> ColumnElement[bool]:
@@ -375,6 +473,71 @@ def _grant_matches(grant: GrantFilter) -> ColumnElement[bool]:
         or_(DisclosureGrant.valid_from.is_(None), DisclosureGrant.valid_from <= grant.at),
         or_(DisclosureGrant.valid_to.is_(None), DisclosureGrant.valid_to > grant.at),
     )
+
+
+_RESOURCES = cast(Table, StoredResource.__table__)
+_VERSIONS = cast(Table, ResourceVersion.__table__)
+_SUBJECTS = cast(Table, Subject.__table__)
+_GRANTS = cast(Table, DisclosureGrant.__table__)
+# In VersionRow's field order (its labels_token comes from the current pointer).
+_VERSION_COLUMNS = (
+    _VERSIONS.c.resource_type,
+    _VERSIONS.c.id,
+    _VERSIONS.c.version_id,
+    _VERSIONS.c.subject_id,
+    _VERSIONS.c.organization_id,
+    _VERSIONS.c.last_updated,
+    _VERSIONS.c.ciphertext,
+    _VERSIONS.c.ciphertext_sha256,
+)
+
+
+def _read_statement(*, with_grant: bool) -> Select[tuple[object, ...]]:
+    """Built once per kind (SQLAlchemy caches compiled statements by statement object)."""
+    r, v, s, g = _RESOURCES, _VERSIONS, _SUBJECTS, _GRANTS
+    joined = r.join(
+        v, and_(v.c.resource_type == r.c.resource_type, v.c.id == r.c.id, v.c.version_id == r.c.version_id)
+    ).outerjoin(s, s.c.id == r.c.subject_id)
+    columns = [
+        r.c.organization_id,
+        r.c.labels_token,
+        v.c.version_id,
+        v.c.subject_id,
+        v.c.organization_id.label("version_organization_id"),
+        v.c.last_updated,
+        v.c.ciphertext,
+        v.c.ciphertext_sha256,
+        s.c.wrapped_key,
+        s.c.key_version,
+    ]
+    order = []
+    if with_grant:
+        at = bindparam("at", type_=g.c.valid_from.type)
+        joined = joined.outerjoin(
+            g,
+            and_(
+                g.c.subject_id == r.c.subject_id,
+                g.c.organization_id == bindparam("org"),
+                g.c.purpose == bindparam("purpose"),
+                g.c.resource_type == r.c.resource_type,
+                g.c.labels_token == r.c.labels_token,
+                or_(g.c.valid_from.is_(None), g.c.valid_from <= at),
+                or_(g.c.valid_to.is_(None), g.c.valid_to > at),
+            ),
+        )
+        columns += [g.c.rule, g.c.consent_id, g.c.consent_version]
+        order = [g.c.consent_id, g.c.consent_version]
+    return (
+        select(*columns)
+        .select_from(joined)
+        .where(r.c.resource_type == bindparam("rtype"), r.c.id == bindparam("rid"))
+        .order_by(*order)
+        .limit(1)
+    )
+
+
+_READ = _read_statement(with_grant=False)
+_READ_WITH_GRANT = _read_statement(with_grant=True)
 
 
 def _version_row(row: ResourceVersion, labels_token: bytes | None = None) -> VersionRow:

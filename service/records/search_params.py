@@ -28,7 +28,7 @@ SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "Provenance": frozenset(_CLINICAL),
     "Specimen": frozenset(_CLINICAL),
 }
-CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset"})
+CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total"})
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
 MAX_OFFSET = 10_000
@@ -49,6 +49,8 @@ class ParsedSearch:
     offset: int
     newest_first: bool
     echo: list[tuple[str, str]]  # the parameters understood, for self/next links
+    cursor: str | None = None  # the next link's position (service.records.paging), still sealed
+    count_total: bool = True  # _total=none: the client does not want Bundle.total
     # value-concept is matched on decrypted resources, within what the caller may see:
     # no index of results exists, in clear or blind.
     value_concepts: list[list[tuple[str, str]]] = field(default_factory=list)
@@ -110,6 +112,8 @@ def parse_search(
         raise FhirError.single(404, "not-supported", f"{resource_type} is not searchable here")
     flt = SearchFilter(resource_type=resource_type)
     count, offset, newest_first = DEFAULT_COUNT, 0, True
+    cursor: str | None = None
+    count_total = True
     echo: list[tuple[str, str]] = []
     value_concepts: list[list[tuple[str, str]]] = []
     for name, value in params:
@@ -126,6 +130,13 @@ def parse_search(
                 if not _is_number(value) or int(value) > MAX_OFFSET:
                     raise _bad(f"_offset must be 0 to {MAX_OFFSET}", name)
                 offset = int(value)
+            elif base == "_cursor":
+                cursor = value
+            elif base == "_total":
+                if value not in ("none", "estimate", "accurate"):
+                    raise _bad("_total must be none, estimate or accurate", name)
+                count_total = value != "none"  # an estimate is answered with the exact count
+                echo.append((name, value))
             elif value in ("_lastUpdated", "-_lastUpdated"):
                 newest_first = value.startswith("-")
                 echo.append((name, value))
@@ -163,4 +174,17 @@ def parse_search(
             target = flt.date_ranges if base == "date" else flt.updated_ranges
             for op, bound in _date_bounds(name, value):
                 target.append((op, bound))
-    return ParsedSearch(flt, count, offset, newest_first, echo, value_concepts)
+    if cursor is not None and (offset or value_concepts):
+        raise _bad(
+            "_cursor pages by position: it cannot be combined with _offset or value-concept", "_cursor"
+        )
+    return ParsedSearch(
+        flt,
+        count,
+        offset,
+        newest_first,
+        echo,
+        cursor=cursor,
+        count_total=count_total,
+        value_concepts=value_concepts,
+    )

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -34,8 +35,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_begin(conn: Any) -> None:
     # IMMEDIATE takes the write lock up front. A deferred transaction that reads
     # and then writes fails with SQLITE_BUSY when another writer committed in
-    # between; SQLite has one writer at a time anyway.
+    # between; SQLite has one writer at a time anyway. Reads (autocommit) take no lock.
+    if conn.get_execution_options().get("isolation_level") == READ_ONLY_ISOLATION:
+        return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# Reads run in autocommit: no BEGIN and COMMIT round trips. Under PostgreSQL's READ
+# COMMITTED every statement takes its own snapshot inside a transaction too, so a
+# read loses no consistency by it; a request that writes always gets a transaction.
+READ_ONLY_ISOLATION = "AUTOCOMMIT"
 
 
 def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -47,15 +56,29 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=5,
         # A statement that waits longer than this is a stuck request, not a slow one.
         connect_args={"server_settings": {"statement_timeout": "30000"}, "timeout": 5},
     )
+    event.listen(engine.sync_engine, "checkout", _discard_closed)
+    return engine
+
+
+def _discard_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Hand out no connection the server has closed (a restart, an idle timeout).
+
+    Instead of pool_pre_ping, which costs three round trips per checkout with
+    asyncpg (BEGIN, a ping, ROLLBACK): asyncpg marks a connection closed as soon
+    as the server ends it, so the check is free; the pool replaces the connection.
+    A connection that dies silently fails its next statement, which answers 503
+    and invalidates the pool.
+    """
+    if dbapi_connection._connection.is_closed():
+        raise DisconnectionError
 
 
 class Database:
@@ -75,6 +98,14 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         async with self.sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only, outside any transaction (see READ_ONLY_ISOLATION)."""
+        async with self.engine.connect() as connection:
+            await connection.execution_options(isolation_level=READ_ONLY_ISOLATION)
+            async with AsyncSession(bind=connection, expire_on_commit=False) as session:
+                yield session
 
     async def ping(self) -> bool:
         try:
