@@ -57,7 +57,7 @@ def _mutate(observation: dict[str, Any], kind: str, value: Any) -> None:
         observation["effectiveDateTime"] = value
     elif kind == "note":
         observation["note"] = [{"text": value}]
-    elif kind == "system":
+    elif kind == "system" and "code" in observation:  # an earlier mutation may have dropped it
         observation["code"]["coding"][0]["system"] = value
 
 
