@@ -35,7 +35,7 @@ from service.records.context import Actor
 from service.records.intake import Intake
 from service.records.repository import RecordRepository
 from service.request_context import SOURCE
-from service.runtime import build_runtime
+from service.runtime import build_runtime, close_runtime
 from service.settings import Environment, Settings
 
 
@@ -105,7 +105,7 @@ async def _load(
                     )
                     done += 1
     finally:
-        await runtime.database.dispose()
+        await close_runtime(runtime)
     return done
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from bench.bulk_load import _settings, bulk_load
 from bench.parties import database_url, psql, setup
 from service.audit.log import seal_all
-from service.runtime import build_runtime
+from service.runtime import build_runtime, close_runtime
 from service.store import migrate
 
 BENCH = Path(__file__).resolve().parent
@@ -59,7 +59,7 @@ def _seal(keyring: Path) -> float:
             signer = runtime.log_signer
             await seal_all(runtime.database, signer, signer.name)
         finally:
-            await runtime.database.dispose()
+            await close_runtime(runtime)
 
     began = time.perf_counter()
     asyncio.run(run())

@@ -14,7 +14,7 @@ from service.asgi import RequestMiddleware
 from service.audit.log import start_integrator, stop_integrator
 from service.errors import install_error_handlers
 from service.ratelimit import RateLimiter
-from service.runtime import Runtime, build_runtime
+from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
 
 
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             await app.state.runtime.audit_writer.drain()
             await stop_integrator(integrator)
             if owned:
-                await app.state.runtime.database.dispose()
+                await close_runtime(app.state.runtime)
 
     app = FastAPI(
         title="mhr: migrant health records",

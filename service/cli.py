@@ -108,14 +108,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _seed_demo_exams(settings: Settings, clinic: dict[str, str]) -> None:
     from service.demo import seed_demo_exams
-    from service.runtime import build_runtime
+    from service.runtime import build_runtime, close_runtime
 
     async def run() -> int:
         runtime = build_runtime(settings)
         try:
             return await seed_demo_exams(runtime, settings.ig_dir / "examples", clinic)
         finally:
-            await runtime.database.dispose()
+            await close_runtime(runtime)
 
     count = asyncio.run(run())
     print(f"seeded {count} demo exams from {settings.ig_dir / 'examples'}", file=sys.stderr)

@@ -46,6 +46,13 @@ class Runtime:
     audit_writer: AuditWriter
 
 
+async def close_runtime(runtime: Runtime) -> None:
+    """Release the database connections (the audit writer's after its last entries)."""
+    await runtime.audit_writer.drain()
+    await runtime.audit_writer.database.dispose()
+    await runtime.database.dispose()
+
+
 def open_keyring(settings: Settings) -> KeyProvider:
     return LocalKeyring.load_or_create(settings.keyring_path)
 
@@ -86,5 +93,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
         ),
         head_revision=head_revision(),
         log_signer=NoteSigner(settings.deployment_name, keys.log_signing_key()),
-        audit_writer=AuditWriter(database),
+        # Its own connections: reads waiting for their entries hold theirs, and must not be
+        # able to leave the writer none.
+        audit_writer=AuditWriter(Database(settings.database_url, pool_size=1)),
     )

@@ -56,7 +56,8 @@ class AuditWriter:
         # Marks a failure as seen even when its request is gone (no "never retrieved" warning).
         waiting.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append(waiting)
-        if self._flusher is None or self._flusher.done():
+        flusher = self._flusher
+        if flusher is None or flusher.done() or flusher.get_loop() is not asyncio.get_running_loop():
             self._flusher = asyncio.create_task(self._flush_all())
         # A request cancelled while waiting (client gone) leaves its entry to be written:
         # an entry for an answer never sent says more than was disclosed, never less.

@@ -84,9 +84,9 @@ def _discard_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 class Database:
     """Owns the engine; hands out sessions whose transaction the caller ends."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, pool_size: int = 10) -> None:
         self.url = database_url
-        self.engine = create_engine(database_url)
+        self.engine = create_engine(database_url, pool_size=pool_size)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @property
