@@ -40,7 +40,11 @@ MAX_ENTRIES = 500
 
 
 class PatientRaceLost(Exception):
-    """Another transaction claimed the same migrant identifier first; the caller retries once."""
+    """Another transaction claimed the same migrant identifier first; the caller retries once.
+
+    Raised before the intake has written anything (its own claims are taken back), so the
+    caller retries in the same transaction without a SAVEPOINT.
+    """
 
 
 def validation_error(issues: list[Issue]) -> FhirError:

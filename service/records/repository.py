@@ -197,7 +197,7 @@ class RecordRepository:
             return True
         rows = [
             {"organization_id": organization_id, "identifier_hash": key, "patient_id": patient_id}
-            for key, patient_id in claims.items()
+            for key, patient_id in sorted(claims.items())  # one lock order for every transaction
         ]
         table = _table(PatientKey)
         flavour = sqlite.insert if self.session.get_bind().dialect.name == "sqlite" else postgresql.insert
