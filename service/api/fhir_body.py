@@ -41,22 +41,52 @@ def _shape_problem(value: Any, limit: int) -> str | None:
     return None
 
 
+# In JSON text a control character can only be written as an escape (\uXXXX, \b, \f;
+# raw ones are refused by the parser), except DEL, which may stand as itself. A body
+# with none of these cannot hold one, and the per-string search is skipped.
+_CONTROL_SPELLINGS = (b"\\u", b"\\b", b"\\f", b"\x7f")
+
+
+def _depth_problem(value: Any, limit: int) -> str | None:
+    """``_shape_problem`` for a body known to hold no control character and no long string."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit or (node and depth == limit):  # a member or item one level deeper
+            return f"JSON nested deeper than {limit} levels"
+        for item in node.values() if isinstance(node, dict) else node:
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return None
+
+
+def _body_problem(body: bytes, value: Any) -> str | None:
+    if not isinstance(value, (dict, list)):
+        return _shape_problem(value, MAX_DEPTH)
+    if len(body) <= MAX_STRING and not any(s in body for s in _CONTROL_SPELLINGS):
+        # A string has at most as many characters as the body has bytes.
+        return _depth_problem(value, MAX_DEPTH)
+    return _shape_problem(value, MAX_DEPTH)
+
+
 class _DuplicateKey(ValueError):
     pass
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> None:
+    # The parsed value is thrown away (orjson's is kept), so no dict is built.
+    if len(pairs) > 1 and len({key for key, _ in pairs}) != len(pairs):
         raise _DuplicateKey
-    return obj
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 
 def _has_duplicate_keys(body: bytes) -> bool:
     """Whether any JSON object repeats a key. orjson keeps the last silently, and another parser
     may keep the first: a body that means two things to two readers is refused."""
     try:
-        json.loads(body, object_pairs_hook=_no_duplicates)
+        _PAIRS_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))  # as json.loads
     except _DuplicateKey:
         return True
     return False
@@ -74,7 +104,7 @@ async def read_fhir_json(request: Request) -> Any:
     except orjson.JSONDecodeError:
         # No position or excerpt: the body can be PHI.
         raise FhirError.single(400, "structure", "the request body is not valid JSON (UTF-8)") from None
-    problem = _shape_problem(parsed, MAX_DEPTH)
+    problem = _body_problem(body, parsed)
     if problem is not None:  # fixed texts: never a value from the body
         raise FhirError.single(400, "structure", problem)
     if _has_duplicate_keys(body):

@@ -159,12 +159,15 @@ async def _store(
     action: Action,
     work: Callable[[Intake], Awaitable[IntakeResult]],
 ) -> IntakeResult:
-    """Run an intake in a savepoint, retrying once if a concurrent submission claimed the same migrant."""
+    """Run an intake, retrying once if a concurrent submission claimed the same migrant.
+
+    No SAVEPOINT is needed for the retry: an intake that loses the race raises
+    PatientRaceLost before it writes anything (see ``Intake._commit``).
+    """
     for attempt in (1, 2):
         intake = Intake(runtime.records, RecordRepository(session), IdentityRepository(session))
         try:
-            async with session.begin_nested():
-                result = await work(intake)
+            result = await work(intake)
             break
         except PatientRaceLost:
             if attempt == 2:

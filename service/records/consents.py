@@ -22,67 +22,99 @@ from service.records.context import RecordServices
 from service.records.indexing import labels_token
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
-from service.store.tables import DisclosureGrant
+from service.store.tables import Subject
 
 
 async def load_policies(
     services: RecordServices,
     repo: RecordRepository,
     subject_id: str,
-    fresh: Mapping[str, bytes] | None = None,
+    fresh: Mapping[str, tuple[int, bytes]] | None = None,
+    *,
+    new_subject: bool = False,
 ) -> list[ConsentPolicy]:
-    """The migrant's current Consents as policies. ``fresh`` holds bodies written in this transaction."""
-    subject = await repo.subject(subject_id)
+    """The migrant's current Consents as policies.
+
+    ``fresh`` holds the (version, body) of Consents written in this transaction. With
+    ``new_subject`` (the migrant was created in this transaction) those are all there
+    is, and the store is not asked.
+    """
+    fresh = fresh or {}
+    if new_subject:
+        current = [(consent_id, version, body) for consent_id, (version, body) in fresh.items()]
+    else:
+        subject: Subject | None = None
+        current = []
+        for row in await repo.current_of_type(subject_id, "Consent"):
+            if row.id in fresh and fresh[row.id][0] == row.version_id:
+                current.append((row.id, row.version_id, fresh[row.id][1]))
+                continue
+            if subject is None:
+                subject = await repo.subject(subject_id)
+            current.append((row.id, row.version_id, open_version(services.keys, subject, row)))
+    if not current:
+        return []
     known_orgs = await repo.organization_ids()
 
     def resolve_org(system: str, value: str) -> str | None:
         return value if system == ORG_IDENTIFIER_SYSTEM and value in known_orgs else None
 
     policies = []
-    for row in await repo.current_of_type(subject_id, "Consent"):
-        body = (fresh or {}).get(row.id) or open_version(services.keys, subject, row)
+    for consent_id, version, body in current:
         resource: Any = orjson.loads(body)
         policies.append(
             consent_policy_from_fhir(
                 resource,
                 statutory_policies=services.statutory_policies,
                 resolve_org=resolve_org,
-                consent_id=row.id,
-                version=row.version_id,
+                consent_id=consent_id,
+                version=version,
             )
         )
     return policies
 
 
 async def refresh_grants(
-    services: RecordServices, repo: RecordRepository, subject_id: str, fresh: Mapping[str, bytes]
+    services: RecordServices,
+    repo: RecordRepository,
+    subject_id: str,
+    fresh: Mapping[str, tuple[int, bytes]],
+    *,
+    new_subject: bool = False,
 ) -> int:
-    """Recompute and store every grant of one migrant; returns how many there are."""
-    policies = await load_policies(services, repo, subject_id, fresh)
+    """Recompute and store every grant of one migrant; returns how many there are.
+
+    ``fresh``: (version, body) of the Consents written in this transaction;
+    ``new_subject``: the migrant was created in this transaction (no stored Consents or grants).
+    """
+    policies = await load_policies(services, repo, subject_id, fresh, new_subject=new_subject)
     grants = materialise_grants(
         subject_id,
         policies,
         resource_types=sorted(STORED_TYPES),
         label_universe=services.labeler.label_universe,
     )
-    await repo.replace_grants(
-        subject_id,
-        [
-            DisclosureGrant(
-                subject_id=subject_id,
-                organization_id=g.organization_id,
-                purpose=g.purpose,
-                resource_type=g.resource_type,
-                labels_token=labels_token(services.indexer, g.labels),
-                valid_from=g.valid_from,
-                valid_to=g.valid_to,
-                rule=g.rule,
-                consent_id=g.consent_id,
-                consent_version=g.consent_version,
-            )
-            for g in grants
-        ],
-    )
+    tokens: dict[frozenset[str], bytes] = {}
+    rows = []
+    for g in grants:
+        token = tokens.get(g.labels)
+        if token is None:
+            token = tokens[g.labels] = labels_token(services.indexer, g.labels)
+        rows.append(
+            {
+                "subject_id": subject_id,
+                "organization_id": g.organization_id,
+                "purpose": g.purpose,
+                "resource_type": g.resource_type,
+                "labels_token": token,
+                "valid_from": g.valid_from,
+                "valid_to": g.valid_to,
+                "rule": g.rule,
+                "consent_id": g.consent_id,
+                "consent_version": g.consent_version,
+            }
+        )
+    await repo.replace_grants(subject_id, rows, new_subject=new_subject)
     return len(grants)
 
 

@@ -40,7 +40,11 @@ MAX_ENTRIES = 500
 
 
 class PatientRaceLost(Exception):
-    """Another transaction claimed the same migrant identifier first; the caller retries once."""
+    """Another transaction claimed the same migrant identifier first; the caller retries once.
+
+    Raised before the intake has written anything (its own claims are taken back), so the
+    caller retries in the same transaction without a SAVEPOINT.
+    """
 
 
 def validation_error(issues: list[Issue]) -> FhirError:
@@ -105,6 +109,10 @@ class Intake:
         self.repo = repo
         self.identities = identities
         self._ciphers: dict[str, SubjectCipher] = {}
+        # Key rows of migrants already in the store, read with the references that name them.
+        self._subjects: dict[str, Subject | None] = {}
+        # Current pointers of resources referenced from outside the submission.
+        self._referenced: dict[tuple[str, str], StoredResource] = {}
         self._batch = WriteBatch()
 
     # --- entry points -------------------------------------------------------------
@@ -293,11 +301,13 @@ class Intake:
             if await self.identities.organization(key[1]) is None:
                 raise _invalid("referenced Organization not found", external[key][0], "not-found")
         stored_refs = [k for k in external if k[0] != "Organization"]
-        found = await self.repo.existing_ids(stored_refs)
+        found = await self.repo.existing_with_subjects(stored_refs)
         for key in stored_refs:
-            row = found.get(key)
+            row, subject = found.get(key, (None, None))
             if key[0] not in STORED_TYPES or row is None or row.organization_id != actor.organization_id:
                 raise _invalid("referenced resource not found", external[key][0], "not-found")
+            self._referenced[key] = row
+            self._subjects[row.subject_id] = subject
 
     async def _resolve_subjects(self, planned: list[_Planned], actor: Actor, root: str) -> None:
         patients_in_bundle = {p.resource_id for p in planned if p.resource_type == "Patient"}
@@ -322,7 +332,9 @@ class Intake:
                     raise _invalid("the resource must reference its Patient", where, "required", 422)
                 subject = target[1]
                 if subject not in patients_in_bundle:
-                    row = await self.repo.current("Patient", subject)
+                    row = self._referenced.get(("Patient", subject))
+                    if row is None:
+                        row = await self.repo.current("Patient", subject)
                     if row is None or row.organization_id != actor.organization_id:
                         raise _invalid("referenced resource not found", where, "not-found")
             if item.subject_id is not None and item.subject_id != subject:
@@ -351,23 +363,25 @@ class Intake:
         now = datetime.now(UTC)
         result = IntakeResult()
         new_patients = [p for p in planned if p.resource_type == "Patient" and p.method == "create"]
+        # Only the identifier the client matched on is unique: family members can
+        # share a case number, and a migrant may hold several passports. Claimed
+        # before anything is written: a lost race leaves nothing behind to undo. (Two new
+        # migrants of one transaction with the same key: the later one holds it, as before.)
+        claims = {p.match_key: p.resource_id for p in new_patients if p.match_key is not None}
+        if not await self.repo.claim_match_keys(actor.organization_id, claims):
+            raise PatientRaceLost
         for patient in new_patients:
             wrapped, cipher = self.services.keys.create(patient.resource_id)
-            await self.repo.add_subject(
-                Subject(
-                    id=patient.resource_id,
-                    wrapped_key=wrapped,
-                    key_version=SUBJECT_KEY_VERSION,
-                    created_at=now,
-                )
+            self._batch.subjects.append(
+                {
+                    "id": patient.resource_id,
+                    "wrapped_key": wrapped,
+                    "key_version": SUBJECT_KEY_VERSION,
+                    "created_at": now,
+                    "erased_at": None,
+                }
             )
             self._ciphers[patient.resource_id] = cipher
-            # Only the identifier the client matched on is unique: family members can
-            # share a case number, and a migrant may hold several passports.
-            if patient.match_key is not None and not await self.repo.claim_match_key(
-                actor.organization_id, patient.resource_id, patient.match_key
-            ):
-                raise PatientRaceLost
         per_subject: dict[str, list[WrittenVersion]] = defaultdict(list)
         for item in planned:
             if item.method == "existing":
@@ -397,18 +411,24 @@ class Intake:
         await self.repo.write_batch(self._batch)
         # A Consent written, corrected or withdrawn changes what authorities may
         # receive from the very next request: recompute that migrant's grants now.
-        consents: dict[str, dict[str, bytes]] = defaultdict(dict)
+        consents: dict[str, dict[str, tuple[int, bytes]]] = defaultdict(dict)
         for written in result.written:
             if written.resource_type == "Consent":
-                consents[written.subject_id][written.resource_id] = written.body
+                consents[written.subject_id][written.resource_id] = (written.version_id, written.body)
+        created = {p.resource_id for p in new_patients}
         for subject_id, fresh in consents.items():
-            await refresh_grants(self.services, self.repo, subject_id, fresh)
+            await refresh_grants(
+                self.services, self.repo, subject_id, fresh, new_subject=subject_id in created
+            )
         return result
 
     async def _cipher(self, subject_id: str) -> SubjectCipher:
         cipher = self._ciphers.get(subject_id)
         if cipher is None:
-            subject = await self.repo.subject(subject_id)
+            if subject_id in self._subjects:
+                subject = self._subjects[subject_id]
+            else:
+                subject = await self.repo.subject(subject_id)
             if subject is None:
                 raise FhirError.single(404, "not-found", "Patient not found")
             cipher = self.services.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
@@ -22,11 +22,12 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.records.paging import PagePosition
 from service.store.tables import (
+    Base,
     DisclosureGrant,
     Organization,
     PatientKey,
@@ -78,10 +79,24 @@ class CurrentRead:
     grant: GrantMatch | None
 
 
+# Core statements on the tables, built once: the intake writes plain rows, so the
+# ORM's unit of work (identity map, per-object bookkeeping) would only cost CPU.
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+_INSERT_SUBJECTS = insert(_table(Subject))
+_INSERT_VERSIONS = insert(_table(ResourceVersion))
+_INSERT_RESOURCES = insert(_table(StoredResource))
+_INSERT_TOKENS = insert(_table(SearchToken))
+_INSERT_GRANTS = insert(_table(DisclosureGrant))
+
+
 @dataclass
 class WriteBatch:
     """Rows of new resource versions, collected so that they are inserted together."""
 
+    subjects: list[dict[str, object]] = field(default_factory=list)
     versions: list[dict[str, object]] = field(default_factory=list)
     resources: list[dict[str, object]] = field(default_factory=list)
     updates: list[tuple[StoredResource, dict[str, object]]] = field(default_factory=list)
@@ -211,9 +226,6 @@ class RecordRepository:
         )
         return CurrentRead(row, m["organization_id"], subject, matched)
 
-    async def add_subject(self, subject: Subject) -> None:
-        self.session.add(subject)
-
     # --- patients by identifier (ifNoneExist) --------------------------
     async def patients_with_identifier(self, organization_id: str, identifier_hash: bytes) -> list[str]:
         """The clinic's current Patients carrying this identifier (blind index), at most two."""
@@ -236,28 +248,41 @@ class RecordRepository:
         )
         return list(result.scalars())
 
-    async def claim_match_key(self, organization_id: str, patient_id: str, identifier_hash: bytes) -> bool:
-        """Claim an ifNoneExist key for a new migrant; False when a concurrent submission holds it."""
-        try:
-            async with self.session.begin_nested():
-                self.session.add(
-                    PatientKey(
-                        organization_id=organization_id,
-                        identifier_hash=identifier_hash,
-                        patient_id=patient_id,
+    async def claim_match_keys(self, organization_id: str, claims: Mapping[bytes, str]) -> bool:
+        """Claim ifNoneExist keys (identifier hash -> new migrant's id) in one statement.
+
+        False when a concurrent submission holds one of them; this call's own claims are
+        then taken back, so that a retry starts from a store this attempt did not touch.
+        A key whose holder no longer carries that identifier (corrected since) is taken over.
+        No SAVEPOINT: a held key is skipped by ``ON CONFLICT DO NOTHING`` rather than raised.
+        Like a plain INSERT, it waits for a concurrent uncommitted claim of the same key.
+        """
+        if not claims:
+            return True
+        rows = [
+            {"organization_id": organization_id, "identifier_hash": key, "patient_id": patient_id}
+            for key, patient_id in sorted(claims.items())  # one lock order for every transaction
+        ]
+        table = _table(PatientKey)
+        flavour = sqlite.insert if self.session.get_bind().dialect.name == "sqlite" else postgresql.insert
+        statement = flavour(table).values(rows).on_conflict_do_nothing().returning(table.c.identifier_hash)
+        claimed = set((await self.session.execute(statement)).scalars())
+        held = [key for key in claims if key not in claimed]
+        for key in held:
+            if await self.patients_with_identifier(organization_id, key):
+                if claimed:
+                    await self.session.execute(
+                        delete(PatientKey).where(
+                            PatientKey.organization_id == organization_id,
+                            PatientKey.identifier_hash.in_(sorted(claimed)),
+                        )
                     )
-                )
-        except IntegrityError:
-            if await self.patients_with_identifier(organization_id, identifier_hash):
                 return False
-            # The key's holder no longer carries that identifier (corrected since): take it over.
+        for key in held:
             await self.session.execute(
                 update(PatientKey)
-                .where(
-                    PatientKey.organization_id == organization_id,
-                    PatientKey.identifier_hash == identifier_hash,
-                )
-                .values(patient_id=patient_id)
+                .where(PatientKey.organization_id == organization_id, PatientKey.identifier_hash == key)
+                .values(patient_id=claims[key])
             )
         return True
 
@@ -287,9 +312,27 @@ class RecordRepository:
                 found[(row.resource_type, row.id)] = row
         return found
 
+    async def existing_with_subjects(
+        self, refs: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[StoredResource, Subject | None]]:
+        """Current pointers of these resources with their migrant's key row, one query per type."""
+        wanted = list(set(refs))
+        found: dict[tuple[str, str], tuple[StoredResource, Subject | None]] = {}
+        for rtype in sorted({t for t, _ in wanted}):
+            ids = sorted(i for t, i in wanted if t == rtype)
+            result = await self.session.execute(
+                select(StoredResource, Subject)
+                .outerjoin(Subject, Subject.id == StoredResource.subject_id)
+                .where(StoredResource.resource_type == rtype, StoredResource.id.in_(ids))
+            )
+            for row, subject in result.all():
+                found[(row.resource_type, row.id)] = (row, subject)
+        return found
+
     async def write_batch(self, batch: WriteBatch) -> None:
         """Everything one intake writes, in a handful of multi-row statements (not one per row)."""
-        await self.session.flush()  # subjects and claims added through the ORM go first
+        if batch.subjects:
+            await self.session.execute(_INSERT_SUBJECTS, batch.subjects)
         for resource_type, resource_id in batch.cleared:
             await self.session.execute(
                 delete(SearchToken).where(
@@ -297,15 +340,17 @@ class RecordRepository:
                 )
             )
         if batch.versions:
-            await self.session.execute(insert(ResourceVersion), batch.versions)
+            await self.session.execute(_INSERT_VERSIONS, batch.versions)
         if batch.resources:
-            await self.session.execute(insert(StoredResource), batch.resources)
-        for current, values in batch.updates:
-            for key, value in values.items():
-                setattr(current, key, value)
+            await self.session.execute(_INSERT_RESOURCES, batch.resources)
+        if batch.updates:
+            # Corrections are rare: the ORM updates the loaded (row-locked) pointers.
+            for current, values in batch.updates:
+                for key, value in values.items():
+                    setattr(current, key, value)
+            await self.session.flush()
         if batch.tokens:
-            await self.session.execute(insert(SearchToken), batch.tokens)
-        await self.session.flush()
+            await self.session.execute(_INSERT_TOKENS, batch.tokens)
 
     async def version(self, resource_type: str, resource_id: str, version_id: int) -> VersionRow | None:
         row = await self.session.get(ResourceVersion, (resource_type, resource_id, version_id))
@@ -390,9 +435,19 @@ class RecordRepository:
             found.setdefault(key, GrantMatch(row.rule, row.consent_id, row.consent_version))
         return found
 
-    async def replace_grants(self, subject_id: str, grants: Iterable[DisclosureGrant]) -> None:
-        await self.session.execute(delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id))
-        self.session.add_all(grants)
+    async def replace_grants(
+        self, subject_id: str, grants: Sequence[Mapping[str, object]], *, new_subject: bool = False
+    ) -> None:
+        """Replace a migrant's grants (rows of ``disclosure_grants`` without id).
+
+        ``new_subject``: the migrant was created in this transaction, so there is nothing to delete.
+        """
+        if not new_subject:
+            await self.session.execute(
+                delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id)
+            )
+        if grants:
+            await self.session.execute(_INSERT_GRANTS, list(grants))
 
     async def current_of_type(self, subject_id: str, resource_type: str) -> list[VersionRow]:
         result = await self.session.execute(
@@ -475,10 +530,10 @@ def _grant_matches(grant: GrantFilter) -> ColumnElement[bool]:
     )
 
 
-_RESOURCES = cast(Table, StoredResource.__table__)
-_VERSIONS = cast(Table, ResourceVersion.__table__)
-_SUBJECTS = cast(Table, Subject.__table__)
-_GRANTS = cast(Table, DisclosureGrant.__table__)
+_RESOURCES = _table(StoredResource)
+_VERSIONS = _table(ResourceVersion)
+_SUBJECTS = _table(Subject)
+_GRANTS = _table(DisclosureGrant)
 # In VersionRow's field order (its labels_token comes from the current pointer).
 _VERSION_COLUMNS = (
     _VERSIONS.c.resource_type,
