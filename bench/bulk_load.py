@@ -1,14 +1,12 @@
 """The documented bulk path: exams written in-process through the service's own Intake use-case.
 
-The HTTP API takes tens of exams per second, so 100k exams would take an hour.
 This path runs exactly what ``POST /fhir`` runs after authentication (the
 Intake use-case: profile validation, ifNoneExist, reference checks, subject
 keys, AES-256-GCM envelope encryption, blind indexes, Provenance, consent
 grants, one audit entry per exam), but without HTTP, in one process per core,
-with ``--batch`` exams per database transaction (at most 21: each new
-migrant takes three SAVEPOINTs to claim its identifiers, and past 64
-subtransactions PostgreSQL's snapshots overflow and every query slows down). ``--no-validate`` skips the
-profile validation, for generated exams already known to pass it.
+with ``--batch`` exams per database transaction (fewer commits; an exam that
+fails takes its batch with it, and the next run resumes). ``--no-validate``
+skips the profile validation, for generated exams already known to pass it.
 
     python -m bench.bulk_load --db mhr_bench_scale --keyring K --parties DIR --start 1000 --count 99000
 """

@@ -49,7 +49,7 @@ MAIN_DB = "mhr_bench"
 PEER_DB = "mhr_bench_peer"
 FHIR = "application/fhir+json"
 SINCE = "2020-01-01T00:00:00Z"
-CONNECTIONS = {"W1": 4, "W2": 16, "W3": 8, "W4": 8, "W5": 16, "hello": 16}
+CONNECTIONS = {"W1": 8, "W2": 16, "W3": 8, "W4": 8, "W5": 16, "hello": 16}
 
 
 def log(message: str) -> None:
@@ -191,10 +191,15 @@ def write_bundles(path: Path, first: int, count: int) -> Path:
     return path
 
 
+def first_page_path() -> str:
+    return f"/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50"
+
+
 def first_pull(base: str, token: str, rng: random.Random, pages: int = 20) -> list[str]:
     """An authority's first pull: everything since 2020, 50 a page, the first ``pages`` pages
-    (or as many as there are) as a client gets them, by following next links. Ten walks, shuffled."""
-    url: str | None = f"{base}/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50"
+    (or as many as there are) as a client gets them, by following next links. Ten walks, shuffled.
+    The first page counts the total (W3f measures it alone); the others carry it in their cursor."""
+    url: str | None = base + first_page_path()
     walk = []
     with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {token}", "Accept": FHIR}) as client:
         while url is not None and len(walk) < pages:
@@ -464,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             label=f"W3 Patient?_lastUpdated page at {args.exams} exams",
             database=MAIN_DB,
         )
+        w3f = write_lines(out / "w3-first.txt", [first_page_path()])
+        runner.run(
+            server,
+            Load("W3f", w3f, c["W3"], token=authority),
+            workload="W3f",
+            label=f"W3 first page, total counted, at {args.exams} exams",
+            database=MAIN_DB,
+        )
         runner.run(
             server,
             Load("W3b", w3b, c["W3"], token=authority),
@@ -609,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
                     Load("W3a", w3a_s, c["W3"], token=authority),
                     workload="W3a-scale",
                     label=f"W3 Patient?_lastUpdated page at {n} exams",
+                    database=scale.DB,
+                )
+                runner.run(
+                    server,
+                    Load("W3f", w3f, c["W3"], token=authority),
+                    workload="W3f-scale",
+                    label=f"W3 first page, total counted, at {n} exams",
                     database=scale.DB,
                 )
                 runner.run(
