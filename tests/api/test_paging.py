@@ -101,4 +101,3 @@ def test_an_edited_foreign_or_misapplied_cursor_is_refused(service: Service, cli
         "/fhir/Observation", params={"_cursor": cursor, "_offset": "3"}, headers=headers
     )
     assert both.status_code == 400
-

@@ -9,7 +9,6 @@ import pytest
 from security.access_tokens import VERIFIED_CACHE_SIZE, AccessTokenCodec, TokenInvalid
 
 
-
 def _codec(keys: dict[str, bytes]) -> AccessTokenCodec:
     return AccessTokenCodec(
         issuer="https://mhr.test",
