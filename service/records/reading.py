@@ -160,7 +160,9 @@ class Reader:
         """Which grant let each row through (named in the disclosure's audit entry)."""
         if flt.grant is None or not rows:
             return {}
-        grants = await self.repo.grants_for_subjects(flt.grant, {r.subject_id for r in rows})
+        grants = await self.repo.grants_for_subjects(
+            flt.grant, {r.subject_id for r in rows}, {r.resource_type for r in rows}
+        )
         return {key: Permit(g.rule, g.consent_id, g.consent_version) for key, g in grants.items()}
 
 

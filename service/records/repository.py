@@ -405,7 +405,7 @@ class RecordRepository:
         return int(result.scalar_one())
 
     async def grants_for_subjects(
-        self, grant: GrantFilter, subject_ids: Iterable[str]
+        self, grant: GrantFilter, subject_ids: Iterable[str], resource_types: Iterable[str]
     ) -> dict[tuple[str, str, bytes], GrantMatch]:
         """The grants in force for these migrants, by (migrant, resource type, label set): which
         consent let each row of a page through, named in its disclosure's audit entry."""
@@ -422,6 +422,9 @@ class RecordRepository:
             )
             .where(
                 g.c.subject_id.in_(sorted(set(subject_ids))),
+                # Only the page's types: a migrant has a grant per type, and a page of Patients
+                # needs one row per migrant, not one per type.
+                g.c.resource_type.in_(sorted(set(resource_types))),
                 g.c.organization_id == grant.organization_id,
                 g.c.purpose == grant.purpose,
                 or_(g.c.valid_from.is_(None), g.c.valid_from <= grant.at),
