@@ -9,6 +9,7 @@ from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from security.consent import AccessRequest
@@ -78,7 +79,7 @@ async def _guarded(
     subtype: str,
     resource_type: str,
     resource_id: str,
-    session: SessionDep,
+    session: AsyncSession,
     runtime: RuntimeDep,
     fetch: Callable[[Reader, Visibility], Awaitable[T]],
 ) -> T:
@@ -103,7 +104,7 @@ async def _denied(
     exc: FhirError,
     resource_type: str,
     resource_id: str,
-    session: SessionDep,
+    session: AsyncSession,
     runtime: RuntimeDep,
 ) -> FhirError:
     """Attach the refusal's audit entry; for an authority, with the consent decision that refused it."""
@@ -550,7 +551,7 @@ async def _search(
     params: list[tuple[str, str]],
     request: Request,
     principal: Principal,
-    session: ReadSessionDep,
+    session: AsyncSession,
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "s", READERS)

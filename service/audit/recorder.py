@@ -131,14 +131,7 @@ async def record_audit(session: AsyncSession, record: AuditRecord, *, request_id
     Executed at once rather than left for the commit's flush, so that a failure
     surfaces here, before the caller has produced any response.
     """
-    await record_audits(session, [record], request_id=request_id, source=source)
-
-
-async def record_audits(
-    session: AsyncSession, records: Sequence[AuditRecord], *, request_id: str, source: str
-) -> None:
-    """Insert several entries (e.g. one disclosure per migrant on a search page) in two statements."""
-    await insert_entries(session, [PendingEntry(record, request_id, source) for record in records])
+    await insert_entries(session, [PendingEntry(record, request_id, source)])
 
 
 @dataclass(frozen=True)
