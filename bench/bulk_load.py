@@ -26,7 +26,6 @@ import uvloop
 
 from bench.generate import exam, small_exam
 from bench.parties import database_url, load
-from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
@@ -87,18 +86,7 @@ async def _load(
                     result = await intake.transaction(bundle, actor)
                     await record_audit(
                         session,
-                        AuditRecord(
-                            event_type=EventType.rest,
-                            subtype="transaction",
-                            action=Action.create,
-                            outcome=Outcome.success,
-                            agent=AuditAgent(
-                                actor.client_id, actor.organization_id, actor.role, actor.person
-                            ),
-                            entities=result.audit_entities(),
-                            patient_ids=result.patient_ids(),
-                            detail="bench-bulk-load",
-                        ),
+                        result.transaction_record(actor, detail="bench-bulk-load"),
                         request_id=f"bench-bulk-{index}",
                         source=SOURCE,
                     )

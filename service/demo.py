@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 
 from security.jwk import generate_client_key, private_key_pem, public_jwk
-from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.identity.registry import ClientRegistration, add_client, add_organization
 from service.identity.repository import IdentityRepository
@@ -106,16 +105,7 @@ async def seed_demo_exams(runtime: Runtime, examples_dir: Path, clinic: dict[str
             result = await intake.transaction(bundle, actor)
             await record_audit(
                 session,
-                AuditRecord(
-                    event_type=EventType.rest,
-                    subtype="transaction",
-                    action=Action.create,
-                    outcome=Outcome.success,
-                    agent=AuditAgent(actor.client_id, actor.organization_id, actor.role, actor.person),
-                    entities=result.audit_entities(),
-                    patient_ids=result.patient_ids(),
-                    detail="demo-seed",
-                ),
+                result.transaction_record(actor, detail="demo-seed"),
                 request_id="demo-seed",
                 source=SOURCE,
             )

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from security.envelope import SubjectCipher, ciphertext_digest, resource_aad
-from service.audit.events import AuditEntity
+from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.errors import FhirError, OutcomeIssue
 from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
@@ -99,6 +99,20 @@ class IntakeResult:
 
     def patient_ids(self) -> tuple[str, ...]:
         return tuple(sorted({w.subject_id for w in self.written}))
+
+    def transaction_record(self, actor: Actor, *, detail: str) -> AuditRecord:
+        """The audit entry of a transaction submitted in-process (demo seed, bulk load), as the
+        API writes for ``POST /fhir``."""
+        return AuditRecord(
+            event_type=EventType.rest,
+            subtype="transaction",
+            action=Action.create,
+            outcome=Outcome.success,
+            agent=AuditAgent(actor.client_id, actor.organization_id, actor.role, actor.person),
+            entities=self.audit_entities(),
+            patient_ids=self.patient_ids(),
+            detail=detail,
+        )
 
 
 class Intake:
