@@ -39,10 +39,6 @@ class Visibility:
             return None
         return GrantFilter(self.actor.organization_id, self.actor.purpose, self.at)
 
-    @property
-    def is_disclosure(self) -> bool:
-        return self.actor.role == "authority"
-
     def permits(self, found: CurrentRead) -> Permit | None:
         """May this actor see a resource fetched with ``self.grant`` (its matching grant joined)?"""
         if self.actor.role == "clinic":

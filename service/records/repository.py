@@ -298,20 +298,6 @@ class RecordRepository:
         )
         return result.scalar_one_or_none()
 
-    async def existing_ids(self, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], StoredResource]:
-        wanted = list(set(refs))
-        found: dict[tuple[str, str], StoredResource] = {}
-        for rtype in {t for t, _ in wanted}:
-            ids = [i for t, i in wanted if t == rtype]
-            result = await self.session.execute(
-                select(StoredResource).where(
-                    StoredResource.resource_type == rtype, StoredResource.id.in_(ids)
-                )
-            )
-            for row in result.scalars():
-                found[(row.resource_type, row.id)] = row
-        return found
-
     async def existing_with_subjects(
         self, refs: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], tuple[StoredResource, Subject | None]]:
