@@ -33,6 +33,7 @@ from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from service.fhir_validation.ig import Code, IGError, ImplementationGuide, JSONObject
+from service.fhir_validation.issue import Issue
 
 # fhir.resources looks up a model class by its dotted name (pydantic's ``import_string``:
 # an import machinery round trip) for every resource it parses, Bundle entries included.
@@ -58,16 +59,6 @@ _CODING_KEYS: Final = frozenset({"id", "extension", "system", "version", "code",
     "userSelected"
 }
 _ELEMENT_NAME: Final = re.compile(r"^_?[A-Za-z][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One OperationOutcome issue. ``diagnostics`` never contains submitted data."""
-
-    severity: str  # "error" | "warning"
-    code: str  # FHIR issue-type code: structure, required, value, code-invalid, ...
-    expression: str  # FHIRPath, e.g. Bundle.entry[2].resource.valueCodeableConcept
-    diagnostics: str
 
 
 @dataclass(frozen=True)
