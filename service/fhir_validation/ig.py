@@ -1,7 +1,7 @@
 """The implementation guide in ``fhir/``: loaded once, indexed by canonical URL and by type.
 
 Only JSON files that are FHIR resources (they carry ``resourceType``) are indexed; other JSON
-documents in the folder (such as ``security-label-rules.json``) are left to their own readers.
+documents are skipped (the folder should hold none: FHIR tools load every file in it).
 ValueSets are expanded here from ``compose`` (explicit concepts, whole local CodeSystems, and
 other local ValueSets); anything that would need a terminology server is refused at load time
 rather than silently accepted at validation time.

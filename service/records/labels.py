@@ -1,4 +1,4 @@
-"""Sensitivity security labels (``meta.security``) from ``fhir/security-label-rules.json``.
+"""Sensitivity security labels (``meta.security``) from ``security-label-rules.json`` beside this module.
 
 The rules file is a plain JSON document, not a FHIR resource. A resource of one of the listed
 ``resourceTypes`` gets a rule's label when any Coding in one of the listed ``elements`` matches
@@ -29,6 +29,8 @@ LEGACY_LABELS: Final[Mapping[str, str]] = {"ETH": "SUD"}
 # HL7 v3 Confidentiality codes, least to most restrictive.
 _CONFIDENTIALITY_RANK: Final[Mapping[str, int]] = {"U": 0, "L": 1, "M": 2, "N": 3, "R": 4, "V": 5}
 
+# Not a FHIR resource, so it lives here rather than in fhir/, where FHIR tools load every file.
+RULES_FILE: Final = Path(__file__).with_name("security-label-rules.json")
 _SEGMENT = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 

@@ -11,15 +11,15 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from service.fhir_validation import IGError, ImplementationGuide
+from service.records.labels import RULES_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 IG_DIR = REPO / "fhir"
 BASE = "https://mhr.example.org/fhir"
-RULES_FILE = IG_DIR / "security-label-rules.json"
 V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 ALL_JSON = sorted(IG_DIR.rglob("*.json"))
-RESOURCE_FILES = [p for p in ALL_JSON if p != RULES_FILE]
+RESOURCE_FILES = ALL_JSON
 EXAMPLES = sorted((IG_DIR / "examples").glob("*.json"))
 
 
@@ -181,6 +181,11 @@ def test_capability_statement_profiles_exist(ig: ImplementationGuide) -> None:
     for resource in cap["rest"][0]["resource"]:
         for url in resource.get("supportedProfile", []):
             assert ig.resource(url, "StructureDefinition")["type"] == resource["type"]
+
+
+def test_every_file_in_the_guide_is_a_fhir_resource() -> None:
+    # FHIR tools (validators, IG tooling) load every JSON file of the folder as a resource.
+    assert [_rel(p) for p in ALL_JSON if "resourceType" not in _load(p)] == []
 
 
 def test_security_label_rules() -> None:

@@ -1,4 +1,4 @@
-"""Sensitivity security labels from fhir/security-label-rules.json."""
+"""Sensitivity security labels from service/records/security-label-rules.json."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from service.records.labels import SecurityLabeler
+from service.records.labels import RULES_FILE, SecurityLabeler
 
 FHIR = Path(__file__).resolve().parents[2] / "fhir"
-RULES = FHIR / "security-label-rules.json"
+RULES = RULES_FILE
 EXAMPLES = FHIR / "examples"
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
