@@ -1,11 +1,21 @@
-"""Validate submitted FHIR resources: R4B structure, then the profiles of the guide in ``fhir/``.
+"""Validate submitted FHIR resources: structure, the base specification's required bindings,
+then the profiles of the guide in ``fhir/``.
 
-Two layers:
+The wire version is FHIR R4 (4.0.1). Structure is checked with ``fhir.resources.R4B`` models:
+fhir.resources (8.x) ships R5, R4B and STU3 models but no R4 ones, and for the resource types
+this service accepts R4B is structurally R4 (R4B changed the medication-definition and
+evidence resources, none of them used here). The R4-specific layers (required bindings, the
+guide's profiles with snapshots over the R4 definitions) come from the official R4 data.
+
+Three layers:
 
 1. Structure: ``fhir.resources.R4B`` parses the resource. Pydantic errors become issues with a
    FHIRPath expression built from the error location and a message written here from the
    error *type* only, because pydantic messages carry the submitted value (possibly PHI).
-2. Profiles: the StructureDefinitions of the guide (``derivation = constraint``) are compiled
+2. Base rules: every ``required`` binding of FHIR R4 itself (:mod:`.core_bindings`), such as
+   ``Patient.gender`` or ``Observation.status``. Layers 1 and 2 mark their issues ``basic``
+   (answered 400 on a write); profile issues are answered 422.
+3. Profiles: the StructureDefinitions of the guide (``derivation = constraint``) are compiled
    once into rules from their ``differential.element`` entries: ``min``/``max``, ``fixed[x]``,
    ``pattern[x]``, ``type`` (for choice elements) and ``required`` bindings to local ValueSets.
    No clinical rule lives in this module; change the JSON and the results change.
@@ -32,6 +42,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
+from service.fhir_validation.core_bindings import CoreBindings
 from service.fhir_validation.ig import Code, IGError, ImplementationGuide, JSONObject
 from service.fhir_validation.issue import Issue
 
@@ -365,19 +376,22 @@ def _structural_issue(error: Any, root_expr: str) -> Issue:
     loc = tuple(error.get("loc", ()))
     expression = _loc_expression(root_expr, loc)
     if kind == "extra_forbidden":
-        return Issue("error", "structure", expression, "Element is not defined for this type")
+        return Issue("error", "structure", expression, "Element is not defined for this type", basic=True)
     if kind.endswith("missing"):
-        return Issue("error", "required", expression, "Required element is missing")
+        return Issue("error", "required", expression, "Required element is missing", basic=True)
     if kind.endswith("_type") or kind == "fhir-validation-wrong-resource-type":
-        return Issue("error", "structure", expression, f"Element has the wrong type ({kind})")
+        return Issue("error", "structure", expression, f"Element has the wrong type ({kind})", basic=True)
     if not loc:
         return Issue(
             "error",
             "structure",
             expression,
             "The resource breaks a structural rule of its type (such as two variants of one choice element)",
+            basic=True,
         )
-    return Issue("error", "value", expression, f"Value is not valid for the element's datatype ({kind})")
+    return Issue(
+        "error", "value", expression, f"Value is not valid for the element's datatype ({kind})", basic=True
+    )
 
 
 def _resource_class(resource_type: Any) -> Any:
@@ -403,10 +417,11 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
 
 
 class ProfileValidator:
-    """Validates resources against R4B and the profiles of one implementation guide."""
+    """Validates resources against FHIR R4 and the profiles of one implementation guide."""
 
-    def __init__(self, ig: ImplementationGuide) -> None:
+    def __init__(self, ig: ImplementationGuide, core: CoreBindings | None = None) -> None:
         self.ig = ig
+        self.core = core if core is not None else CoreBindings.load()
         profiles = [
             _compile_profile(ig, sd)
             for sd in ig.resources("StructureDefinition")
@@ -447,6 +462,7 @@ class ProfileValidator:
         if issue is not None:
             return [issue]
         issues = self._structure(resource, root_expr)
+        issues.extend(self.core.issues(resource, root_expr))
         _coding_issues(resource, root_expr, False, issues)
         issues.extend(self._profile_issues(resource, root_expr))
         return _dedupe(issues)
@@ -455,7 +471,7 @@ class ProfileValidator:
         """Validate a Bundle and every ``entry.resource``; entry expressions are prefixed
         ``Bundle.entry[i].resource``."""
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            return [Issue("error", "structure", "Bundle", "Expected a Bundle resource")]
+            return [Issue("error", "structure", "Bundle", "Expected a Bundle resource", basic=True)]
         issues: list[Issue] = []
         entries = bundle.get("entry")
         checked: list[tuple[str, JSONObject]] = []
@@ -474,6 +490,9 @@ class ProfileValidator:
                 safe_entries.append(entry)
             parseable = {**bundle, "entry": safe_entries}
         issues.extend(self._structure(parseable, "Bundle"))
+        issues.extend(self.core.issues(bundle, "Bundle"))
+        for prefix, resource in checked:
+            issues.extend(self.core.issues(resource, prefix))
         _coding_issues(bundle, "Bundle", False, issues)
         issues.extend(self._profile_issues(bundle, "Bundle"))
         for prefix, resource in checked:
@@ -486,7 +505,7 @@ class ProfileValidator:
     def _shape(resource: Any, prefix: str | None) -> tuple[str, Issue | None]:
         if not isinstance(resource, dict):
             where = prefix or "Resource"
-            return where, Issue("error", "structure", where, "A resource must be a JSON object")
+            return where, Issue("error", "structure", where, "A resource must be a JSON object", basic=True)
         resource_type = resource.get("resourceType")
         root_expr = prefix or (resource_type if isinstance(resource_type, str) else "Resource")
         if _resource_class(resource_type) is None:
@@ -494,7 +513,8 @@ class ProfileValidator:
                 "error",
                 "structure",
                 f"{root_expr}.resourceType",
-                "resourceType is missing or not an R4B resource type",
+                "resourceType is missing or not a FHIR resource type",
+                basic=True,
             )
         return root_expr, None
 
@@ -511,7 +531,8 @@ class ProfileValidator:
                     "error",
                     "structure",
                     root_expr,
-                    "The resource could not be parsed as FHIR R4B (e.g. an unknown contained type)",
+                    "The resource could not be parsed as FHIR (e.g. an unknown contained type)",
+                    basic=True,
                 )
             ]
         return []

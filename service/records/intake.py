@@ -49,7 +49,8 @@ class PatientRaceLost(Exception):
 
 def validation_error(issues: list[Issue]) -> FhirError:
     errors = [i for i in issues if i.severity in ("error", "fatal")]
-    status = 400 if any(i.code == "structure" for i in errors) else 422
+    # FHIR REST: 400 when the resource fails basic FHIR rules, 422 when valid FHIR breaks a profile.
+    status = 400 if any(i.basic for i in errors) else 422
     return FhirError(
         status,
         [OutcomeIssue(i.code, i.diagnostics, severity=i.severity, expression=i.expression) for i in errors],
