@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         title="mhr: migrant health records",
         version="0.1.0",
         description=(
-            "Pre-migration health assessments as FHIR R4B, encrypted at rest, disclosed "
+            "Pre-migration health assessments as FHIR R4 (4.0.1), encrypted at rest, disclosed "
             "to receiving health authorities only as the migrant's consent allows, with "
             "a tamper-evident audit log. Authenticate with SMART Backend Services."
         ),

@@ -13,7 +13,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import orjson
@@ -45,6 +45,11 @@ class PatientRaceLost(Exception):
     Raised before the intake has written anything (its own claims are taken back), so the
     caller retries in the same transaction without a SAVEPOINT.
     """
+
+
+# Types whose create (If-None-Exist, or ifNoneExist in a transaction entry) may be conditional;
+# the CapabilityStatement's conditionalCreate is tested against this.
+CONDITIONAL_CREATE_TYPES: Final = frozenset({"Patient"})
 
 
 def validation_error(issues: list[Issue]) -> FhirError:
@@ -259,7 +264,12 @@ class Intake:
         """The clinic's existing migrant with this identifier (None if none), and the identifier's index."""
         expression = f"{where}.request.ifNoneExist".lstrip(".")
         params = parse_qsl(query, keep_blank_values=True)
-        if rtype != "Patient" or len(params) != 1 or params[0][0] != "identifier" or "|" not in params[0][1]:
+        if (
+            rtype not in CONDITIONAL_CREATE_TYPES
+            or len(params) != 1
+            or params[0][0] != "identifier"
+            or "|" not in params[0][1]
+        ):
             raise _invalid(
                 "ifNoneExist supports only Patient identifier=system|value", expression, "not-supported"
             )
@@ -458,6 +468,10 @@ class Intake:
         meta = dict(resource.get("meta") or {})
         meta["versionId"] = str(version_id)
         meta["lastUpdated"] = now.isoformat().replace("+00:00", "Z")
+        # Declare the profiles it was validated against, so that a recipient's tools check the same.
+        profiles = self.services.validator.applicable_profiles(resource)
+        if profiles:
+            meta["profile"] = list(dict.fromkeys([*meta.get("profile", []), *profiles]))
         resource["meta"] = meta
         # Labels go into meta.security before encryption, so they travel with the resource.
         labels = self.services.labeler.apply(resource)
