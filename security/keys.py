@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -48,9 +50,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from security.envelope import IntegrityError
 
 __all__ = [
+    "KEK_PURPOSE",
     "LOG_SIGNING_KEY_NAME",
     "SECRET_PURPOSES",
     "KekRef",
+    "KeyCheck",
     "KeyProvider",
     "KeyringError",
     "LocalKeyring",
@@ -59,6 +63,10 @@ __all__ = [
 
 SECRET_PURPOSES: Final = ("token-hmac", "blind-index")
 LOG_SIGNING_KEY_NAME: Final = "audit-log"
+KEK_PURPOSE: Final = "kek"
+# The fixed message whose MAC under a key is that key's check value.
+_CHECK_MESSAGE: Final = b"mhr key check value v1"
+_CHECK_BYTES: Final = 8
 
 _WRAP_FORMAT: Final = 1
 _KEY_SIZE: Final = 32
@@ -81,6 +89,25 @@ class KekRef:
 
     key_id: str
     version: int
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """Names one key and proves which key it is, without revealing it.
+
+    ``check_value`` is a key check value: HMAC-SHA256 of a fixed message under
+    the key, truncated to 64 bits (hex). Two keyrings that hold the same key
+    give the same value; the value says nothing usable about the key itself, so
+    the database may keep it to tell whether a keyring is the one its data needs.
+    """
+
+    purpose: str
+    key_id: str
+    check_value: str
+
+
+def key_check_value(raw_key: bytes) -> str:
+    return hmac.new(raw_key, _CHECK_MESSAGE, hashlib.sha256).digest()[:_CHECK_BYTES].hex()
 
 
 class KeyProvider(Protocol):
@@ -111,6 +138,10 @@ class KeyProvider(Protocol):
 
     def log_signing_key(self) -> Ed25519PrivateKey:
         """The Ed25519 key that signs the audit log."""
+        ...
+
+    def key_checks(self) -> tuple[KeyCheck, ...]:
+        """Every held key (each KEK version, every secret, the log key) by id and check value."""
         ...
 
 
@@ -506,6 +537,21 @@ class LocalKeyring(KeyProvider):
 
     def log_signing_key(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self._state.signing_raw)
+
+    # -- identification --------------------------------------------------
+
+    def key_checks(self) -> tuple[KeyCheck, ...]:
+        state = self._state
+        checks = [
+            KeyCheck(KEK_PURPOSE, f"{state.kek_id}/v{version}", key_check_value(raw))
+            for version, raw in sorted(state.kek_raw.items())
+        ]
+        for purpose, entry in sorted(state.secrets.items()):
+            checks += [
+                KeyCheck(purpose, kid, key_check_value(raw)) for kid, raw in sorted(entry.keys.items())
+            ]
+        checks.append(KeyCheck(LOG_SIGNING_KEY_NAME, "ed25519", key_check_value(state.signing_raw)))
+        return tuple(checks)
 
 
 def keyring_permissions_problem(path: str | os.PathLike[str]) -> str | None:

@@ -14,6 +14,7 @@ from service.api import audit, metadata, operations, organizations, records, sma
 from service.asgi import RequestMiddleware
 from service.audit.log import start_integrator, stop_integrator
 from service.errors import install_error_handlers
+from service.keyring_match import KeyringMismatch, check_and_record
 from service.ratelimit import RateLimiter
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
@@ -28,6 +29,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None
         app.state.runtime = runtime or build_runtime(settings)
+        try:
+            await check_and_record(app.state.runtime.database, app.state.runtime.keys)
+        except KeyringMismatch as exc:
+            if owned:
+                await close_runtime(app.state.runtime)
+            raise KeyringMismatch(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
         integrator = start_integrator(app.state.runtime)
         # What start-up built (the IG, the validator's models, the routes) lives as long as the
         # process: out of the collector's sight, it is not re-scanned by every full collection.

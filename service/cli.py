@@ -21,6 +21,7 @@ from security.jwk import (
     public_jwk,
     sign_client_assertion,
 )
+from security.keys import KeyProvider, KeyringError, LocalKeyring
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.identity.registry import (
@@ -37,6 +38,10 @@ from service.store.database import Database
 
 T = TypeVar("T")
 DEMO_DIR = Path("var/demo")
+
+
+class CommandError(Exception):
+    """A command cannot go on; the message (one line) says why and what to do."""
 
 
 def _emit(value: Any) -> None:
@@ -85,7 +90,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.demo and not settings.is_development:
         return _fail("--demo seeds known demo clients and is refused outside MHR_ENV=development")
     migrate.upgrade(settings.database_url)
-    open_keyring(settings)  # created with 0600 on first start
+    keys = open_keyring(settings)  # created with 0600 on first start, in development only
+    _check_keyring(settings, keys)
     if args.demo:
         created = _with_db(settings, lambda db: seed_demo(db, DEMO_DIR))
         if created is not None:
@@ -103,6 +109,26 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_keep_alive=5,
         timeout_graceful_shutdown=20,
     )
+    return 0
+
+
+def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
+    """Refuse a keyring that is not the one the database's data was written under."""
+    from service.keyring_match import KeyringMismatch, check_and_record
+
+    try:
+        _with_db(settings, lambda db: check_and_record(db, keys))
+    except KeyringMismatch as exc:
+        raise CommandError(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """``mhr keys init``: the one way a keyring comes to exist outside development."""
+    try:
+        keyring = LocalKeyring.create(settings.keyring_path)
+    except KeyringError as exc:
+        return _fail(f"{exc}; refusing to overwrite it (the data written under it needs those keys)")
+    print(f"created keyring {keyring.path} (mode 0600); back it up apart from the database")
     return 0
 
 
@@ -354,6 +380,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     # seal
     keys = open_keyring(settings)
+    _check_keyring(settings, keys)
     signer = NoteSigner(settings.deployment_name, keys.log_signing_key())
     size = _with_db(settings, lambda db: audit_log.seal_all(db, signer, settings.deployment_name))
     print(f"audit log sealed: tree size {size}")
@@ -406,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     for p in clients.choices.values():
         p.set_defaults(handler=cmd_clients)
 
+    keys_parser = sub.add_parser("keys", help="the keyring").add_subparsers(dest="action", required=True)
+    keys_parser.add_parser("init", help="create the keyring (MHR_KEYRING_PATH) once; never overwrites one")
+    for p in keys_parser.choices.values():
+        p.set_defaults(handler=cmd_keys)
+
     token = sub.add_parser("token", help="sign a client assertion and print an access token")
     token.add_argument("--client-id", required=True)
     token.add_argument("--key", required=True, help="the client's private key (PEM)")
@@ -445,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
         return handler(args, settings)
-    except SettingsError as exc:
+    except (SettingsError, KeyringError, CommandError) as exc:
         return _fail(str(exc))
 
 

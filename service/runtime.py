@@ -9,7 +9,7 @@ import orjson
 
 from security.access_tokens import AccessTokenCodec
 from security.blind_index import BlindIndexer
-from security.keys import KeyProvider, LocalKeyring
+from security.keys import KeyProvider, KeyringError, LocalKeyring
 from security.signed_note import NoteSigner
 from service.audit.writer import AuditWriter
 from service.capability import load_capability_statement
@@ -54,7 +54,20 @@ async def close_runtime(runtime: Runtime) -> None:
 
 
 def open_keyring(settings: Settings) -> KeyProvider:
-    return LocalKeyring.load_or_create(settings.keyring_path)
+    """The keyring file; created on first use in development only.
+
+    Anywhere else a missing keyring is an error: creating one would silently put
+    new keys in place of those the data was written under (``mhr keys init``
+    creates it, once).
+    """
+    if settings.is_development:
+        return LocalKeyring.load_or_create(settings.keyring_path)
+    if not settings.keyring_path.exists():
+        raise KeyringError(
+            f"keyring {settings.keyring_path} does not exist; outside development no keyring is "
+            "created implicitly: restore it, or create a new one once with `mhr keys init`"
+        )
+    return LocalKeyring.load(settings.keyring_path)
 
 
 def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Runtime:

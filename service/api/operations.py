@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from service.api.deps import RuntimeDep
+from service.keyring_match import describe_mismatch, held_checks, recorded_checks
 from service.metrics import REGISTRY
 from service.store.migrate import current_revision
 
@@ -27,9 +28,12 @@ async def readyz(runtime: RuntimeDep) -> Response:
     except Exception:
         revision = None
     checks["migrations"] = revision is not None and revision == runtime.head_revision
+    # The keyring must still be the one the database's data was written under.
     try:
-        runtime.keys.current_kek()
-        checks["keyring"] = True
+        recorded = await recorded_checks(runtime.database) if checks["database"] else None
+        checks["keyring"] = (
+            recorded is not None and describe_mismatch(recorded, held_checks(runtime.keys)) is None
+        )
     except Exception:
         checks["keyring"] = False
     ready = all(checks.values())

@@ -272,3 +272,20 @@ class DisclosureGrant(Base):
         Index("ix_disclosure_grants_lookup", "organization_id", "purpose", "resource_type", "subject_id"),
         Index("ix_disclosure_grants_subject", "subject_id"),
     )
+
+
+class KeyCheck(Base):
+    """Which keys the data in this database was written under: ids and check values only.
+
+    A key check value is a 64-bit MAC of a fixed message under the key (see
+    ``security.keys.KeyCheck``): it tells one key from another and reveals
+    nothing usable about either. At start-up a keyring that lacks a recorded key,
+    or holds a different one under its id, is refused.
+    """
+
+    __tablename__ = "key_checks"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    check_value: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -19,6 +19,10 @@ import sqlalchemy as sa
 from mhr_testkit import Service
 from resilience_kit import REFUGEE_EXAMPLE, ServerProcess, unique_bundle
 
+from security.keys import LocalKeyring
+from service.keyring_match import KeyringMismatch
+from service.records.subject_keys import SubjectKeys
+
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
@@ -66,7 +70,9 @@ def _secrets(tmp_path: Path) -> list[str]:
             found.append(node)
 
     walk(keyring)
-    return found
+    # The KEK's id names the key, it is not the key: the database records it (key_checks) so
+    # that a service started with another keyring refuses to.
+    return [x for x in found if x != keyring["kek"]["key_id"]]
 
 
 def test_no_canary_token_or_key_in_logs_errors_metrics_or_backups(
@@ -204,32 +210,30 @@ def test_no_canary_token_or_key_in_logs_errors_metrics_or_backups(
         )
         other = tmp_path / "elsewhere"
         other.mkdir()
-        with Service.start(restored_url, other) as thief:
-            # A registry of its own on the restored data: a client it controls, in the same clinic.
-            party = thief.register("thief", "clinic", org_id=None)
-            headers = thief.headers(party)
-            served = thief.client.get(f"/fhir/Patient/{patient}", headers=headers)
-            assert c["family"] not in served.text
-            assert served.status_code in (404, 500)
-            # And at the crypto layer: no subject key unwraps under the new keyring.
-            from service.records.subject_keys import SubjectKeys
-
-            keys = SubjectKeys(thief.fastapi.state.runtime.keys)  # type: ignore[attr-defined]
-            engine = sa.create_engine(
-                f"postgresql+psycopg://{url.username}@{url.host}:{url.port or 5432}/{restored}"
-            )
-            with engine.connect() as conn:
-                rows = conn.execute(sa.text("SELECT id, wrapped_key, key_version FROM subjects")).all()
-            engine.dispose()
-            decrypted = 0
-            for subject_id, wrapped, _version in rows:
-                try:
-                    keys.cipher(subject_id, bytes(wrapped), _version)
-                    decrypted += 1
-                except Exception:  # noqa: S112 - every failure is the expected outcome
-                    continue
-            print("restore without keyring:", json.dumps({"subjects": len(rows), "decrypted": decrypted}))
-            assert rows and decrypted == 0
+        # A service given the restored data and a keyring of its own refuses to start at all:
+        # the database names the keys its data needs.
+        with (
+            pytest.raises(KeyringMismatch, match="does not hold the kek key"),
+            Service.start(restored_url, other),
+        ):
+            pass
+        # And at the crypto layer: no subject key unwraps under the new keyring.
+        keys = SubjectKeys(LocalKeyring.load(other / "keyring.json"))  # the refused service's own
+        engine = sa.create_engine(
+            f"postgresql+psycopg://{url.username}@{url.host}:{url.port or 5432}/{restored}"
+        )
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, wrapped_key, key_version FROM subjects")).all()
+        engine.dispose()
+        decrypted = 0
+        for subject_id, wrapped, _version in rows:
+            try:
+                keys.cipher(subject_id, bytes(wrapped), _version)
+                decrypted += 1
+            except Exception:  # noqa: S112 - every failure is the expected outcome
+                continue
+        print("restore without keyring:", json.dumps({"subjects": len(rows), "decrypted": decrypted}))
+        assert rows and decrypted == 0
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{restored}" WITH (FORCE)'))
