@@ -25,6 +25,8 @@ ig-tools: $(IG_TOOLS)
 ig: $(STAMP) $(IG_TOOLS)
 	$(BIN)/python -m service.fhir_validation.build
 
+# The demo server writes the settings it serves with to var/dev.env, which `mhr` commands run in
+# this directory read while MHR_ENV is unset: the README's "Try it" needs nothing exported.
 run: $(STAMP)
 	MHR_ENV=$${MHR_ENV:-development} $(BIN)/mhr serve --demo
 

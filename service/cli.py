@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
 
 from security.jwk import (
     generate_client_key,
@@ -32,12 +34,20 @@ from service.identity.registry import (
 )
 from service.identity.repository import IdentityRepository
 from service.logging_setup import configure_logging
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import (
+    DEVELOPMENT_ENV_FILE,
+    Settings,
+    SettingsError,
+    development_env_file,
+    load_settings,
+    write_development_env,
+)
 from service.store import migrate
 from service.store.database import Database
 
 T = TypeVar("T")
 DEMO_DIR = Path("var/demo")
+log = logging.getLogger("mhr.cli")
 
 
 class CommandError(Exception):
@@ -87,12 +97,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             os.environ["MHR_PORT"] = str(args.port)
         settings = load_settings()
     settings.check_safe_to_start()
+    if development_env_file() is not None:
+        print(f"mhr: MHR_ENV is not set: development settings from {DEVELOPMENT_ENV_FILE}", file=sys.stderr)
     if args.demo and not settings.is_development:
         return _fail("--demo seeds known demo clients and is refused outside MHR_ENV=development")
     migrate.upgrade(settings.database_url)
     keys = open_keyring(settings)  # created with 0600 on first start, in development only
     _check_keyring(settings, keys)
     if args.demo:
+        write_development_env(settings)
         created = _with_db(settings, lambda db: seed_demo(db, DEMO_DIR))
         if created is not None:
             _seed_demo_exams(settings, created["clinic"])
@@ -282,6 +295,11 @@ def _now() -> Any:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    if not (args.url or settings.public_base_url):
+        return _fail(
+            "no service address: give --url, or set MHR_PUBLIC_BASE_URL (`make run` writes "
+            f"{DEVELOPMENT_ENV_FILE} with it, which `mhr` reads in this directory while MHR_ENV is unset)"
+        )
     base = (args.url or settings.base_url).rstrip("/")
     token_url = f"{base}/auth/token"
     try:
@@ -471,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every failure ends in one line on stderr and a nonzero exit, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -479,6 +498,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except (SettingsError, KeyringError, CommandError) as exc:
         return _fail(str(exc))
+    except SQLAlchemyError as exc:
+        # The statement and its parameters stay out of the message: they may carry identifiers.
+        log.debug("database error", exc_info=True)
+        return _fail(f"database error ({type(exc).__name__}): is MHR_DATABASE_URL right, and migrated?")
+    except OSError as exc:
+        return _fail(f"{exc.strerror or type(exc).__name__}{f': {exc.filename}' if exc.filename else ''}")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected error ({type(exc).__name__}); MHR_LOG_LEVEL=DEBUG logs the details", 1)
 
 
 if __name__ == "__main__":

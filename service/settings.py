@@ -4,17 +4,27 @@ Development is the only environment where convenient-but-unsafe choices are
 accepted (plain-http base URL, SQLite, a demo data set). Anywhere else they
 refuse to start, because a migrant health record service that starts "mostly
 configured" is worse than one that does not start.
+
+The development server (``make run``, i.e. ``mhr serve --demo``) writes the
+settings it serves with to ``var/dev.env``. A process whose environment has no
+``MHR_ENV`` at all, started in that directory, reads that file, so ``mhr
+token`` in a second terminal talks to the development server with nothing
+exported. The file configures development only: one that says anything else is
+refused, and a process with ``MHR_ENV`` set (production sets it; the image does)
+never reads it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from security.keys import keyring_permissions_problem
@@ -23,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VAR_DIR = Path("var")
+DEVELOPMENT_ENV_FILE = DEFAULT_VAR_DIR / "dev.env"
 
 
 class Environment(StrEnum):
@@ -97,7 +108,10 @@ class Settings(BaseSettings):
     @cached_property
     def base_url(self) -> str:
         """Every absolute link the service writes starts here."""
-        assert self.public_base_url is not None  # guaranteed by check_safe_to_start
+        if self.public_base_url is None:  # check_safe_to_start refuses to serve without it
+            raise SettingsError(
+                "MHR_PUBLIC_BASE_URL is not set: the public address of the service is needed here"
+            )
         return self.public_base_url
 
     @property
@@ -138,5 +152,63 @@ class Settings(BaseSettings):
             )
 
 
+def development_env_file() -> Path | None:
+    """The development server's settings file, when this process should read it."""
+    if "MHR_ENV" in os.environ or not DEVELOPMENT_ENV_FILE.is_file():
+        return None
+    return DEVELOPMENT_ENV_FILE
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = "_".join(str(part) for part in item["loc"]) or "settings"
+        problems.append(f"MHR_{field.upper()}: {item['msg']}")
+    return "invalid settings: " + "; ".join(problems)
+
+
 def load_settings() -> Settings:
-    return Settings()
+    """Settings from the environment (and ``var/dev.env`` while ``MHR_ENV`` is unset).
+
+    Raises SettingsError, whose message names each bad variable, on invalid values.
+    """
+    env_file = development_env_file()
+    try:
+        settings = Settings(_env_file=env_file)
+    except ValidationError as exc:
+        where = f" (from the environment and {env_file})" if env_file else ""
+        raise SettingsError(_describe(exc) + where) from None
+    if env_file is not None and settings.env is not Environment.development:
+        raise SettingsError(
+            f"{env_file} holds development settings only but does not say MHR_ENV=development: "
+            "delete it, or set MHR_ENV"
+        )
+    return settings
+
+
+def _env_line(name: str, value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{name}="{escaped}"'
+
+
+def write_development_env(settings: Settings, path: Path = DEVELOPMENT_ENV_FILE) -> None:
+    """Write what the development server serves with, for ``mhr`` commands run beside it."""
+    if settings.env is not Environment.development:
+        raise SettingsError(f"{path} is written for MHR_ENV=development only")
+    lines = [
+        "# Written by `mhr serve --demo` (`make run`): the development server's settings.",
+        "# `mhr` commands run in this directory read it while MHR_ENV is unset.",
+        "# Development only: a process with MHR_ENV set never reads it.",
+        _env_line("MHR_ENV", Environment.development.value),
+        _env_line("MHR_PUBLIC_BASE_URL", settings.base_url),
+        _env_line("MHR_DATABASE_URL", settings.database_url),
+        _env_line("MHR_KEYRING_PATH", str(settings.keyring_path)),
+        _env_line("MHR_DEPLOYMENT_NAME", settings.deployment_name),
+    ]
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The database URL may carry a password: owner-only, replaced atomically.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from security.jwk import generate_client_key
 from service import cli
 from service.app import asgi_app, create_app
-from service.settings import Settings
+from service.settings import DEVELOPMENT_ENV_FILE, Settings, load_settings, write_development_env
 from service.store import migrate
 
 
@@ -365,3 +365,153 @@ def test_token_command_reports_an_unreadable_key(migrated: Mhr, tmp_path: Path) 
     result = migrated("token", "--client-id", "x", "--key", str(tmp_path / "junk.pem"))
     assert result.code == 2
     assert "cannot load private key" in result.err
+
+
+# --- as a newcomer runs it: no MHR_* variable exported ------------------------------------------
+
+
+@pytest.fixture
+def bare_mhr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Mhr:
+    """``mhr`` in a directory of its own, from a shell with no ``MHR_*`` variable at all."""
+    for name in list(os.environ):
+        if name.startswith("MHR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = cli.main(list(args))
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def _one_line(result: Result) -> str:
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("mhr: ")
+    return lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _development_env(tmp_path: Path, **values: Any) -> Path:
+    fields: dict[str, Any] = {
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'dev.sqlite3'}",
+        "keyring_path": tmp_path / "dev-keyring.json",
+        **values,
+    }
+    write_development_env(Settings(env="development", **fields), tmp_path / DEVELOPMENT_ENV_FILE)
+    return tmp_path / DEVELOPMENT_ENV_FILE
+
+
+def test_token_without_any_settings_says_what_is_missing(bare_mhr: Mhr, tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    assert (
+        bare_mhr("clients", "keygen", "--out-key", str(key), "--out-jwks", str(tmp_path / "k.json")).code == 0
+    )
+
+    result = bare_mhr("token", "--client-id", "x", "--key", str(key))
+
+    assert result.code == 2
+    line = _one_line(result)
+    assert "no service address" in line and "--url" in line and "MHR_PUBLIC_BASE_URL" in line
+
+
+def test_token_finds_the_development_server_through_var_dev_env(bare_mhr: Mhr, tmp_path: Path) -> None:
+    port = _free_port()
+    _development_env(tmp_path, port=port)
+    key = tmp_path / "k.pem"
+    assert (
+        bare_mhr("clients", "keygen", "--out-key", str(key), "--out-jwks", str(tmp_path / "k.json")).code == 0
+    )
+
+    result = bare_mhr("token", "--client-id", "x", "--key", str(key))
+
+    # Nothing listens there: the point is that it asked the development server's address.
+    assert result.code == 2
+    assert f"unreachable at http://127.0.0.1:{port}/auth/token" in _one_line(result)
+
+
+def test_development_env_file_round_trips_awkward_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("MHR_"):
+            monkeypatch.delenv(name)
+    url = 'postgresql+asyncpg://mhr:p#ss"w\\rd@127.0.0.1:5432/mhr dev'
+    path = _development_env(tmp_path, database_url=url, port=8123)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a database password may be in it
+    monkeypatch.chdir(tmp_path)
+
+    settings = load_settings()
+
+    assert settings.env.value == "development"
+    assert settings.database_url == url
+    assert settings.base_url == "http://127.0.0.1:8123"
+
+
+def test_an_explicit_mhr_env_never_reads_the_development_file(
+    bare_mhr: Mhr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _development_env(tmp_path, port=_free_port())
+    monkeypatch.setenv("MHR_ENV", "production")
+    key = tmp_path / "k.pem"
+    assert (
+        bare_mhr("clients", "keygen", "--out-key", str(key), "--out-jwks", str(tmp_path / "k.json")).code == 0
+    )
+
+    result = bare_mhr("token", "--client-id", "x", "--key", str(key))
+
+    assert result.code == 2
+    assert "no service address" in _one_line(result)
+
+
+def test_a_development_file_that_says_production_is_refused(bare_mhr: Mhr, tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    (tmp_path / DEVELOPMENT_ENV_FILE).write_text(
+        "MHR_ENV=production\nMHR_PUBLIC_BASE_URL=https://x.example\n"
+    )
+
+    result = bare_mhr("orgs", "list")
+
+    assert result.code == 2
+    assert "holds development settings only" in _one_line(result)
+
+
+def test_an_invalid_setting_is_one_line_naming_it(bare_mhr: Mhr, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MHR_PORT", "eighty")
+
+    result = bare_mhr("orgs", "list")
+
+    assert result.code == 2
+    assert "MHR_PORT" in _one_line(result)
+
+
+def test_an_unmigrated_database_is_one_line(
+    bare_mhr: Mhr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MHR_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'empty.sqlite3'}")
+
+    result = bare_mhr("orgs", "list")
+
+    assert result.code == 2
+    assert "database error" in _one_line(result)
+
+
+def test_an_unreadable_keyring_is_one_line(
+    bare_mhr: Mhr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "keyring.json").write_text("{not json")
+    monkeypatch.setenv("MHR_KEYRING_PATH", str(tmp_path / "keyring.json"))
+
+    result = bare_mhr("audit", "key")
+
+    assert result.code == 2
+    assert "keyring" in _one_line(result)
