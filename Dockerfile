@@ -3,6 +3,7 @@
 # mhr: migrant health records.
 #
 #   docker build -t mhr .
+#   docker run --rm -v mhr-var:/app/var mhr mhr keys init     # once: creates the keyring
 #   docker run -p 8000:8000 -v mhr-var:/app/var \
 #     -e MHR_PUBLIC_BASE_URL=https://mhr.example.org \
 #     -e MHR_DEPLOYMENT_NAME=mhr.example.org/prod \
@@ -11,9 +12,11 @@
 #
 # MHR_ENV is production: without an https public base URL and a deployment
 # name the service refuses to start and says what to set. `mhr serve` applies
-# the database migrations before it serves. The keyring (created 0600 on first
-# start) lives in /app/var: keep that volume, and back it up apart from the
-# database, or use an HSM.
+# the database migrations before it serves. The keyring lives in /app/var,
+# created once by `mhr keys init` (the service never creates one outside
+# development, and refuses to start with a keyring other than the one the
+# database's data was written under): keep that volume, and back it up apart
+# from the database, or use an HSM.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -27,24 +30,26 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-WORKDIR /app
+WORKDIR /src
+# The runtime dependencies, the build backend and pip, pinned with hashes (`make lock`).
+COPY requirements-runtime.lock ./
+RUN pip install --require-hashes -r requirements-runtime.lock
+
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY security ./security
 COPY migrations ./migrations
-# The implementation guide is data read at run time (settings.ig_dir defaults to
-# the fhir/ directory next to service/); it must never become a Python package.
+# The implementation guide is data read at run time: the wheel installs it under
+# /opt/venv/share/mhr/fhir (pyproject's data-files), where settings.ig_dir finds
+# it. It must never become a Python package.
 COPY fhir ./fhir
 
-# Installed in place (editable) so that the code stays in /app beside fhir/,
-# exactly as in the repository; the runtime stage copies /app to the same path.
-RUN pip install --upgrade pip \
- && pip install -e . \
- && python -m compileall -q service security migrations \
+# A regular (non-editable) install into the venv: the image needs no source tree.
+RUN pip install --no-deps --no-build-isolation . \
  && cd / \
  && python -c "import migrations, security, service.settings as s; \
-assert all(m.__file__.startswith('/app/') for m in (migrations, security, s)); \
-assert (s.PROJECT_ROOT / 'fhir' / 'CapabilityStatement-mhr.json').is_file()"
+assert all(m.__file__.startswith('/opt/venv/') for m in (migrations, security, s)); \
+assert (s.default_ig_dir() / 'CapabilityStatement-mhr.json').is_file(), s.default_ig_dir()"
 
 # --- runtime: no compilers, no pip cache, not root ---------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -60,7 +65,6 @@ RUN groupadd --system --gid 10001 mhr \
         --shell /usr/sbin/nologin mhr
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /app /app
 
 WORKDIR /app
 # Code stays root-owned and read-only to the service; only var/ (keyring, and a

@@ -3,13 +3,18 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every dependency (runtime, test, dev, and the build backend) pinned with hashes; the image
+# installs the runtime subset, resolved to the same versions. Both are written by `make lock`.
+LOCK         := requirements.lock
+RUNTIME_LOCK := requirements-runtime.lock
+UV_VERSION   := 0.13.9
 
-.PHONY: run test lint fmt bench clean ig ig-tools
+.PHONY: run test lint fmt bench clean ig ig-tools lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Node tooling for the implementation guide: the official FHIR R4 definitions and an independent
@@ -24,6 +29,18 @@ ig-tools: $(IG_TOOLS)
 # Rebuild what fhir/ derives from the R4 definitions (snapshots, base required bindings).
 ig: $(STAMP) $(IG_TOOLS)
 	$(BIN)/python -m service.fhir_validation.build
+
+# Re-lock after changing a dependency in pyproject.toml (needs PyPI), then commit both files.
+# Versions already pinned are kept where they still fit; `make lock LOCK_ARGS=--upgrade` takes
+# the newest release of everything. The build backend and pip are locked too (first two inputs).
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet $(LOCK_ARGS)
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	printf 'setuptools>=77\npip\n' | $(BIN)/uv pip compile - pyproject.toml --extra test --extra dev \
+		$(LOCK_FLAGS) -o $(LOCK)
+	printf 'setuptools>=77\npip\n' | $(BIN)/uv pip compile - pyproject.toml -c $(LOCK) \
+		$(LOCK_FLAGS) -o $(RUNTIME_LOCK)
 
 # The demo server writes the settings it serves with to var/dev.env, which `mhr` commands run in
 # this directory read while MHR_ENV is unset: the README's "Try it" needs nothing exported.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sysconfig
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -32,8 +33,20 @@ from security.keys import keyring_permissions_problem
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Where a wheel puts the implementation guide (pyproject's data-files), below the install prefix.
+INSTALLED_IG = Path("share") / "mhr" / "fhir"
 DEFAULT_VAR_DIR = Path("var")
 DEVELOPMENT_ENV_FILE = DEFAULT_VAR_DIR / "dev.env"
+
+
+def default_ig_dir() -> Path:
+    """The implementation guide: ``fhir/`` beside ``service/`` in a checkout (or an editable
+    install), else the copy a wheel installed under the environment's data prefix."""
+    checkout = PROJECT_ROOT / "fhir"
+    # In site-packages, fhir/ is fhir.resources' namespace package, which holds no guide.
+    if (checkout / "CapabilityStatement-mhr.json").is_file():
+        return checkout
+    return Path(sysconfig.get_path("data")) / INSTALLED_IG
 
 
 class Environment(StrEnum):
@@ -53,7 +66,7 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite+aiosqlite:///{DEFAULT_VAR_DIR / 'mhr.sqlite3'}"
     public_base_url: str | None = None
     keyring_path: Path = DEFAULT_VAR_DIR / "keyring.json"
-    ig_dir: Path = PROJECT_ROOT / "fhir"
+    ig_dir: Path = Field(default_factory=default_ig_dir)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
