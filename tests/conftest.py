@@ -1,53 +1,74 @@
 """Shared fixtures: every database-backed test runs on SQLite and on PostgreSQL.
 
-PostgreSQL is the server at ``MHR_TEST_DATABASE_URL`` (default: the local
-server, database ``test``). Without it the PostgreSQL tier is skipped, saying
-why; with ``MHR_REQUIRE_POSTGRES=1`` (CI) a missing server fails the run.
+PostgreSQL is the database at ``MHR_TEST_DATABASE_URL``, which the run wipes
+(give one of your own). Unset, each run creates a database of its own on the
+local server (``mhr_test_<pid>_<random>``) and drops it at the end, so that
+concurrent runs never collide and no shared database is ever wiped. Without a
+server the PostgreSQL tier is skipped, saying why; with ``MHR_REQUIRE_POSTGRES=1``
+(CI) a missing server fails the run.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from mhr_testkit import PG_DEFAULT_URL, Service, sync_url, truncate_postgres
+from mhr_testkit import PG_SERVER_URL, Service, create_database, drop_database, sync_url, truncate_postgres
+from sqlalchemy.engine import make_url
 
 from service.store import migrate
 
-PG_URL = os.environ.get("MHR_TEST_DATABASE_URL", PG_DEFAULT_URL)
+GIVEN_URL = os.environ.get("MHR_TEST_DATABASE_URL")
+# A database that belongs to nobody in particular (the server's default for tools): never wiped.
+SHARED_NAMES = frozenset({"test", "postgres", "template0", "template1"})
 
 
-def _postgres_problem() -> str | None:
-    engine = sa.create_engine(sync_url(PG_URL))
+def _postgres_problem(url: str) -> str | None:
+    engine = sa.create_engine(sync_url(url))
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:
-        return f"PostgreSQL at MHR_TEST_DATABASE_URL is not reachable ({type(exc).__name__})"
+        where = "MHR_TEST_DATABASE_URL" if GIVEN_URL else make_url(url).render_as_string()
+        return f"PostgreSQL at {where} is not reachable ({type(exc).__name__})"
     finally:
         engine.dispose()
     return None
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    problem = _postgres_problem()
+def postgres_url() -> Iterator[str]:
+    if GIVEN_URL and make_url(GIVEN_URL).database in SHARED_NAMES:
+        pytest.fail(
+            f"MHR_TEST_DATABASE_URL names the database {make_url(GIVEN_URL).database!r}, which the tests "
+            "would wipe: name one of your own, or leave it unset for a database created for this run"
+        )
+    problem = _postgres_problem(GIVEN_URL or PG_SERVER_URL)
     if problem:
         if os.environ.get("MHR_REQUIRE_POSTGRES") == "1":
             pytest.fail(problem + " and MHR_REQUIRE_POSTGRES=1")
         pytest.skip(problem)
-    engine = sa.create_engine(sync_url(PG_URL))
-    with engine.begin() as conn:
-        # The test database is ours: start from an empty schema every session.
-        conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
-    migrate.upgrade(PG_URL)
-    return PG_URL
+    if GIVEN_URL:
+        url = GIVEN_URL
+        engine = sa.create_engine(sync_url(url))
+        with engine.begin() as conn:
+            # The test database is the caller's: start from an empty schema every session.
+            conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+        engine.dispose()
+    else:
+        url = create_database(PG_SERVER_URL, f"mhr_test_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        if not GIVEN_URL:
+            drop_database(url)
 
 
 @pytest.fixture(scope="session")

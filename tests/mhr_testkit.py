@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 
 from security.jwk import PrivateKey, generate_client_key, public_jwk, sign_client_assertion
@@ -22,7 +23,8 @@ from service.identity.repository import IdentityRepository
 from service.settings import Environment, Settings
 from service.store.database import Database
 
-PG_DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+# The local server; without MHR_TEST_DATABASE_URL each run creates a database of its own there.
+PG_SERVER_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 BASE_URL = "http://testserver"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -162,6 +164,39 @@ def submit(service: Service, party: Party, bundle: dict[str, Any]) -> Any:
     return service.client.post(
         "/fhir", content=json.dumps(bundle), headers={**FHIR_HEADERS, **service.headers(party)}
     )
+
+
+def create_database(server_url: str, name: str) -> str:
+    """A new, empty database on the server of ``server_url``; returns its URL."""
+    admin = sa.create_engine(
+        make_url(sync_url(server_url)).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    name = make_url(url).database
+    admin = sa.create_engine(make_url(sync_url(url)).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def scratch_database(server_url: str, purpose: str) -> Iterator[str]:
+    """A throwaway database named for this use alone, so that concurrent runs never share one."""
+    url = create_database(server_url, f"mhr_{purpose}_{uuid.uuid4().hex[:12]}")
+    try:
+        yield url
+    finally:
+        drop_database(url)
 
 
 def truncate_postgres(url: str) -> None:

@@ -11,13 +11,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from mhr_testkit import sync_url
-from sqlalchemy.engine import make_url
+from mhr_testkit import scratch_database, sync_url
 
 from service.store import migrate
 from service.store.tables import Base
-
-CHECK_DATABASE = "mhr_migration_check"
 
 
 @pytest.fixture
@@ -27,19 +24,9 @@ def fresh_sqlite(tmp_path: Path) -> str:
 
 @pytest.fixture
 def fresh_postgres(postgres_url: str) -> Iterator[str]:
-    """A throwaway database on the test server, created empty and dropped afterwards."""
-    server = sa.create_engine(
-        make_url(sync_url(postgres_url)).set(database="postgres"), isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with server.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {CHECK_DATABASE} WITH (FORCE)"))
-            conn.execute(sa.text(f"CREATE DATABASE {CHECK_DATABASE}"))
-        yield make_url(postgres_url).set(database=CHECK_DATABASE).render_as_string(hide_password=False)
-        with server.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {CHECK_DATABASE} WITH (FORCE)"))
-    finally:
-        server.dispose()
+    """A throwaway database on the test server, created empty for this test and dropped afterwards."""
+    with scratch_database(postgres_url, "migration_check") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
