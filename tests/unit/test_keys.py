@@ -305,3 +305,19 @@ def test_log_signing_key(keyring: LocalKeyring) -> None:
 def test_local_keyring_is_a_key_provider(keyring: LocalKeyring) -> None:
     provider: KeyProvider = keyring
     assert provider.current_kek().version == 1
+
+
+def test_key_checks_tell_keys_apart_without_revealing_them(keyring: LocalKeyring, tmp_path: Path) -> None:
+    checks = keyring.key_checks()
+    assert {c.purpose for c in checks} == {"kek", "token-hmac", "blind-index", "audit-log"}
+    # The same keyring read again gives the same record; another keyring shares no check value.
+    assert LocalKeyring.load(keyring.path).key_checks() == checks
+    other = LocalKeyring.create(tmp_path / "other.json").key_checks()
+    assert not {c.check_value for c in checks} & {c.check_value for c in other}
+    text = keyring.path.read_text()
+    for check in checks:
+        assert len(check.check_value) == 16 and check.check_value not in text
+    # A rotation adds a key to the record and keeps the old one.
+    keyring.rotate_kek()
+    after = {(c.purpose, c.key_id) for c in keyring.key_checks()}
+    assert {(c.purpose, c.key_id) for c in checks} < after
