@@ -38,7 +38,6 @@ from service.settings import (
     DEVELOPMENT_ENV_FILE,
     Settings,
     SettingsError,
-    development_env_file,
     load_settings,
     write_development_env,
 )
@@ -97,8 +96,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             os.environ["MHR_PORT"] = str(args.port)
         settings = load_settings()
     settings.check_safe_to_start()
-    if development_env_file() is not None:
-        print(f"mhr: MHR_ENV is not set: development settings from {DEVELOPMENT_ENV_FILE}", file=sys.stderr)
     if args.demo and not settings.is_development:
         return _fail("--demo seeds known demo clients and is refused outside MHR_ENV=development")
     migrate.upgrade(settings.database_url)
@@ -492,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Every failure ends in one line on stderr and a nonzero exit, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings()
+        # A server takes its settings from its environment alone, never from var/dev.env.
+        settings = load_settings(development_file=args.handler is not cmd_serve)
         configure_logging(settings.log_level)
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
         return handler(args, settings)

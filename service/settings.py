@@ -6,12 +6,13 @@ refuse to start, because a migrant health record service that starts "mostly
 configured" is worse than one that does not start.
 
 The development server (``make run``, i.e. ``mhr serve --demo``) writes the
-settings it serves with to ``var/dev.env``. A process whose environment has no
-``MHR_ENV`` at all, started in that directory, reads that file, so ``mhr
-token`` in a second terminal talks to the development server with nothing
-exported. The file configures development only: one that says anything else is
-refused, and a process with ``MHR_ENV`` set (production sets it; the image does)
-never reads it.
+settings it serves with to ``var/dev.env``. An ``mhr`` command whose
+environment has no ``MHR_ENV`` at all, run in that directory, reads that file,
+so ``mhr token`` in a second terminal talks to the development server with
+nothing exported. The file configures development only: one that says anything
+else is refused; a process with ``MHR_ENV`` set (production sets it; the image
+does) never reads it, and neither does a server (``mhr serve``, the app
+factory): a service's settings come from its environment alone.
 """
 
 from __future__ import annotations
@@ -180,12 +181,13 @@ def _describe(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
-def load_settings() -> Settings:
-    """Settings from the environment (and ``var/dev.env`` while ``MHR_ENV`` is unset).
+def load_settings(*, development_file: bool = False) -> Settings:
+    """Settings from the environment; with ``development_file`` (the ``mhr`` client commands)
+    also from ``var/dev.env`` while ``MHR_ENV`` is unset.
 
     Raises SettingsError, whose message names each bad variable, on invalid values.
     """
-    env_file = development_env_file()
+    env_file = development_env_file() if development_file else None
     try:
         settings = Settings(_env_file=env_file)
     except ValidationError as exc:

@@ -450,7 +450,7 @@ def test_development_env_file_round_trips_awkward_values(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a database password may be in it
     monkeypatch.chdir(tmp_path)
 
-    settings = load_settings()
+    settings = load_settings(development_file=True)
 
     assert settings.env.value == "development"
     assert settings.database_url == url
@@ -471,6 +471,17 @@ def test_an_explicit_mhr_env_never_reads_the_development_file(
 
     assert result.code == 2
     assert "no service address" in _one_line(result)
+
+
+def test_a_server_never_reads_the_development_file(bare_mhr: Mhr, tmp_path: Path) -> None:
+    """Production cannot pick up development settings: `mhr serve` takes its environment alone."""
+    _development_env(tmp_path, port=_free_port())
+
+    result = bare_mhr("serve")
+
+    assert result.code == 2
+    assert "refusing to start" in result.err and "MHR_PUBLIC_BASE_URL" in result.err
+    assert not (tmp_path / "dev.sqlite3").exists()
 
 
 def test_a_development_file_that_says_production_is_refused(bare_mhr: Mhr, tmp_path: Path) -> None:
