@@ -17,6 +17,7 @@ from service.fhir_validation import ProfileValidator
 from service.identity.client_status import ClientStatusCache
 from service.identity.jwks import JwksCache
 from service.identity.tokens import TokenPolicy
+from service.offload import Offload
 from service.records.context import RecordServices
 from service.records.labels import RULES_FILE, SecurityLabeler
 from service.records.subject_keys import SubjectKeys
@@ -103,6 +104,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
             labeler=SecurityLabeler.load(RULES_FILE),
             statutory_policies=frozenset(settings.statutory_policies),
             fhir_base_url=settings.fhir_base_url,
+            offload=Offload(settings.body_work_threads),
         ),
         head_revision=head_revision(),
         log_signer=NoteSigner(settings.deployment_name, keys.log_signing_key()),

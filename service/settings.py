@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # A client that has not sent its whole body by then gets 408 (a slow client holds a worker).
     request_body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # Work limits on a JSON body, checked before it is parsed (values) or right after (the
+    # rest), so that no body costs more than a second of validation; see README "Limits".
+    max_json_values: int = Field(default=100_000, ge=100)
+    max_json_array_items: int = Field(default=10_000, ge=10)
+    max_json_depth: int = Field(default=64, ge=16, le=1000)  # orjson stops at 1024 levels
+    max_json_string_chars: int = Field(default=1024 * 1024, ge=1024)
+    # A transaction is one database transaction: at most 500 entries, whatever is set here.
+    max_bundle_entries: int = Field(default=500, ge=1, le=500)
+    # Threads per process that parse and validate bodies at once; more requests wait their turn.
+    body_work_threads: int = Field(default=2, ge=1, le=32)
     # Per-client rate limit, a token bucket in cost units: a write costs more than a search,
     # a search more than a read. Enforced per process (per replica).
     rate_limit_enabled: bool = True

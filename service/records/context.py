@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from security.blind_index import BlindIndexer
 from service.fhir_validation import ProfileValidator
+from service.offload import Offload
 from service.records.labels import SecurityLabeler
 from service.records.subject_keys import SubjectKeys
 
@@ -19,6 +20,8 @@ class RecordServices:
     fhir_base_url: str
     # Consent policy URIs that mark a statutory public-health basis rather than voluntary consent.
     statutory_policies: frozenset[str] = frozenset()
+    # Parsing and validation run here, off the event loop.
+    offload: Offload = field(default_factory=lambda: Offload(2))
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ class Intake:
             raise _invalid(
                 f"at most {MAX_ENTRIES} entries per transaction", "Bundle.entry", "too-costly", 413
             )
-        issues = self.services.validator.validate_bundle(bundle)
+        issues = await self.services.offload.run(lambda: self.services.validator.validate_bundle(bundle))
         if any(i.severity in ("error", "fatal") for i in issues):
             raise validation_error(issues)
         planned, aliases = await self._plan(entries, actor)
@@ -182,7 +182,7 @@ class Intake:
     ) -> IntakeResult:
         if not isinstance(resource, dict):
             raise _invalid("expected a FHIR resource", "$this", "structure")
-        issues = self.services.validator.validate(resource)
+        issues = await self.services.offload.run(lambda: self.services.validator.validate(resource))
         if any(i.severity in ("error", "fatal") for i in issues):
             raise validation_error(issues)
         planned, aliases = await self._plan([entry], actor, root="", if_match=if_match)

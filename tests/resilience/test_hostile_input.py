@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from mhr_testkit import FHIR_HEADERS, Party, Service, sync_url
 from resilience_kit import ServerProcess, unique_bundle
 
-from service.api.fhir_body import MAX_DEPTH
+from service.api.fhir_body import BodyLimits
+
+MAX_DEPTH = BodyLimits().depth
 
 
 def _stored(service: Service) -> int:
@@ -53,10 +55,11 @@ def _raw_bundle(text: str) -> bytes:
 
 
 HOSTILE_BODIES: dict[str, tuple[bytes, int]] = {
-    "nested-far-too-deep": (b"[" * 100_000 + b"]" * 100_000, 400),
+    # Too deep is too costly: refused with a 413 naming the depth limit.
+    "nested-far-too-deep": (b"[" * 100_000 + b"]" * 100_000, 413),
     "nested-past-the-limit": (
         b'{"resourceType":"Bundle","x":' + b"[" * (MAX_DEPTH + 5) + b"]" * (MAX_DEPTH + 5) + b"}",
-        400,
+        413,
     ),
     "huge-integer-literal": (b'{"resourceType":"Bundle","type":"transaction","x":' + b"9" * 5000 + b"}", 400),
     "number-out-of-range": (b'{"resourceType":"Bundle","type":"transaction","x":1e99999}', 400),

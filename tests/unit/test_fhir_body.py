@@ -9,8 +9,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.api import fhir_body
-from service.api.fhir_body import MAX_DEPTH, _body_problem, _has_duplicate_keys, _shape_problem
+from service.api.fhir_body import BodyLimits, _body_problem, _has_duplicate_keys, _shape_problem
+
+LIMITS = BodyLimits()
 
 # Text with the characters that matter here: controls (refused), DEL, tab/CR/LF (allowed).
 _text = st.text(alphabet=st.sampled_from(["a", "é", "\x00", "\x08", "\x0c", "\x1f", "\x7f", "\t", "\n"]))
@@ -32,21 +33,23 @@ def _nested(depth: int, leaf: Any) -> Any:
 @given(value=_json)
 def test_fast_shape_check_agrees_with_the_full_walk(value: Any) -> None:
     body = orjson.dumps(value)
-    assert _body_problem(body, value) == _shape_problem(value, MAX_DEPTH)
+    assert _body_problem(body, value, LIMITS) == _shape_problem(value, LIMITS)
 
 
 def test_depth_limit_at_the_edge() -> None:
-    for depth in range(MAX_DEPTH - 2, MAX_DEPTH + 3):
+    for depth in range(LIMITS.depth - 2, LIMITS.depth + 3):
         for leaf in ([], {}, 1, "x"):
             value = _nested(depth, leaf)
-            expected = _shape_problem(value, MAX_DEPTH)
-            assert _body_problem(orjson.dumps(value), value) == expected, (depth, leaf)
+            expected = _shape_problem(value, LIMITS)
+            assert (expected is None) is (depth <= LIMITS.depth), (depth, leaf)
+            assert _body_problem(orjson.dumps(value), value, LIMITS) == expected, (depth, leaf)
 
 
-def test_long_strings_take_the_full_walk(monkeypatch: Any) -> None:
-    monkeypatch.setattr(fhir_body, "MAX_STRING", 8)
+def test_long_strings_take_the_full_walk() -> None:
     value = {"a": "123456789"}
-    assert _body_problem(orjson.dumps(value), value) == "a string is longer than 8 characters"
+    problem = _body_problem(orjson.dumps(value), value, BodyLimits(string_chars=8))
+    assert problem is not None and problem.status == 413
+    assert "longer than 8 characters" in problem.text
 
 
 def _reference_duplicates(body: bytes) -> bool:
