@@ -1,6 +1,7 @@
 """Plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a lot per request).
 
-One layer does what every request needs: a request id, the body size limit
+One layer does what every request needs: a request id, ``Cache-Control: no-store``
+unless the route chose otherwise, the body size limit
 (enforced while the body streams in, so an oversized body is never read
 whole), the access log line and the metrics.
 """
@@ -69,6 +70,10 @@ class RequestMiddleware:
                 # Ours replaces any the app set (the 500 handler names it too).
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    # Clinical and audit data must not stay in a browser, proxy or client cache:
+                    # nothing is cacheable unless its route says so (the SMART configuration).
+                    headers.append((b"cache-control", b"no-store"))
                 if status_holder.get("body_refused") and not any(
                     k.lower() == b"connection" for k, _ in headers
                 ):

@@ -57,8 +57,8 @@ def date_range(value: str) -> tuple[str, datetime, datetime]:
                 end = start + timedelta(seconds=1)
             else:
                 end = start + timedelta(minutes=1)
-    except ValueError as exc:
-        raise QueryError("date", "date is not a valid calendar date") from exc
+    except (ValueError, OverflowError) as exc:  # 2025-02-30; 9999-12-31 ends past the year 9999
+        raise QueryError("date", "date is not a valid calendar date in years 1 to 9999") from exc
     return prefix, start, end
 
 

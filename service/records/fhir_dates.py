@@ -17,11 +17,19 @@ def _add_months(moment: datetime, months: int) -> datetime:
 
 
 def parse_range(text: str) -> tuple[datetime, datetime]:
-    """[start, end) in UTC of a FHIR date/dateTime; raises ValueError if malformed.
+    """[start, end) in UTC of a FHIR date/dateTime; raises ValueError if malformed, or if
+    the range does not fit in years 1 to 9999 (``9999-12-31``, ``0001-01-01T00:00+14:00``).
 
     A date without a time zone is taken as UTC: exams are dated by day, and a
     day's worth of slack is what the search semantics already allow.
     """
+    try:
+        return _parse_range(text)
+    except OverflowError:
+        raise ValueError("outside the dates this server represents (years 1 to 9999)") from None
+
+
+def _parse_range(text: str) -> tuple[datetime, datetime]:
     match = _DATE.match(text.strip())
     if not match:
         raise ValueError("not a FHIR date or dateTime")
