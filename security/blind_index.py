@@ -41,6 +41,7 @@ _MIN_SIZE: Final = 8
 _MAX_SIZE: Final = 32
 _IDENTIFIER_DOMAIN: Final = b"identifier\x00"
 _TOKEN_DOMAIN: Final = b"token\x00"
+_DERIVE_DOMAIN: Final = b"derive\x00"
 
 # Bounded because each pass can only shrink or recompose the string; a few
 # passes reach the fixed point for everything seen, the bound guards the rest.
@@ -162,3 +163,11 @@ class BlindIndexer:
             + b"\x00"
             + code.encode("utf-8")
         )
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A 32-byte key for ``purpose`` (such as sealing search cursors), derived from the
+        index key with HMAC-SHA256 as a PRF under a domain of its own: it equals no index,
+        and the index key never leaves this object."""
+        mac = self._base.copy()
+        mac.update(_DERIVE_DOMAIN + purpose.encode("utf-8"))
+        return mac.digest()

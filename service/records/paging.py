@@ -1,4 +1,4 @@
-"""Search paging by position (keyset), with next links that carry an opaque, signed cursor.
+"""Search paging by position (keyset), with next links that carry an opaque, sealed cursor.
 
 A page after the first starts after the last row of the previous one, in the
 search's order ``(last_updated, id)``: its cost does not grow with how far the
@@ -7,18 +7,21 @@ two pages does not shift the rest by one. An offset would make page n cost n
 pages, and counting every match again on every page would make each page cost
 the whole result.
 
-The cursor holds that position and the total counted on the first page (a
-search's total is the number of matches when it started). It is MACed under
-the service's index key and bound to the client and the search, so a client
-cannot edit it, and it is good for nothing else. It names only a pseudonymous
-resource id and a timestamp.
+The cursor holds that position, the total counted on the first page (a
+search's total is the number of matches when it started), and the blind
+indexes of any identifier the search was made by: the next link names the
+search without the identifier (a POST search keeps a passport number out of
+URLs, and its next page must too). It is sealed (AES-GCM, security.sealed_tokens)
+under a key derived from the service's index key, bound to the client and the
+rest of the search: a client can neither read nor edit it, two cursors of one
+search look unrelated, and it is good for nothing else.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,10 +29,12 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from security.blind_index import BlindIndexer
+from security.sealed_tokens import TokenSealer
 from service.errors import FhirError
 
-_MAC_KIND = "search-cursor.v1"
-_MAX_CURSOR = 512
+_KEY_PURPOSE = "search-cursor.v2"
+# Room for the position and the indexes of 50 identifiers (the most one search may name).
+_MAX_CURSOR = 4096
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -42,10 +47,16 @@ class PagePosition:
     resource_id: str
 
 
+TokenGroups = tuple[tuple[str, tuple[bytes, ...]], ...]
+
+
 @dataclass(frozen=True)
 class PageCursor:
     after: PagePosition
     total: int | None
+    # Blind-index groups of the search's identifying parameters (kind, alternatives), which
+    # its links leave out.
+    hidden: TokenGroups = ()
 
 
 @dataclass(frozen=True)
@@ -61,28 +72,53 @@ class CursorScope:
         return hashlib.sha256(described).hexdigest()
 
 
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sealer(indexer: BlindIndexer) -> TokenSealer:
+    return TokenSealer(indexer.derived_key(_KEY_PURPOSE))
+
+
 def encode_cursor(indexer: BlindIndexer, cursor: PageCursor, scope: CursorScope) -> str:
     micros = (cursor.after.last_updated - _EPOCH) // _MICROSECOND  # exact, unlike a float
-    payload = base64.urlsafe_b64encode(orjson.dumps([micros, cursor.after.resource_id, cursor.total]))
-    text = payload.decode().rstrip("=")
-    mac = indexer.token(_MAC_KIND, scope.binding(), text)
-    return f"{text}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+    hidden = [[kind, [_b64(token) for token in tokens]] for kind, tokens in cursor.hidden]
+    payload = orjson.dumps([micros, cursor.after.resource_id, cursor.total, hidden])
+    return _b64(_sealer(indexer).seal(payload, scope.binding().encode()))
+
+
+def _hidden(value: object) -> TokenGroups:
+    if not isinstance(value, list):
+        raise ValueError("hidden groups")
+    groups = []
+    for group in value:
+        kind, tokens = group  # a list of two, or ValueError
+        if not isinstance(kind, str) or not isinstance(tokens, list):
+            raise ValueError("hidden group")
+        groups.append((kind, tuple(_unb64(t) for t in tokens if isinstance(t, str))))
+    return tuple(groups)
 
 
 def decode_cursor(indexer: BlindIndexer, token: str, scope: CursorScope) -> PageCursor:
     """The cursor of a next link, or a 400 if it was edited or belongs to another search."""
-    text, _, mac_text = token.partition(".")
-    if len(token) <= _MAX_CURSOR and text and mac_text:
-        expected = indexer.token(_MAC_KIND, scope.binding(), text)
+    if len(token) <= _MAX_CURSOR:
         try:
-            mac = base64.urlsafe_b64decode(mac_text + "=" * (-len(mac_text) % 4))
-            valid = hmac.compare_digest(mac, expected)
-            micros, resource_id, total = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        except (ValueError, TypeError, orjson.JSONDecodeError):
-            valid = False
-        total_ok = valid and (total is None or (isinstance(total, int) and total >= 0))
-        if total_ok and isinstance(micros, int) and isinstance(resource_id, str):
-            return PageCursor(PagePosition(_EPOCH + micros * _MICROSECOND, resource_id), total)
+            payload = _sealer(indexer).open(_unb64(token), scope.binding().encode())
+            micros, resource_id, total, hidden = orjson.loads(payload)
+            if (
+                isinstance(micros, int)
+                and isinstance(resource_id, str)
+                and (total is None or (isinstance(total, int) and total >= 0))
+            ):
+                return PageCursor(
+                    PagePosition(_EPOCH + micros * _MICROSECOND, resource_id), total, _hidden(hidden)
+                )
+        except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError, OverflowError):
+            pass
     raise FhirError.single(
         400,
         "invalid",

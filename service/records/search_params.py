@@ -29,6 +29,10 @@ SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "Specimen": frozenset(_CLINICAL),
 }
 CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total"})
+# A migrant's identifiers (a passport number) never go into a URL the service writes: the
+# links of a search by identifier name it without them, and its cursor carries their
+# blind indexes, sealed (service.records.paging).
+IDENTIFYING_PARAMETERS = frozenset({"identifier"})
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
 MAX_OFFSET = 10_000
@@ -54,6 +58,13 @@ class ParsedSearch:
     # value-concept is matched on decrypted resources, within what the caller may see:
     # no index of results exists, in clear or blind.
     value_concepts: list[list[tuple[str, str]]] = field(default_factory=list)
+    # The blind-index groups of the identifying parameters, for the cursor to carry.
+    hidden: list[tuple[str, list[bytes]]] = field(default_factory=list)
+
+    @property
+    def linkable(self) -> list[tuple[str, str]]:
+        """The parameters understood that may be written into a link: all but identifiers."""
+        return [(n, v) for n, v in self.echo if n.partition(":")[0] not in IDENTIFYING_PARAMETERS]
 
 
 def _split(value: str, param: str) -> list[str]:
@@ -82,7 +93,9 @@ def _date_bounds(param: str, raw: str) -> list[tuple[str, datetime]]:
     try:
         start, end = parse_range(text)
     except ValueError:
-        raise _bad("a date parameter needs a FHIR date or dateTime with an optional prefix", param) from None
+        raise _bad(
+            "a date parameter needs a FHIR date or dateTime (years 1 to 9999) with an optional prefix", param
+        ) from None
     return {
         "eq": [("ge", start), ("lt", end)],
         "ge": [("ge", start)],
@@ -116,6 +129,7 @@ def parse_search(
     count_total = True
     echo: list[tuple[str, str]] = []
     value_concepts: list[list[tuple[str, str]]] = []
+    hidden: list[tuple[str, list[bytes]]] = []
     for name, value in params:
         if _CONTROL.search(name) or _CONTROL.search(value):
             # PostgreSQL refuses NUL in text parameters; no search term holds control characters.
@@ -165,6 +179,9 @@ def parse_search(
                 except ValueError:
                     raise _bad("identifier search needs system|value", name) from None
             flt.token_groups.append(("identifier", hashes))
+            hidden.append(("identifier", hashes))
+            if sum(len(tokens) for _, tokens in hidden) > MAX_VALUES:
+                raise _bad(f"a search names at most {MAX_VALUES} identifiers", name)
         elif base == "value-concept":
             value_concepts.append(_tokens(value, name))
         elif base in _TOKEN_PARAMS:
@@ -178,6 +195,8 @@ def parse_search(
         raise _bad(
             "_cursor pages by position: it cannot be combined with _offset or value-concept", "_cursor"
         )
+    if cursor is not None and hidden:
+        raise _bad("a _cursor carries its search's identifiers: follow the next link as given", "_cursor")
     return ParsedSearch(
         flt,
         count,
@@ -187,4 +206,5 @@ def parse_search(
         cursor=cursor,
         count_total=count_total,
         value_concepts=value_concepts,
+        hidden=hidden,
     )
