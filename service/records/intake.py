@@ -28,7 +28,7 @@ from service.records.context import Actor, RecordServices
 from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
 from service.records.repository import RecordRepository, WriteBatch
-from service.records.resource_types import STORED_TYPES
+from service.records.resource_types import SERVICE_WRITTEN_TYPES, STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION
 from service.store.tables import StoredResource, Subject
 
@@ -64,6 +64,17 @@ def validation_error(issues: list[Issue]) -> FhirError:
 
 def _invalid(diagnostics: str, expression: str, code: str = "invalid", status: int = 400) -> FhirError:
     return FhirError.single(status, code, diagnostics, expression=expression)
+
+
+def _refuse_service_written(resource_type: Any) -> None:
+    """A create or update of a type only the service writes: that interaction does not exist."""
+    if isinstance(resource_type, str) and resource_type in SERVICE_WRITTEN_TYPES:
+        raise FhirError.single(
+            405,
+            "not-supported",
+            f"{resource_type} is written by the service for every write; clients read it",
+            headers={"Allow": "GET"},
+        )
 
 
 @dataclass
@@ -148,6 +159,16 @@ class Intake:
             raise _invalid(
                 f"at most {MAX_ENTRIES} entries per transaction", "Bundle.entry", "too-costly", 413
             )
+        for index, entry in enumerate(entries):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+            if isinstance(rtype, str) and rtype in SERVICE_WRITTEN_TYPES:
+                raise _invalid(
+                    f"{rtype} is written by the service for every write; a client cannot submit one",
+                    f"Bundle.entry[{index}].resource",
+                    "business-rule",
+                    422,
+                )
         issues = await self.services.offload.run(lambda: self.services.validator.validate_bundle(bundle))
         if any(i.severity in ("error", "fatal") for i in issues):
             raise validation_error(issues)
@@ -155,6 +176,7 @@ class Intake:
         return await self._commit(planned, aliases, actor)
 
     async def create(self, resource: Any, actor: Actor, if_none_exist: str | None = None) -> IntakeResult:
+        _refuse_service_written(resource.get("resourceType") if isinstance(resource, dict) else None)
         entry: dict[str, Any] = {
             "resource": resource,
             "request": {
@@ -169,6 +191,7 @@ class Intake:
     async def update(
         self, resource_type: str, resource_id: str, resource: Any, actor: Actor, if_match: str | None = None
     ) -> IntakeResult:
+        _refuse_service_written(resource_type)
         if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
             raise _invalid("the body's resourceType must match the URL", "resourceType")
         if resource.get("id") != resource_id:
@@ -233,11 +256,18 @@ class Intake:
                 if current is None or current.organization_id != actor.organization_id:
                     # Unknown and someone else's look the same.
                     raise FhirError.single(404, "not-found", f"{rtype} not found", expression=where or None)
-                if if_match is not None and if_match.strip() not in (
-                    f'W/"{current.version_id}"',
-                    f'"{current.version_id}"',
+                # A transaction entry carries its own (request.ifMatch), as a PUT its header.
+                expected = if_match if if_match is not None else request.get("ifMatch")
+                if expected is not None and (
+                    not isinstance(expected, str)
+                    or expected.strip() not in (f'W/"{current.version_id}"', f'"{current.version_id}"')
                 ):
-                    raise FhirError.single(412, "conflict", "If-Match does not name the current version")
+                    raise FhirError.single(
+                        412,
+                        "conflict",
+                        "If-Match does not name the current version",
+                        expression=f"{where}.request.ifMatch" if where else None,
+                    )
                 item = _Planned(index, resource, rtype, target[1], "update", current=current)
                 item.subject_id = current.subject_id
             else:
@@ -341,15 +371,6 @@ class Intake:
             subject: str | None
             if item.resource_type == "Patient":
                 subject = item.resource_id
-            elif item.resource_type == "Provenance":
-                subject = self._provenance_subject(item, planned)
-                if subject is None:
-                    raise _invalid(
-                        "a Provenance must target resources of one migrant",
-                        f"{where}.target",
-                        "required",
-                        422,
-                    )
             else:
                 reference = subject_reference(item.resource)
                 target = parse_relative(reference) if reference else None
@@ -365,23 +386,6 @@ class Intake:
             if item.subject_id is not None and item.subject_id != subject:
                 raise _invalid("a resource cannot move to another migrant", where, "business-rule", 422)
             item.subject_id = subject
-
-    @staticmethod
-    def _provenance_subject(item: _Planned, planned: list[_Planned]) -> str | None:
-        targets = item.resource.get("target", [])
-        subjects = set()
-        for t in targets if isinstance(targets, list) else []:
-            ref = parse_relative(t.get("reference", "")) if isinstance(t, dict) else None
-            if ref is None:
-                return None
-            if ref[0] == "Patient":
-                subjects.add(ref[1])
-            else:
-                match = next((p for p in planned if (p.resource_type, p.resource_id) == ref), None)
-                if match is None or match.resource_type == "Provenance":
-                    return None
-                subjects.add(match.subject_id or "")
-        return subjects.pop() if len(subjects) == 1 else None
 
     # --- writing --------------------------------------------------------------------
     async def _commit(self, planned: list[_Planned], aliases: dict[str, str], actor: Actor) -> IntakeResult:
@@ -428,8 +432,6 @@ class Intake:
             result.by_entry.append(written)
             per_subject[written.subject_id].append(written)
         for subject_id, versions in per_subject.items():
-            if all(v.resource_type == "Provenance" for v in versions):
-                continue
             provenance = self._provenance(versions, actor, now)
             item = _Planned(-1, provenance, "Provenance", provenance["id"], "create", subject_id=subject_id)
             result.written.append(await self._write(item, actor, now))

@@ -16,6 +16,9 @@ SUBJECT_ELEMENT: dict[str, str] = {
     "Specimen": "subject",
 }
 STORED_TYPES = frozenset({"Patient", "Provenance", *SUBJECT_ELEMENT})
+# Written by the service alone (a Provenance per migrant for every write, naming the clinic,
+# its client and the person): a client that could write one could forge who wrote what.
+SERVICE_WRITTEN_TYPES = frozenset({"Provenance"})
 
 # The element holding the clinical date used by the `date` search parameter.
 DATE_ELEMENTS: dict[str, tuple[str, ...]] = {
