@@ -217,15 +217,17 @@ class Intake:
     ) -> tuple[list[_Planned], dict[str, str]]:
         aliases: dict[str, str] = {}  # fullUrl -> "Type/id"
         planned: list[_Planned] = []
+        # Work on copies: references are rewritten in place, and a retried transaction must
+        # start again from what the client sent. Made off the event loop, as the walks over
+        # them below are: for a body near the work limits each takes tens of milliseconds.
+        sent = [entry.get("resource") if isinstance(entry, dict) else None for entry in entries]
+        copies = await self.services.offload.run(lambda: orjson.loads(orjson.dumps(sent)))
         for index, entry in enumerate(entries):
             where = f"{root}[{index}]" if root else ""
-            resource = entry.get("resource") if isinstance(entry, dict) else None
+            resource = copies[index]
             if not isinstance(resource, dict):
                 raise _invalid("entry has no resource", f"{where}.resource".lstrip("."), "required")
             rtype = resource.get("resourceType")
-            # Work on a copy: references are rewritten in place, and a retried
-            # transaction must start again from what the client sent.
-            resource = orjson.loads(orjson.dumps(resource))
             if rtype not in STORED_TYPES:
                 raise _invalid(
                     "this resource type is not stored by this server",
@@ -314,9 +316,11 @@ class Intake:
             raise _invalid("ifNoneExist matches more than one migrant", expression, "multiple-matches", 412)
         return (matches[0] if matches else None), token
 
-    async def _resolve_references(
-        self, planned: list[_Planned], aliases: dict[str, str], actor: Actor, root: str
-    ) -> None:
+    def _rewrite_references(
+        self, planned: list[_Planned], aliases: dict[str, str], root: str
+    ) -> dict[tuple[str, str], list[str]]:
+        """Check every reference and point those to entries at their new ids; returns the
+        references to resources outside the submission, with where each is named."""
         in_bundle = {f"{p.resource_type}/{p.resource_id}" for p in planned}
         external: dict[tuple[str, str], list[str]] = defaultdict(list)
         base = self.services.fhir_base_url + "/"
@@ -349,6 +353,12 @@ class Intake:
 
         for item in planned:
             rewrite_references(item.resource, replace)
+        return external
+
+    async def _resolve_references(
+        self, planned: list[_Planned], aliases: dict[str, str], actor: Actor, root: str
+    ) -> None:
+        external = await self.services.offload.run(lambda: self._rewrite_references(planned, aliases, root))
         if not external:
             return
         organizations = [k for k in external if k[0] == "Organization"]
