@@ -24,7 +24,7 @@ from service.identity.repository import IdentityRepository
 from service.records.access import Permit, Visibility
 from service.records.consents import explain_denial
 from service.records.context import Actor
-from service.records.intake import Intake, IntakeResult, PatientRaceLost
+from service.records.intake import Intake, IntakeResult, PatientRaceLost, refuse_service_written
 from service.records.paging import CursorScope, PageCursor, decode_cursor, encode_cursor
 from service.records.reading import Reader, ReadResult, bundle_bytes
 from service.records.repository import RecordRepository
@@ -229,6 +229,7 @@ async def create(
     if_none_exist: Annotated[str | None, Header()] = None,
 ) -> Response:
     _require(principal, resource_type, "c", WRITERS)
+    refuse_service_written(resource_type)  # before the body: the interaction itself does not exist
     resource = await read_fhir_json(request)
     if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
         raise FhirError.single(

@@ -66,7 +66,7 @@ def _invalid(diagnostics: str, expression: str, code: str = "invalid", status: i
     return FhirError.single(status, code, diagnostics, expression=expression)
 
 
-def _refuse_service_written(resource_type: Any) -> None:
+def refuse_service_written(resource_type: Any) -> None:
     """A create or update of a type only the service writes: that interaction does not exist."""
     if isinstance(resource_type, str) and resource_type in SERVICE_WRITTEN_TYPES:
         raise FhirError.single(
@@ -176,7 +176,7 @@ class Intake:
         return await self._commit(planned, aliases, actor)
 
     async def create(self, resource: Any, actor: Actor, if_none_exist: str | None = None) -> IntakeResult:
-        _refuse_service_written(resource.get("resourceType") if isinstance(resource, dict) else None)
+        refuse_service_written(resource.get("resourceType") if isinstance(resource, dict) else None)
         entry: dict[str, Any] = {
             "resource": resource,
             "request": {
@@ -191,7 +191,7 @@ class Intake:
     async def update(
         self, resource_type: str, resource_id: str, resource: Any, actor: Actor, if_match: str | None = None
     ) -> IntakeResult:
-        _refuse_service_written(resource_type)
+        refuse_service_written(resource_type)
         if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
             raise _invalid("the body's resourceType must match the URL", "resourceType")
         if resource.get("id") != resource_id:
