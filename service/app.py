@@ -15,6 +15,7 @@ from service.asgi import RequestMiddleware
 from service.audit.log import start_integrator, stop_integrator
 from service.errors import install_error_handlers
 from service.keyring_match import KeyringMismatch, check_and_record
+from service.logging_setup import configure_logging
 from service.ratelimit import RateLimiter
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
@@ -204,6 +205,8 @@ def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
 
 
 def create_asgi_app() -> ASGIApp:
-    """Entry point for uvicorn's ``--factory``."""
+    """Entry point for uvicorn's ``--factory``: in each worker process, which imports the app
+    afresh and so would otherwise log through Python's defaults (exception text included)."""
     settings = load_settings()
+    configure_logging(settings.log_level)
     return asgi_app(create_app(settings), settings)
