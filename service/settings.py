@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # A client that has not sent its whole body by then gets 408 (a slow client holds a worker).
     request_body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # On SIGTERM: this long reporting "draining" (/readyz 503) while still serving, so that a
+    # load balancer steers away; then new connections are refused and in-flight requests get
+    # up to graceful_shutdown_seconds. Set drain_seconds to the balancer's time to notice.
+    drain_seconds: float = Field(default=5.0, ge=0, le=600)
+    graceful_shutdown_seconds: float = Field(default=20.0, ge=1, le=600)
     # Per-client rate limit, a token bucket in cost units: a write costs more than a search,
     # a search more than a read. Enforced per process (per replica).
     rate_limit_enabled: bool = True
