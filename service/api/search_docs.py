@@ -1,8 +1,8 @@
 """The OpenAPI document's searches: one operation per searchable type, with its parameters.
 
 The records router serves every type's search through one route (``GET /fhir/{resource_type}``)
-that reads its parameters itself, so FastAPI alone documents none of them. Here each type gets
-its own ``GET /fhir/{Type}`` and ``POST /fhir/{Type}/_search`` listing the parameters that the
+that reads its parameters itself, so FastAPI alone documents none of them. Here each type also
+gets its own ``GET /fhir/{Type}`` and ``POST /fhir/{Type}/_search`` listing the parameters that the
 router accepts for it (service.records.search_params), typed and explained as the
 CapabilityStatement declares them; routes of their own (Organization, AuditEvent) get the
 CapabilityStatement's parameters that they do not declare themselves.
@@ -69,8 +69,17 @@ def document_searches(
     rest_level = {p["name"]: p for p in rest.get("searchParam", [])}
     controls = [_parameter(name, rest_level.get(name, {})) for name in sorted(control_parameters)]
 
-    generic_get = paths.get(GENERIC_SEARCH, {}).pop("get", None)
-    generic_post = paths.pop(GENERIC_POST_SEARCH, {}).get("post")
+    # The generic operations stay (they are what the router serves, for any type), with the
+    # parameters every type shares; each type's own operation lists the rest.
+    generic_get = paths.get(GENERIC_SEARCH, {}).get("get")
+    generic_post = paths.get(GENERIC_POST_SEARCH, {}).get("post")
+    if generic_get is not None:
+        generic_get["parameters"] = [*generic_get.get("parameters", []), *controls]
+        generic_get["description"] = "The parameters of each type are listed under GET /fhir/{Type}."
+    if generic_post is not None:
+        generic_post["description"] = (
+            "The parameters of each type are listed under POST /fhir/{Type}/_search."
+        )
     for resource_type in sorted(type_parameters):
         declared = declared_by_type.get(resource_type, {})
         own = [_parameter(name, declared.get(name, {})) for name in sorted(type_parameters[resource_type])]
@@ -79,12 +88,14 @@ def document_searches(
             get["summary"] = f"search {resource_type}"
             get["operationId"] = f"search_{resource_type}"
             get["parameters"] = own + controls
+            get.pop("description", None)
             paths.setdefault(f"/fhir/{resource_type}", {})["get"] = get
         if generic_post is not None:
             post = copy.deepcopy(generic_post)
             post["summary"] = f"search {resource_type} (form body)"
             post["operationId"] = f"search_{resource_type}_post"
             post["parameters"] = []
+            post.pop("description", None)
             fields = {p["name"]: {**p["schema"], "description": p["description"]} for p in own + controls}
             post["requestBody"] = {
                 "required": True,
