@@ -47,12 +47,12 @@ class Workers:
 
 
 @contextmanager
-def two_workers(database_url: str, tmp_path: Path, **env: str) -> Iterator[Workers]:
+def workers_running(database_url: str, tmp_path: Path, count: int = 2, **env: str) -> Iterator[Workers]:
     port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--workers", "2"],
+            [sys.executable, "-m", "service", "serve", "--workers", str(count)],
             cwd=REPO,
             env={**server_env(database_url, tmp_path, port), "MHR_RATE_LIMIT_ENABLED": "false", **env},
             stdout=log,
@@ -73,7 +73,7 @@ def two_workers(database_url: str, tmp_path: Path, **env: str) -> Iterator[Worke
         # Both workers up, so that both take part in what follows: each logs its start (the
         # logging test checks that it does; without those lines, a fixed wait stands in).
         started = time.monotonic()
-        while sum("Application startup complete" in line for line in workers.log_lines()) < 2:
+        while sum("Application startup complete" in line for line in workers.log_lines()) < count:
             if time.monotonic() > started + 15:
                 break
             time.sleep(0.2)
@@ -99,7 +99,7 @@ def test_every_worker_logs_json_lines_without_exception_text(database_url: str, 
             for e in reply.json()["entry"]
             if e["response"]["location"].startswith("Patient/")
         )
-        with two_workers(database_url, tmp_path, MHR_DRAIN_SECONDS="0") as workers:
+        with workers_running(database_url, tmp_path, MHR_DRAIN_SECONDS="0") as workers:
             # A stored audit entry altered under the service (its date now quotes a value):
             # reading it fails in application code with an exception whose text holds that value.
             engine = sa.create_engine(sync_url(database_url))
@@ -227,11 +227,16 @@ class Load:
             time.sleep(0.05)
 
 
-def test_sigterm_drains_then_refuses_and_never_resets(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("count", [2, 1], ids=["2-workers", "1-worker"])
+def test_sigterm_drains_then_refuses_and_never_resets(database_url: str, tmp_path: Path, count: int) -> None:
     with Service.start(database_url, tmp_path) as registry:
         clinic: Party = registry.register("clinic", "clinic")
-        with two_workers(
-            database_url, tmp_path, MHR_DRAIN_SECONDS=str(DRAIN_SECONDS), MHR_GRACEFUL_SHUTDOWN_SECONDS="20"
+        with workers_running(
+            database_url,
+            tmp_path,
+            count,
+            MHR_DRAIN_SECONDS=str(DRAIN_SECONDS),
+            MHR_GRACEFUL_SHUTDOWN_SECONDS="20",
         ) as workers:
             token = live_token(workers.base_url, clinic, "system/*.rs")
             load = Load(workers.port)
@@ -258,7 +263,8 @@ def test_sigterm_drains_then_refuses_and_never_resets(database_url: str, tmp_pat
                 thread.join(timeout=60)
 
     counts = dict(load.outcomes)
-    print(f"\nSIGTERM under load with 2 workers: {counts}; slow in-flight: {[r[0] for r in slow_results]}")
+    slow_outcomes = [r[0] for r in slow_results]
+    print(f"\nSIGTERM under load with {count} worker(s): {counts}; slow in-flight: {slow_outcomes}")
     assert code == 0, workers.log_path.read_text()[-3000:]
     assert not {"reset", "empty", "timeout"} & set(counts), counts
     assert counts["response"] > 0 and counts["refused"] > 0
