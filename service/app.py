@@ -11,11 +11,16 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from service.api import audit, metadata, operations, organizations, records, smart
+from service.api.docs import install_docs
+from service.api.search_docs import document_searches
 from service.asgi import RequestMiddleware
 from service.audit.log import start_integrator, stop_integrator
+from service.capability import load_capability_statement
 from service.errors import install_error_handlers
 from service.keyring_match import KeyringMismatch, check_and_record
+from service.logging_setup import configure_logging
 from service.ratelimit import RateLimiter
+from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
 
@@ -57,6 +62,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         ),
         lifespan=lifespan,
         redirect_slashes=False,
+        # Served from local assets below (service.api.docs); ReDoc only exists on a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     if runtime is not None:
         app.state.runtime = runtime
@@ -65,7 +73,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     # The generic /fhir/{type} routes come last so that specific ones win.
     for module in (smart, metadata, organizations, operations, audit, records):
         app.include_router(module.router)
-    _document_api(app)
+    install_docs(app, title=f"{app.title}: API docs")
+    _document_api(app, settings)
     return app
 
 
@@ -138,7 +147,7 @@ _ERRORS = {
 }
 
 
-def _document_api(app: FastAPI) -> None:
+def _document_api(app: FastAPI, settings: Settings) -> None:
     """Make the OpenAPI document say what the API does: bearer auth, FHIR bodies read by the
     routes themselves, OperationOutcome errors (FastAPI's 422 is answered as a 400 here)."""
 
@@ -146,6 +155,8 @@ def _document_api(app: FastAPI) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = FastAPI.openapi(app)
+        capability = load_capability_statement(settings.ig_dir, settings)
+        document_searches(schema, capability, SEARCH_PARAMETERS, CONTROL_PARAMETERS)
         components = schema.setdefault("components", {})
         components.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http",
@@ -204,6 +215,8 @@ def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
 
 
 def create_asgi_app() -> ASGIApp:
-    """Entry point for uvicorn's ``--factory``."""
+    """Entry point for uvicorn's ``--factory``: in each worker process, which imports the app
+    afresh and so would otherwise log through Python's defaults (exception text included)."""
     settings = load_settings()
+    configure_logging(settings.log_level)
     return asgi_app(create_app(settings), settings)

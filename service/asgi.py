@@ -19,6 +19,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import FHIR_JSON, BodyTimeout, BodyTooLarge, OutcomeIssue, operation_outcome
+from service.lifecycle import SHUTDOWN
 from service.metrics import LATENCY, REQUESTS
 from service.request_context import reset_request_id, set_request_id
 
@@ -74,10 +75,11 @@ class RequestMiddleware:
                     # Clinical and audit data must not stay in a browser, proxy or client cache:
                     # nothing is cacheable unless its route says so (the SMART configuration).
                     headers.append((b"cache-control", b"no-store"))
-                if status_holder.get("body_refused") and not any(
+                if (status_holder.get("body_refused") or SHUTDOWN.draining) and not any(
                     k.lower() == b"connection" for k, _ in headers
                 ):
-                    # The rest of a refused body must not be read (and discarded) on this connection.
+                    # The rest of a refused body must not be read (and discarded) on this
+                    # connection; and a draining server retires every connection it answers.
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)

@@ -83,10 +83,10 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from service.demo import load_demo_clients, seed_demo
+    from service.http_server import serve_in_process
     from service.runtime import open_keyring
+    from service.supervisor import serve_workers
 
     # The worker processes read their settings from the environment: pass the overrides on.
     if args.host or args.port:
@@ -107,19 +107,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if created is not None:
             _seed_demo_exams(settings, created["clinic"])
         _print_next_steps(settings, load_demo_clients(DEMO_DIR))
-    uvicorn.run(
-        "service.app:create_asgi_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=args.workers,
-        log_config=None,
-        proxy_headers=True,
-        server_header=False,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=20,
-    )
-    return 0
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    if args.workers > 1:
+        return serve_workers(settings, workers=args.workers)
+    return serve_in_process(settings)
 
 
 def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
@@ -410,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="seed the demo parties once (development only)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--workers", type=int, default=1, help="server processes (SIGTERM drains them: see README)"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     mig = sub.add_parser("migrate", help="apply (or roll back) database migrations")

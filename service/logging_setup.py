@@ -19,6 +19,8 @@ from service.request_context import current_request_id
 
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# uvicorn adds an ANSI-coloured copy of some messages: noise in a JSON line.
+_SKIPPED = _STANDARD | {"color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,9 +31,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
             "request_id": current_request_id(),
+            "pid": record.process,  # which worker, when there are several
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _SKIPPED and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             exc_type, _, tb = record.exc_info

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     max_bundle_entries: int = Field(default=500, ge=1, le=500)
     # Threads per process that parse and validate bodies at once; more requests wait their turn.
     body_work_threads: int = Field(default=2, ge=1, le=32)
+    # On SIGTERM: this long reporting "draining" (/readyz 503) while still serving, so that a
+    # load balancer steers away; then new connections are refused and in-flight requests get
+    # up to graceful_shutdown_seconds. Set drain_seconds to the balancer's time to notice.
+    drain_seconds: float = Field(default=5.0, ge=0, le=600)
+    graceful_shutdown_seconds: float = Field(default=20.0, ge=1, le=600)
     # Per-client rate limit, a token bucket in cost units: a write costs more than a search,
     # a search more than a read. Enforced per process (per replica).
     rate_limit_enabled: bool = True

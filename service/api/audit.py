@@ -28,10 +28,13 @@ from service.audit.search import (
     AuditQuery,
     QueryError,
     date_range,
+    decode_date_position,
+    encode_date_position,
     entry_leaf,
     leaves,
     read_entry,
     search_page,
+    search_page_by_date,
     stream_entries,
 )
 from service.errors import FhirError, not_found
@@ -57,7 +60,10 @@ _SEARCH_PARAMS = {
     "_count",
     "_cursor",
     "_format",
+    "_sort",
 }
+# _sort: by the entry's date (AuditEvent.recorded), oldest or newest first; without it, log order.
+_SORTS = {"date": False, "-date": True}
 _ACTIONS = {a.value for a in Action}
 _OUTCOMES = {o.value for o in Outcome}
 
@@ -151,10 +157,18 @@ async def search_audit_events(
     session: SessionDep,
     runtime: RuntimeDep,
     count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
-    cursor: Annotated[int, Query(alias="_cursor", ge=0)] = 0,
+    cursor: Annotated[
+        str | None, Query(alias="_cursor", description="position of the next page, from a next link")
+    ] = None,
     fmt: Annotated[str | None, Query(alias="_format")] = None,
+    sort: Annotated[
+        str | None, Query(alias="_sort", description="date (oldest first) or -date (newest first)")
+    ] = None,
 ) -> Response:
     query = _parse_query(request)
+    if sort is not None and sort not in _SORTS:
+        raise FhirError.single(400, "not-supported", "_sort must be date or -date", expression="_sort")
+    newest_first = None if sort is None else _SORTS[sort]
     names = ",".join(sorted(k for k in set(request.query_params) if not k.startswith("_")))
     if _wants_ndjson(request, fmt):
         # The export's audit entry commits with this session, before the first byte streams.
@@ -169,19 +183,21 @@ async def search_audit_events(
         sessions = runtime.database.sessions
 
         async def lines() -> AsyncIterator[bytes]:
-            async for entry_id, content, leaf_index in stream_entries(sessions, query):
+            async for entry_id, content, leaf_index in stream_entries(
+                sessions, query, newest_first=newest_first
+            ):
                 yield orjson.dumps(audit_event(entry_id, content, leaf_index)) + b"\n"
 
         return StreamingResponse(lines(), media_type=NDJSON)
 
-    rows = await search_page(session, query, after=cursor, limit=count + 1)
+    rows, next_position = await _page(session, query, newest_first, cursor, count)
     await _audit_access(session, principal, "search-type", Action.execute, query=names or None)
     base = runtime.settings.fhir_base_url
     params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("_count", "_cursor")]
     next_url = None
-    if len(rows) > count:
+    if next_position is not None:
         next_url = search_url(
-            base, "AuditEvent", [*params, ("_count", str(count)), ("_cursor", str(rows[count - 1][0]))]
+            base, "AuditEvent", [*params, ("_count", str(count)), ("_cursor", next_position)]
         )
     entries = [
         {
@@ -191,8 +207,32 @@ async def search_audit_events(
         }
         for entry_id, content, leaf_index in rows[:count]
     ]
-    self_url = search_url(base, "AuditEvent", [*params, ("_count", str(count)), ("_cursor", str(cursor))])
+    here = [("_cursor", cursor)] if cursor is not None else []
+    self_url = search_url(base, "AuditEvent", [*params, ("_count", str(count)), *here])
     return FhirResponse(searchset(entries, total=None, self_url=self_url, next_url=next_url))
+
+
+async def _page(
+    session: SessionDep, query: AuditQuery, newest_first: bool | None, cursor: str | None, count: int
+) -> tuple[list[tuple[int, bytes, int | None]], str | None]:
+    """One page and the next page's position (None on the last page), in log or date order."""
+    if newest_first is None:
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
+            raise FhirError.single(
+                400, "value", "_cursor is not a position this search wrote", expression="_cursor"
+            )
+        rows = list(await search_page(session, query, after=int(cursor or 0), limit=count + 1))
+        more = len(rows) > count
+        return rows[:count], str(rows[count - 1][0]) if more else None
+    try:
+        after = decode_date_position(cursor) if cursor is not None else None
+    except QueryError as exc:
+        raise FhirError.single(400, "value", str(exc), expression=exc.param) from exc
+    dated = await search_page_by_date(session, query, newest_first=newest_first, after=after, limit=count + 1)
+    more = len(dated) > count
+    last = dated[count - 1] if more else None
+    page = [(entry_id, content, leaf) for entry_id, content, leaf, _ in dated[:count]]
+    return page, encode_date_position((last[3], last[0])) if last is not None else None
 
 
 @router.get("/fhir/AuditEvent/{entry_id}", tags=["audit"], response_class=FhirResponse)

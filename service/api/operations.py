@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from service.api.deps import RuntimeDep
 from service.keyring_match import describe_mismatch, held_checks, recorded_checks
+from service.lifecycle import SHUTDOWN
 from service.metrics import REGISTRY
 from service.store.migrate import current_revision
 
@@ -22,6 +23,13 @@ async def healthz() -> Response:
 
 @router.get("/readyz")
 async def readyz(runtime: RuntimeDep) -> Response:
+    if SHUTDOWN.draining:
+        # Not coming back: no Retry-After. The balancer should send new requests elsewhere.
+        return Response(
+            orjson.dumps({"status": "draining", "reason": SHUTDOWN.reason}),
+            status_code=503,
+            media_type="application/json",
+        )
     checks: dict[str, bool] = {"database": await runtime.database.ping()}
     try:
         revision = await current_revision(runtime.database.engine) if checks["database"] else None

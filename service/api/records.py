@@ -34,6 +34,7 @@ from service.records.search_params import parse_search
 router = APIRouter(tags=["fhir"])
 T = TypeVar("T")
 WRITERS = frozenset({"clinic"})
+AUDITORS = frozenset({"auditor"})
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 # Clinics read their own submissions; authorities read what consent permits.
 READERS = frozenset({"clinic", "authority"})
@@ -346,17 +347,22 @@ async def disclosures(
     patient_id: str, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     """Every disclosure of a migrant's data (when, to whom, why, which kinds of resource), for the
-    clinic that examined them to hand to the migrant on request (GDPR Art. 15, HIPAA accounting)."""
-    _require(principal, "Patient", "r", WRITERS)
-    await _guarded(
-        principal,
-        "disclosures",
-        "Patient",
-        patient_id,
-        session,
-        runtime,
-        lambda reader, seen: reader.read(seen, "Patient", patient_id),
-    )
+    clinic that examined them to hand to the migrant on request (GDPR Art. 15, HIPAA accounting),
+    and for auditors. An auditor reads the audit log, not the record: the same listing (ids,
+    dates, purposes, types; no clinical data), with no check that the record exists."""
+    if principal.role == "auditor":
+        _require(principal, "AuditEvent", "s", AUDITORS)
+    else:
+        _require(principal, "Patient", "r", WRITERS)
+        await _guarded(
+            principal,
+            "disclosures",
+            "Patient",
+            patient_id,
+            session,
+            runtime,
+            lambda reader, seen: reader.read(seen, "Patient", patient_id),
+        )
     found = await disclosures_for_patient(session, patient_id)
     identities = IdentityRepository(session)
     names = {org.id: org.name for org in await identities.organizations(limit=10_000)}
@@ -368,9 +374,10 @@ async def disclosures(
         entities=(AuditEntity("Patient", patient_id),),
     )
     await audit_read(runtime, [record])
-    return FhirResponse(
-        {"resourceType": "Parameters", "parameter": [_disclosure_parameter(d, names) for d in found]}
-    )
+    listing: dict[str, object] = {"resourceType": "Parameters"}
+    if found:  # FHIR JSON has no empty arrays: no disclosures is a Parameters without any
+        listing["parameter"] = [_disclosure_parameter(d, names) for d in found]
+    return FhirResponse(listing)
 
 
 def _disclosure_parameter(disclosure: Disclosure, names: dict[str, str]) -> dict[str, object]:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.audit.recorder import REF_ENTITY, REF_PATIENT
@@ -114,6 +114,47 @@ async def search_page(
     return [(int(i), bytes(c), li) for i, c, li in rows]
 
 
+# Date order pages by (recorded, id): the position is both, as microseconds since the epoch and id.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DatePosition = tuple[datetime, int]
+
+
+def encode_date_position(position: DatePosition) -> str:
+    recorded, entry_id = position
+    return f"{(recorded - _EPOCH) // timedelta(microseconds=1)}.{entry_id}"
+
+
+def decode_date_position(text: str) -> DatePosition:
+    micros, dot, entry_id = text.partition(".")
+    if not (dot and micros.isascii() and micros.isdigit() and entry_id.isascii() and entry_id.isdigit()):
+        raise QueryError("_cursor", "_cursor is not a position this search wrote")
+    if len(micros) > 17 or len(entry_id) > 18:
+        raise QueryError("_cursor", "_cursor is not a position this search wrote")
+    return _EPOCH + timedelta(microseconds=int(micros)), int(entry_id)
+
+
+async def search_page_by_date(
+    session: AsyncSession,
+    query: AuditQuery,
+    *,
+    newest_first: bool,
+    after: DatePosition | None,
+    limit: int,
+) -> Sequence[tuple[int, bytes, int | None, datetime]]:
+    """Entries in ``recorded`` order (``_sort=date`` / ``-date``), ties by id, after ``after``."""
+    recorded, entry = AuditEntry.recorded_at, AuditEntry.id
+    stmt = query.statement().add_columns(recorded)
+    if after is not None:
+        at, after_id = after
+        if newest_first:
+            stmt = stmt.where(or_(recorded < at, and_(recorded == at, entry < after_id)))
+        else:
+            stmt = stmt.where(or_(recorded > at, and_(recorded == at, entry > after_id)))
+    order = (recorded.desc(), entry.desc()) if newest_first else (recorded.asc(), entry.asc())
+    rows = await session.execute(stmt.order_by(*order).limit(limit))
+    return [(int(i), bytes(c), li, r) for i, c, li, r in rows]
+
+
 async def read_entry(session: AsyncSession, entry_id: int) -> tuple[int, bytes, int | None] | None:
     row = (
         await session.execute(
@@ -124,9 +165,26 @@ async def read_entry(session: AsyncSession, entry_id: int) -> tuple[int, bytes, 
 
 
 async def stream_entries(
-    sessions: async_sessionmaker[AsyncSession], query: AuditQuery, *, batch: int = 500
+    sessions: async_sessionmaker[AsyncSession],
+    query: AuditQuery,
+    *,
+    batch: int = 500,
+    newest_first: bool | None = None,
 ) -> AsyncIterator[tuple[int, bytes, int | None]]:
-    """Every matching entry, one short read transaction per batch (an export can be long)."""
+    """Every matching entry, one short read transaction per batch (an export can be long):
+    in id order, or by date when ``newest_first`` is given."""
+    if newest_first is not None:
+        position: DatePosition | None = None
+        while True:
+            async with sessions() as session:
+                dated = await search_page_by_date(
+                    session, query, newest_first=newest_first, after=position, limit=batch
+                )
+            for entry_id, content, leaf_index, _ in dated:
+                yield entry_id, content, leaf_index
+            if len(dated) < batch:
+                return
+            position = (dated[-1][3], dated[-1][0])
     after = 0
     while True:
         async with sessions() as session:

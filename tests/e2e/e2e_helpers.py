@@ -46,6 +46,8 @@ def server_env(database_url: str, tmp_path: Path, port: int) -> dict[str, str]:
         "MHR_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "MHR_PORT": str(port),
         "MHR_LOG_LEVEL": "INFO",
+        # Tests stop servers with SIGTERM: no load balancer to wait for (test_serve_workers sets one).
+        "MHR_DRAIN_SECONDS": "0",
     }
 
 

@@ -1,0 +1,137 @@
+"""``mhr serve --workers N``: N server processes sharing one listening socket, and their shutdown.
+
+uvicorn's own supervisor keeps the listening socket open in the parent until every worker
+has exited, so after SIGTERM the kernel goes on accepting connections that nobody will ever
+read, and resets them when the parent exits. Here the parent closes its copy as soon as the
+stop begins (it never accepts; only the workers do), forwards the signal, and waits: the
+socket then closes when the last worker closes it, after that worker has accepted what was
+queued (service.http_server), and a connection attempt after that is refused.
+
+A worker that dies while the service runs is replaced; one that fails at start-up stops the
+service (it would fail the same way again). If the supervisor itself dies, the workers see
+their pipe close and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from uvicorn.config import STARTUP_FAILURE
+
+from service.http_server import server_config, worker_main
+from service.settings import Settings
+
+log = logging.getLogger("mhr.supervisor")
+
+# Beyond the drain and graceful periods, how long a worker may take to exit before it is killed.
+EXIT_MARGIN_SECONDS = 10.0
+RESPAWN_DELAY_SECONDS = 1.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, workers: int) -> None:
+        self.settings = settings
+        self.count = workers
+        self.config = server_config(settings, workers=workers)
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: list[BaseProcess] = []
+        self.signals: list[int] = []
+        self.listener: socket.socket | None = None
+        self.parent_alive: Connection | None = None
+        self._keep_alive: Connection | None = None  # the write end: closed only by our exit
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self.signals.append(sig)
+
+    def _spawn(self) -> BaseProcess:
+        assert self.listener is not None and self.parent_alive is not None
+        process = self.context.Process(
+            target=worker_main,
+            kwargs={
+                "config": self.config,
+                "sockets": [self.listener],
+                "parent_alive": self.parent_alive,
+                "drain_seconds": self.settings.drain_seconds,
+                "log_level": self.settings.log_level,
+            },
+            name="mhr-worker",
+        )
+        process.start()
+        log.info("worker started", extra={"worker_pid": process.pid})
+        return process
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.listener = self.config.bind_socket()
+        self.parent_alive, self._keep_alive = self.context.Pipe(duplex=False)
+        self.workers = [self._spawn() for _ in range(self.count)]
+        while True:
+            wait([w.sentinel for w in self.workers], timeout=0.5)
+            if self.signals:
+                return self._stop(self.signals.pop(0))
+            for index, worker in enumerate(self.workers):
+                if worker.exitcode is None:
+                    continue
+                if worker.exitcode == STARTUP_FAILURE:
+                    log.error("a worker failed to start: stopping", extra={"worker_pid": worker.pid})
+                    self._stop(signal.SIGINT)
+                    return STARTUP_FAILURE
+                log.error(
+                    "worker died: replacing it", extra={"worker_pid": worker.pid, "exit": worker.exitcode}
+                )
+                time.sleep(RESPAWN_DELAY_SECONDS)
+                self.workers[index] = self._spawn()
+
+    def _stop(self, sig: int) -> int:
+        """Close the parent's copy of the socket, pass the signal on, wait for the workers."""
+        assert self.listener is not None
+        self.listener.close()
+        drain = self.settings.drain_seconds if sig == signal.SIGTERM else 0.0
+        log.info("stopping", extra={"signal": signal.Signals(sig).name, "drain_seconds": drain})
+        self._forward(sig)
+        deadline = time.monotonic() + drain + self.settings.graceful_shutdown_seconds + EXIT_MARGIN_SECONDS
+        while any(w.exitcode is None for w in self.workers):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("workers did not stop in time: killing them")
+                return self._kill()
+            wait([w.sentinel for w in self.workers if w.exitcode is None], timeout=min(remaining, 0.5))
+            while self.signals:
+                again = self.signals.pop(0)
+                if again == signal.SIGINT and sig == signal.SIGINT:
+                    log.warning("second interrupt: killing the workers")
+                    return self._kill()
+                if again == signal.SIGINT:  # Ctrl+C during a drain: skip the rest of it
+                    sig = signal.SIGINT
+                    self._forward(sig)
+        codes = [w.exitcode for w in self.workers]
+        log.info("stopped", extra={"worker_exit_codes": codes})
+        return 0 if all(code == 0 for code in codes) else 1
+
+    def _forward(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.exitcode is None and worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    os.kill(worker.pid, sig)
+
+    def _kill(self) -> int:
+        for worker in self.workers:
+            if worker.exitcode is None:
+                worker.kill()
+        for worker in self.workers:
+            worker.join(timeout=5)
+        return 1
+
+
+def serve_workers(settings: Settings, *, workers: int) -> int:
+    return Supervisor(settings, workers=workers).run()
