@@ -16,7 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit
+import sqlalchemy as sa
+from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit, sync_url
+
+from service.records.relabel import RelabelCounts, relabel
+from service.store.database import Database
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -310,3 +314,44 @@ def test_labels_a_clinic_puts_on_fail_closed(
         world.post_consent((*every, (CONFIDENTIALITY, "R"), *names))
         assert world.sees("Observation", labelled_id) == WITHHELD
     assert world.everything_ids() >= world.baseline | {plain_id}
+
+
+def test_relabel_brings_rows_written_under_older_rules_in_line(world: World, database_url: str) -> None:
+    """`mhr records relabel`: tokens computed by an older labeller (here: that of an unlabelled
+    resource, which the old one gave STD labels and SNOMED HIV codes) are recomputed, and the
+    grants follow the current grantable labels."""
+    plain = _resource("Observation", "code", cc(LOINC, "5196-1"), world.patient)
+    std = copy.deepcopy(plain)
+    std["meta"] = {"security": [{"system": ACT_CODE, "code": "STD"}]}
+    hiv = _resource("Condition", "code", cc(SNOMED, "86406008"), world.patient)
+    plain_id, std_id, hiv_id = world.write([plain, std, hiv])
+    engine = sa.create_engine(sync_url(database_url))
+    try:
+        with engine.begin() as conn:
+            old = conn.execute(
+                sa.text("SELECT labels_token FROM resources WHERE id = :id"), {"id": plain_id}
+            ).scalar_one()
+            conn.execute(
+                sa.text("UPDATE resources SET labels_token = :t WHERE id IN (:a, :b)"),
+                {"t": old, "a": std_id, "b": hiv_id},
+            )
+        assert world.sees("Observation", std_id) == SHOWN  # what the old rules let through
+        assert world.sees("Condition", hiv_id) == SHOWN
+
+        runtime = world.service.fastapi.state.runtime  # type: ignore[attr-defined]
+
+        async def run(db: Database) -> RelabelCounts:
+            return await relabel(db, runtime.records)
+
+        counts = world.service._run(run)
+        assert counts.migrants == 1
+        assert counts.changed == 2
+        assert world.sees("Observation", std_id) == WITHHELD
+        assert world.sees("Condition", hiv_id) == WITHHELD
+        assert world.sees("Observation", plain_id) == SHOWN
+        assert world.service._run(run).changed == 0  # idempotent
+        world.post_consent(((ACT_CODE, "STD"), (ACT_CODE, "HIV")))
+        assert world.sees("Observation", std_id) == SHOWN
+        assert world.sees("Condition", hiv_id) == SHOWN
+    finally:
+        engine.dispose()
