@@ -29,10 +29,17 @@ The rules, in the order they are applied:
    * A **permit** matches when its (effective) actors name the requester's
      organization, its purposes name the request's purpose, its classes are
      empty or name the resource type, ``at`` lies in its period, and every
-     sensitive label of the resource (see :data:`SENSITIVE_LABELS`) is named in
-     ``security_labels`` of this permit or an enclosing permit. Empty actors or
-     purposes permit *nobody* / *nothing*: a consent must name its recipient and
-     purpose.
+     label of the resource is named in ``security_labels`` of this permit or an
+     enclosing permit and is one a consent can grant (:data:`GRANTABLE_LABELS`).
+     The request's labels are the resource's *restricting* labels (the caller
+     leaves out codes such as confidentiality N that restrict nothing), so a
+     label outside :data:`GRANTABLE_LABELS` (confidentiality V, a sensitivity
+     code the service does not grant, an unknown code) can never be permitted:
+     unknown labels fail closed. Confidentiality R beside a sensitivity label is
+     that label's confidentiality (the labeller writes R with every sensitivity
+     label), so naming the sensitivity label is enough; R on its own must be
+     named. Empty actors or purposes permit *nobody* / *nothing*: a consent must
+     name its recipient and purpose.
    * A **deny** matches when each non-empty criterion matches (empty = any),
      ``at`` lies in its period, and, if it lists security labels, the resource
      carries at least one of them.
@@ -74,11 +81,9 @@ ProvisionType = Literal["permit", "deny"]
 
 AUTHORITY_ROLE: Final = "authority"
 
-# v3-ActCode _ActInformationSensitivityPolicy (terminology.hl7.org). A resource
-# carrying any of these is disclosed only if a matching permit names the label
-# explicitly; labels outside this set never block a permit. We take the whole
-# value set rather than a hand-picked few (HIV, mental health, substance use
-# are the ones the design names) because a missing code would fail open.
+# v3-ActCode _ActInformationSensitivityPolicy (terminology.hl7.org): the codes a
+# labeller reads as sensitivity labels. Which of them a consent can grant is
+# GRANTABLE_LABELS; a resource carrying any other is never disclosed by consent.
 SENSITIVE_LABELS: Final[frozenset[str]] = frozenset(
     {
         "BH",  # behavioural health
@@ -107,6 +112,22 @@ SENSITIVE_LABELS: Final[frozenset[str]] = frozenset(
         "VIO",  # violence
     }
 )
+
+# v3-Confidentiality R (restricted): written with every sensitivity label.
+CONFIDENTIALITY_RESTRICTED: Final = "R"
+
+# The labels a permit can grant by naming them (see SECURITY.md, "Security
+# labels"). Every one multiplies the label sets materialised as grants, so the
+# list is short on purpose: the sensitivity labels the service's rules give or
+# that clinics use for this population, and confidentiality R. Confidentiality
+# V and every other label are never disclosed to an authority.
+GRANTABLE_LABELS: Final[frozenset[str]] = frozenset(
+    {"HIV", "MH", "PSY", "SDV", "STD", "SUD", CONFIDENTIALITY_RESTRICTED}
+)
+
+# An older sensitivity code -> the code that replaced it, read the same way in
+# resources and in consents (ETH, "substance abuse", is now SUD).
+LABEL_SYNONYMS: Final[dict[str, str]] = {"ETH": "SUD"}
 
 # Stable rule ids: they go into audit entries, so never rename one.
 PERMIT_CONSENT: Final = "permit.consent"
@@ -190,7 +211,7 @@ class AccessRequest:
     purpose: str  # v3-ActReason code, e.g. PUBHLTH
     patient_id: str
     resource_type: str
-    security_labels: frozenset[str]  # the resource's meta.security codes
+    security_labels: frozenset[str]  # the resource's restricting labels (service.records.labels)
     at: dt.datetime
 
 
@@ -346,7 +367,7 @@ def _evaluate(p: Provision, request: AccessRequest, scope: _Scope) -> _Finding:
         if classes and request.resource_type not in classes:
             return _Finding("none", _RANK_CLASS, DENY_CLASS)
         named = scope.labels_named | p.security_labels
-        if (request.security_labels & SENSITIVE_LABELS) <= named:
+        if _labels_to_name(request.security_labels) <= named & GRANTABLE_LABELS:
             own = _PERMIT
         else:
             # The scope matched, so nested provisions are still looked at: a
@@ -422,6 +443,13 @@ def _latest_versions(consents: Iterable[object], patient_id: str) -> tuple[list[
             continue
         latest.append(group[0])
     return latest, broken
+
+
+def _labels_to_name(labels: frozenset[str]) -> frozenset[str]:
+    """The labels of a resource that a permit must name (rule 6)."""
+    if CONFIDENTIALITY_RESTRICTED in labels and labels & SENSITIVE_LABELS:
+        return labels - {CONFIDENTIALITY_RESTRICTED}
+    return labels
 
 
 def _request_ok(r: AccessRequest) -> bool:

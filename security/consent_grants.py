@@ -30,10 +30,11 @@ Why a finite number of calls suffices (checked against ``security.consent``):
 * **Labels.** The label set of a resource matters in two ways: every sensitive
   label must be named by a matching permit, and a deny listing labels applies
   if the resource carries any of them (sensitive or not). Grants are therefore
-  per *exact* label set: every subset of ``label_universe`` (the labels the
-  intake rules can put on a resource). The store must match a resource by its
-  exact label set; a resource carrying a label outside the universe matches no
-  grant and is denied (fails closed, even where ``decide`` would permit).
+  per *exact* label set: every subset of ``label_universe`` (the labels a
+  consent can grant, ``GRANTABLE_LABELS``). The store must match a resource by
+  its exact label set; a resource carrying a label outside the universe matches
+  no grant and is denied (fails closed; ``decide`` denies it too, since it
+  permits no label outside ``GRANTABLE_LABELS``).
 * **Time.** ``decide`` looks at ``at`` only through half-open ``[start, end)``
   tests against consent and provision periods (``_when``: ``at < start`` is
   before, ``at >= end`` is after). With all those bounds sorted as
@@ -67,6 +68,7 @@ from typing import Final, TypeGuard
 
 from security.consent import (
     AUTHORITY_ROLE,
+    GRANTABLE_LABELS,
     MAX_PROVISION_DEPTH,
     SENSITIVE_LABELS,
     AccessRequest,
@@ -130,10 +132,15 @@ def materialise_grants(
     nodes = [(c, list(_provisions(c))) for c in consents if isinstance(c, ConsentPolicy)]
     # Pruning that cannot change an answer (decide() reads the resource type only
     # through provision classes, and permits a sensitive label only where a permit
-    # names it): a sensitive label no provision names can only ever deny, and
-    # without classes every resource type gets the same answer as the first.
+    # names it): a sensitive label no provision names, or one no consent can
+    # grant, can only ever deny, and without classes every resource type gets
+    # the same answer as the first.
     named_labels = {label for _, ps in nodes for p in ps for label in _strings(p.security_labels)}
-    universe = [label for label in universe if label in named_labels or label not in SENSITIVE_LABELS]
+    universe = [
+        label
+        for label in universe
+        if label in GRANTABLE_LABELS and (label in named_labels or label not in SENSITIVE_LABELS)
+    ]
     by_class = any(any(True for _ in _strings(p.classes)) for _, ps in nodes for p in ps)
     evaluated_types = types if by_class or not types else types[:1]
     sizes = range(len(universe) + 1)

@@ -394,6 +394,29 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_records(args: argparse.Namespace, settings: Settings) -> int:
+    from service.records.relabel import relabel
+    from service.runtime import build_runtime, close_runtime
+
+    async def run() -> Any:
+        runtime = build_runtime(settings)
+        try:
+            return await relabel(runtime.database, runtime.records)
+        finally:
+            await close_runtime(runtime)
+
+    counts = asyncio.run(run())
+    _emit(
+        {
+            "migrants": counts.migrants,
+            "resources": counts.resources,
+            "labels_changed": counts.changed,
+            "grants": counts.grants,
+        }
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -476,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     disclosures.add_argument("--patient", required=True, help="the Patient id (pseudonym)")
     for p in audit.choices.values():
         p.set_defaults(handler=cmd_audit)
+
+    records = sub.add_parser("records", help="stored records").add_subparsers(dest="action", required=True)
+    records.add_parser(
+        "relabel",
+        help="recompute every resource's label token and every migrant's grants under the current rules",
+    ).set_defaults(handler=cmd_records)
     return parser
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Final
 
 from security.consent import (
+    LABEL_SYNONYMS,
     MAX_PROVISION_DEPTH,
     ConsentPolicy,
     ConsentStatus,
@@ -63,10 +64,11 @@ _STATUSES: Final[dict[object, ConsentStatus]] = {
     "rejected": "rejected",
     "entered-in-error": "entered-in-error",
 }
-# A permit's labels only matter for the sensitivity codes (v3-ActCode); a deny
-# may also refuse by confidentiality code.
-_PERMIT_LABEL_SYSTEMS: Final = frozenset({ACT_CODE_SYSTEM})
-_DENY_LABEL_SYSTEMS: Final = frozenset({ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM})
+# Labels are sensitivity codes (v3-ActCode) and confidentiality codes; both come out as bare
+# codes, as the resource labeller writes them (service.records.labels), with ETH read as SUD.
+# An ActCode "code" that is really a confidentiality code is not read: it would stand for R/V.
+_LABEL_SYSTEMS: Final = frozenset({ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM})
+_CONFIDENTIALITY_CODES: Final = frozenset({"U", "L", "M", "N", "R", "V"})
 
 OrgResolver = Callable[[str, str], "str | None"]
 
@@ -155,8 +157,7 @@ def _permit(node: Mapping[str, object], resolve: OrgResolver, depth: int) -> Pro
         actors=frozenset(_recipients(node.get("actor"), resolve)),
         purposes=_codes(_list(node.get("purpose")), {ACT_REASON_SYSTEM}, strict=False) or frozenset(),
         classes=_codes(_list(node.get("class")), {RESOURCE_TYPES_SYSTEM}, strict=False) or frozenset(),
-        security_labels=_codes(_list(node.get("securityLabel")), _PERMIT_LABEL_SYSTEMS, strict=False)
-        or frozenset(),
+        security_labels=_labels(_list(node.get("securityLabel")), strict=False) or frozenset(),
         period_start=start,
         period_end=end,
         provisions=children,
@@ -178,7 +179,7 @@ def _deny(node: Mapping[str, object], resolve: OrgResolver, depth: int) -> Provi
         actors=_deny_actors(node.get("actor"), resolve),
         purposes=_codes(_list(node.get("purpose")), {ACT_REASON_SYSTEM}) or frozenset(),
         classes=_codes(_list(node.get("class")), {RESOURCE_TYPES_SYSTEM}) or frozenset(),
-        security_labels=_codes(_list(node.get("securityLabel")), _DENY_LABEL_SYSTEMS) or frozenset(),
+        security_labels=_labels(_list(node.get("securityLabel"))) or frozenset(),
         period_start=start,
         period_end=end,
         provisions=children,
@@ -252,6 +253,22 @@ def _codes(codings: list[object], systems: Collection[str], strict: bool = True)
         elif strict:
             return None
     return frozenset(codes)
+
+
+def _labels(codings: list[object], strict: bool = True) -> frozenset[str] | None:
+    """Security label codes, as :func:`_codes` (strict for a deny), in the labeller's vocabulary."""
+    readable: list[object] = []
+    for coding in codings:
+        system = coding.get("system") if isinstance(coding, Mapping) else None
+        code = coding.get("code") if isinstance(coding, Mapping) else None
+        if system == ACT_CODE_SYSTEM and isinstance(code, str):
+            if code in _CONFIDENTIALITY_CODES:
+                if strict:
+                    return None
+                continue
+            coding = {"system": system, "code": LABEL_SYNONYMS.get(code, code)}
+        readable.append(coding)
+    return _codes(readable, _LABEL_SYSTEMS, strict)
 
 
 def _concept_codings(value: object) -> list[object]:

@@ -19,7 +19,7 @@ from service.identity.jwks import JwksCache
 from service.identity.tokens import TokenPolicy
 from service.offload import Offload
 from service.records.context import RecordServices
-from service.records.labels import RULES_FILE, SecurityLabeler
+from service.records.labels import SecurityLabeler
 from service.records.subject_keys import SubjectKeys
 from service.settings import Settings
 from service.store.database import Database
@@ -101,7 +101,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
             keys=SubjectKeys(keys),
             indexer=BlindIndexer(keys.secret(INDEX_KEY_PURPOSE)[1]),
             validator=ProfileValidator.load(settings.ig_dir),
-            labeler=SecurityLabeler.load(RULES_FILE),
+            labeler=SecurityLabeler.load(settings.ig_dir),
             statutory_policies=frozenset(settings.statutory_policies),
             fhir_base_url=settings.fhir_base_url,
             offload=Offload(settings.body_work_threads),

@@ -526,3 +526,10 @@ def test_an_unreadable_keyring_is_one_line(
 
     assert result.code == 2
     assert "keyring" in _one_line(result)
+
+
+def test_records_relabel_on_an_empty_store(migrated: Mhr) -> None:
+    # The relabelling itself is covered end to end in tests/api/test_sensitive_labels.py.
+    result = migrated("records", "relabel")
+    assert result.code == 0, result.err
+    assert result.json() == {"migrants": 0, "resources": 0, "labels_changed": 0, "grants": 0}

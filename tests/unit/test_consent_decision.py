@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from security.consent import (
+    GRANTABLE_LABELS,
     RULES,
     SENSITIVE_LABELS,
     AccessRequest,
@@ -114,8 +115,33 @@ CASES: list[tuple[str, list[Any], dict[str, Any], str, str | None]] = [
     ("every sensitive label must be named",
      [consent(permit(security_labels=fs("HIV")))], {"security_labels": fs("HIV", "PSY")},
      "deny.sensitive-label", "c1"),
-    ("non-sensitive label does not block",
-     [consent()], {"security_labels": fs("R", "NORMAL")}, "permit.consent", "c1"),
+    # Unknown labels fail closed (issue 11 item 2): the labeller passes only restricting labels.
+    ("R with a named sensitivity label needs no naming of its own",
+     [consent(permit(security_labels=fs("HIV")))], {"security_labels": fs("HIV", "R")},
+     "permit.consent", "c1"),
+    ("R alone must be named",
+     [consent()], {"security_labels": fs("R")}, "deny.sensitive-label", "c1"),
+    ("R alone, named",
+     [consent(permit(security_labels=fs("R")))], {"security_labels": fs("R")}, "permit.consent", "c1"),
+    ("V is never disclosed, even when named",
+     [consent(permit(security_labels=fs("V", "HIV")))], {"security_labels": fs("HIV", "V")},
+     "deny.sensitive-label", "c1"),
+    ("STD, MH and SDV need to be named",
+     [consent()], {"security_labels": fs("STD")}, "deny.sensitive-label", "c1"),
+    ("STD, MH and SDV named",
+     [consent(permit(security_labels=fs("STD", "MH", "SDV")))], {"security_labels": fs("MH", "SDV", "STD")},
+     "permit.consent", "c1"),
+    ("a sensitivity label the service cannot grant is withheld even when named",
+     [consent(permit(security_labels=fs("SEX")))], {"security_labels": fs("SEX")},
+     "deny.sensitive-label", "c1"),
+    ("an unknown label is withheld",
+     [consent()], {"security_labels": fs("urn:x|secret")}, "deny.sensitive-label", "c1"),
+    ("an unknown label is withheld even beside a named one",
+     [consent(permit(security_labels=fs("HIV")))], {"security_labels": fs("HIV", "R", "NORMAL")},
+     "deny.sensitive-label", "c1"),
+    ("a nested deny by R applies to a resource R beside HIV",
+     [consent(permit(security_labels=fs("HIV"), provisions=(deny(security_labels=fs("R")),)))],
+     {"security_labels": fs("HIV", "R")}, "deny.provision.deny", "c1"),
     ("nested permit names the label",
      [consent(permit(provisions=(permit(security_labels=fs("SUD")),)))],
      {"security_labels": fs("SUD")}, "permit.consent", "c1"),
@@ -211,6 +237,10 @@ def test_decision_table(
 def test_sensitive_labels_cover_the_design() -> None:
     # The design names HIV, mental health and substance use.
     assert {"HIV", "PSY", "MH", "BH", "SUD", "ETH"} <= SENSITIVE_LABELS
+    # Issue 11 item 2 names STD, MH and SDV as labels clinics use: a consent can grant them.
+    assert {"HIV", "PSY", "MH", "SUD", "STD", "SDV", "R"} == GRANTABLE_LABELS
+    assert "V" not in GRANTABLE_LABELS
+    assert GRANTABLE_LABELS - {"R"} <= SENSITIVE_LABELS
 
 
 def test_never_raises_on_odd_input() -> None:
@@ -348,6 +378,10 @@ def test_no_permit_without_a_consent_naming_org_and_purpose(
     assert any(req.purpose in p.purposes for p in nodes)
     sensitive = req.security_labels & SENSITIVE_LABELS
     assert sensitive <= frozenset().union(*(p.security_labels for p in nodes))
+    # Every label of the resource is grantable and named (R beside a sensitivity label excepted).
+    to_name = req.security_labels - ({"R"} if sensitive else set())
+    assert to_name <= GRANTABLE_LABELS
+    assert to_name <= frozenset().union(*(p.security_labels for p in nodes))
     assert decision.rule == ("permit.statutory" if chosen.policy_kind == "statutory" else "permit.consent")
 
 

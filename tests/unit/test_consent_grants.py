@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from security.consent import AccessRequest, ConsentPolicy, Provision, decide
+from security.consent import GRANTABLE_LABELS, AccessRequest, ConsentPolicy, Provision, decide
 from security.consent_grants import MAX_LABEL_UNIVERSE, Grant, grant_sort_key, materialise_grants
 
 UTC = dt.UTC
@@ -147,12 +147,17 @@ def test_different_consents_over_time_do_not_merge() -> None:
 
 def test_sensitive_label_named() -> None:
     got = rows(grants(consent(permit(security_labels=fs("HIV"))), labels=LABELS))
-    # Every label set whose sensitive part is within {HIV}; R does not block a permit.
-    assert got == [row(labels=s) for s in [fs(), fs("HIV"), fs("R"), fs("HIV", "R")]]
+    # Every label set within {HIV, R} except R alone: R beside HIV is HIV's confidentiality.
+    assert got == [row(labels=s) for s in [fs(), fs("HIV"), fs("HIV", "R")]]
 
 
 def test_sensitive_label_not_named() -> None:
     got = rows(grants(consent(), labels=LABELS))
+    assert got == [row(labels=fs())]
+
+
+def test_restricted_named() -> None:
+    got = rows(grants(consent(permit(security_labels=fs("R"))), labels=LABELS))
     assert got == [row(labels=fs()), row(labels=fs("R"))]
 
 
@@ -222,7 +227,11 @@ def test_label_universe_is_capped() -> None:
     nine = [f"L{i}" for i in range(MAX_LABEL_UNIVERSE + 1)]
     with pytest.raises(ValueError, match="at most"):
         grants(consent(), labels=nine)
-    assert len(grants(consent(permit(security_labels=fs(*nine[:8]))), labels=nine[:8])) == 2**8
+    assert len(GRANTABLE_LABELS) <= MAX_LABEL_UNIVERSE
+    every = sorted(GRANTABLE_LABELS)
+    named = grants(consent(permit(security_labels=fs(*every))), labels=every)
+    # Every label set is permitted, R alone included, since R is named too.
+    assert len(named) == 2 ** len(every) * len(grants(consent()))
 
 
 def test_bad_names_are_refused() -> None:
@@ -233,9 +242,12 @@ def test_bad_names_are_refused() -> None:
 
 
 def test_label_outside_universe_fails_closed() -> None:
-    # decide() permits an unnamed non-sensitive label, but no grant matches it.
-    assert decide(req(security_labels=fs("R")), [consent()]).permit
-    assert not any(g.labels == fs("R") for g in grants(consent(), labels=["HIV"]))
+    # A label no consent can grant: decide() denies it even when named, and no grant matches it.
+    c = consent(permit(security_labels=fs("SEX", "HIV")))
+    assert not decide(req(security_labels=fs("SEX")), [c]).permit
+    assert not decide(req(security_labels=fs("urn:x|y")), [consent()]).permit
+    assert not any("SEX" in g.labels for g in grants(c, labels=["HIV", "SEX"]))
+    assert rows(grants(c, labels=["HIV", "SEX"])) == [row(labels=fs()), row(labels=fs("HIV"))]
 
 
 # --- agreement with decide() ---------------------------------------------------------

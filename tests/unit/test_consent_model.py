@@ -219,6 +219,35 @@ def test_unreadable_parts_widen_a_deny() -> None:
     assert ask(parse(doc)).rule == "deny.provision.deny"
 
 
+CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+
+
+def test_security_labels_in_the_labellers_vocabulary() -> None:
+    doc = full_consent()
+    doc["provision"]["securityLabel"] = [
+        {"system": ACT_CODE, "code": "ETH"},  # the older code for SUD
+        {"system": CONFIDENTIALITY, "code": "R"},
+        {"system": ACT_CODE, "code": "V"},  # not an ActCode label: must not stand for confidentiality V
+        {"system": "urn:example:labels", "code": "HIV"},  # unknown system: grants nothing
+    ]
+    policy = parse(doc)
+    assert policy.provision.security_labels == frozenset({"SUD", "R"})
+    assert ask(policy, security_labels=frozenset({"SUD", "R"})).permit
+    assert ask(policy, security_labels=frozenset({"R"})).permit
+    assert not ask(policy, security_labels=frozenset({"HIV", "R"})).permit
+
+
+def test_deny_by_label_reads_eth_as_sud_and_widens_on_a_confidentiality_code_in_act_code() -> None:
+    doc = full_consent()
+    doc["provision"]["securityLabel"] = [{"system": ACT_CODE, "code": "SUD"}]
+    doc["provision"]["provision"] = [{"type": "deny", "securityLabel": [{"system": ACT_CODE, "code": "ETH"}]}]
+    policy = parse(doc)
+    assert ask(policy, security_labels=frozenset({"SUD", "R"})).rule == "deny.provision.deny"
+    assert ask(policy).permit
+    doc["provision"]["provision"] = [{"type": "deny", "securityLabel": [{"system": ACT_CODE, "code": "R"}]}]
+    assert ask(parse(doc)).rule == "deny.provision.deny"  # unreadable label: the deny covers everything
+
+
 def test_references_must_be_local() -> None:
     doc = full_consent() | {"patient": {"reference": "https://elsewhere.example/fhir/Patient/pat-1"}}
     assert ask(parse(doc)).rule == "deny.default.no-consent"

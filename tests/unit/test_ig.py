@@ -11,7 +11,6 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from service.fhir_validation import IGError, ImplementationGuide
-from service.records.labels import RULES_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 IG_DIR = REPO / "fhir"
@@ -188,18 +187,24 @@ def test_every_file_in_the_guide_is_a_fhir_resource() -> None:
     assert [_rel(p) for p in ALL_JSON if "resourceType" not in _load(p)] == []
 
 
-def test_security_label_rules() -> None:
-    rules = _load(RULES_FILE)
-    assert "resourceType" not in rules
-    assert rules["description"]
-    labels = {rule["label"]["code"] for rule in rules["rules"]}
-    assert labels == {"HIV", "PSY", "SUD"}
-    assert {rule["label"]["system"] for rule in rules["rules"]} == {V3_ACT_CODE}
-    hiv = next(r for r in rules["rules"] if r["label"]["code"] == "HIV")
-    assert {"system": "http://loinc.org", "code": "75622-1"}.items() <= hiv["codes"][0].items()
-    for rule in rules["rules"]:
-        for entry in rule["codes"] + rule["prefixes"]:
-            assert entry["system"].startswith("http")
+def test_sensitivity_value_sets(ig: ImplementationGuide) -> None:
+    """The labelling rules are ValueSets whose useContext (focus) names the v3-ActCode label."""
+    labels = {}
+    for value_set in ig.resources("ValueSet"):
+        if value_set["id"].startswith("mhr-sensitive-"):
+            [context] = value_set["useContext"]
+            [coding] = context["valueCodeableConcept"]["coding"]
+            assert coding["system"] == V3_ACT_CODE
+            labels[value_set["id"]] = coding["code"]
+            assert ig.expand(value_set["url"])
+    assert labels == {
+        "mhr-sensitive-hiv": "HIV",
+        "mhr-sensitive-sti": "STD",
+        "mhr-sensitive-mental-health": "PSY",
+        "mhr-sensitive-substance-use": "SUD",
+    }
+    hiv = ig.expand(f"{BASE}/ValueSet/mhr-sensitive-hiv")
+    assert ("http://loinc.org", "75622-1") in hiv
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_rel)
