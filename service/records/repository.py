@@ -9,7 +9,6 @@ from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
-    ColumnElement,
     FromClause,
     Select,
     Table,
@@ -292,25 +291,18 @@ class RecordRepository:
         wanted = set(refs)
         if not wanted:
             return set()
-        r, v = _RESOURCES, _VERSIONS
-        versioned = sorted((t, i, n) for t, i, n in wanted if n is not None)
-        current = sorted({(t, i) for t, i, n in wanted if n is None})
-        which: list[ColumnElement[bool]] = []
-        if versioned:
-            which.append(tuple_(v.c.resource_type, v.c.id, v.c.version_id).in_(versioned))
-        if current:
-            which.append(
-                and_(tuple_(v.c.resource_type, v.c.id).in_(current), v.c.version_id == r.c.version_id)
-            )
-        statement = (
-            select(v.c.resource_type, v.c.id, v.c.version_id, r.c.version_id.label("current_version"))
-            .select_from(v.join(r, and_(r.c.resource_type == v.c.resource_type, r.c.id == v.c.id)))
-            .where(or_(*which), visible(v, audience))
-        )
+        params = {
+            "versioned": sorted((t, i, n) for t, i, n in wanted if n is not None),
+            "current": sorted({(t, i) for t, i, n in wanted if n is None}),
+            **audience.params(),
+        }
+        statement = _references_statement(_kind(audience))
         connection = await self.session.connection()
-        result = await connection.execute(statement, audience.params())
+        result = await connection.execute(statement, params)
         seen: set[tuple[str, str, int | None]] = set()
         for row in result:
+            if audience.grant is not None and row.permit_id is None:
+                continue
             seen.add((row.resource_type, row.id, row.version_id))
             if row.version_id == row.current_version:
                 seen.add((row.resource_type, row.id, None))
@@ -497,14 +489,11 @@ class RecordRepository:
             query = query.where(_OPS[op](r.c.clinical_date, bound))
         for op, bound in flt.updated_ranges:
             query = query.where(_OPS[op](r.c.last_updated, bound))
-        query = query.where(visible(v, audience))
-        if audience.params():
-            query = query.params(audience.params())
-        return query
+        return query.where(visible(v, audience))  # its parameters: flt.audience.params()
 
     async def count(self, flt: SearchFilter) -> int:
         subquery = self._filtered(flt, _RESOURCES.c.id).subquery()
-        result = await self.session.execute(select(func.count()).select_from(subquery))
+        result = await self.session.execute(select(func.count()).select_from(subquery), flt.audience.params())
         return int(result.scalar_one())
 
     async def replace_grants(
@@ -580,7 +569,7 @@ class RecordRepository:
 
         statement, outer_order = _with_permit(inner, audience, page_order)
         connection = await self.session.connection()  # Core rows: no ORM identity map to fill
-        result = await connection.execute(statement.order_by(*outer_order))
+        result = await connection.execute(statement.order_by(*outer_order), audience.params())
         return [_visible_row(row._mapping) for row in result]
 
 
@@ -676,6 +665,31 @@ def _read_statement(which: str, kind: str) -> Select[Any]:
     )
     statement, _ = _with_permit(inner, audience, lambda page: ())
     return statement
+
+
+@cache
+def _references_statement(kind: str) -> Select[Any]:
+    """Which of a page's references (``versioned``: type, id, version; ``current``: type, id)
+    one kind of audience may follow. Built once per kind: a page's check is one round trip."""
+    r, v = _RESOURCES, _VERSIONS
+    which = or_(
+        tuple_(v.c.resource_type, v.c.id, v.c.version_id).in_(bindparam("versioned", expanding=True)),
+        and_(
+            tuple_(v.c.resource_type, v.c.id).in_(bindparam("current", expanding=True)),
+            v.c.version_id == r.c.version_id,
+        ),
+    )
+    statement = (
+        select(v.c.resource_type, v.c.id, v.c.version_id, r.c.version_id.label("current_version"))
+        .select_from(v.join(r, and_(r.c.resource_type == v.c.resource_type, r.c.id == v.c.id)))
+        .where(which)
+    )
+    if kind == "grant":
+        # The permit as a per-row subquery rather than a semi-join: the statement is driven
+        # by the page's few references whatever the planner thinks of the grants table.
+        return statement.add_columns(permit_id(v).label("permit_id"))
+    audience = Audience(organization_id="") if kind == "tenancy" else NOBODY
+    return statement.where(visible(v, audience))
 
 
 def _refusal_statement(*, with_grant: bool) -> Select[Any]:
