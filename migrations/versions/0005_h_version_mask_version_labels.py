@@ -10,7 +10,7 @@ not see them (fail closed) until they are relabelled; clinics see them as
 before.
 
 Revision ID: 0005_h_version_mask
-Revises: 0004
+Revises: 0005_h_newcomer
 Create Date: 2026-12-01
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_h_version_mask"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005_h_newcomer"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
