@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from security.consent import AccessRequest
 from service.api.auditing import audit, audit_read, rest_record
 from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
@@ -22,7 +21,6 @@ from service.audit.events import Action, AuditEntity, EventType, Outcome
 from service.errors import FHIR_JSON, FhirError
 from service.identity.repository import IdentityRepository
 from service.records.access import Permit, Visibility
-from service.records.consents import explain_denial
 from service.records.context import Actor
 from service.records.intake import Intake, IntakeResult, PatientRaceLost, refuse_service_written
 from service.records.paging import CursorScope, PageCursor, decode_cursor, encode_cursor
@@ -82,13 +80,16 @@ async def _guarded(
     session: AsyncSession,
     runtime: RuntimeDep,
     fetch: Callable[[Reader, Visibility], Awaitable[T]],
+    version_id: int | None = None,
 ) -> T:
     """Run a read as this principal may see; a refusal becomes a 404 with its audit entry."""
     reader = Reader(runtime.records, RecordRepository(session))
     try:
         return await fetch(reader, _visibility(principal))
     except FhirError as exc:
-        raise await _denied(principal, subtype, exc, resource_type, resource_id, session, runtime) from None
+        raise await _denied(
+            principal, subtype, exc, resource_type, resource_id, session, runtime, version_id
+        ) from None
 
 
 def _resource_response(result: ReadResult, status: int = 200, location: str | None = None) -> Response:
@@ -106,48 +107,32 @@ async def _denied(
     resource_id: str,
     session: AsyncSession,
     runtime: RuntimeDep,
+    version_id: int | None = None,
 ) -> FhirError:
-    """Attach the refusal's audit entry; for an authority, with the consent decision that refused it."""
-    exists = await RecordRepository(session).current(resource_type, resource_id) is not None
+    """Attach the refusal's audit entry; for an authority, with the part of its grants that did
+    not match.
+
+    The same work whether or not the id names anything (one statement that always answers one
+    row, one keyed hash, one entry of the same shape): a refusal must not be told from a miss by
+    its timing. Nothing is decrypted to explain a refusal.
+    """
+    visibility = _visibility(principal)
+    facts = await RecordRepository(session).refusal_facts(
+        resource_type, resource_id, visibility.audience, version_id
+    )
     # An id that names nothing was typed by the caller and could be anything, a passport
     # number included: the audit trail keeps only a keyed hash of it.
-    recorded_id = (
-        resource_id
-        if exists
-        else "hmac:" + runtime.records.indexer.token("requested-id", resource_type, resource_id).hex()
-    )
+    hashed = "hmac:" + runtime.records.indexer.token("requested-id", resource_type, resource_id).hex()
     record = rest_record(
         principal,
         subtype,
         Action.read,
         outcome=Outcome.minor_failure,
-        entities=(AuditEntity(resource_type, recorded_id),),
+        entities=(AuditEntity(resource_type, resource_id if facts.exists else hashed),),
         detail="not-found" if exc.status == 404 else f"status-{exc.status}",
     )
-    if principal.role == "authority" and exc.status == 404:
-        claims = principal.claims
-        request = AccessRequest(
-            client_id=claims.client_id,
-            organization_id=claims.organization_id,
-            role=claims.role,
-            purpose=claims.purpose or "",
-            patient_id="",
-            resource_type=resource_type,
-            security_labels=frozenset(),
-            at=datetime.now(UTC),
-        )
-        decision = await explain_denial(
-            runtime.records, RecordRepository(session), request, resource_type, resource_id
-        )
-        if decision is not None:
-            record = replace(
-                record,
-                event_type=EventType.disclosure,
-                decision_rule=decision.rule,
-                consent_id=decision.consent_id,
-                consent_version=decision.consent_version,
-                detail="denied",
-            )
+    if exc.status == 404 and facts.reason is not None:
+        record = replace(record, event_type=EventType.disclosure, decision_rule=facts.reason, detail="denied")
     exc.audit = record
     return exc
 
@@ -445,6 +430,7 @@ async def vread(
         session,
         runtime,
         lambda reader, seen: reader.vread(seen, resource_type, resource_id, int(version_id)),
+        int(version_id),
     )
     await _audit_reads(runtime, principal, "vread", [result])
     return _resource_response(result)
@@ -459,7 +445,7 @@ async def history(
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "r", READERS)
-    results = await _guarded(
+    found = await _guarded(
         principal,
         "history-instance",
         resource_type,
@@ -468,6 +454,7 @@ async def history(
         runtime,
         lambda reader, seen: reader.history(seen, resource_type, resource_id),
     )
+    results = found.rows
     await _audit_reads(runtime, principal, "history-instance", results)
     base = runtime.settings.fhir_base_url
     entries = [
@@ -486,7 +473,7 @@ async def history(
         bundle_bytes(
             "history",
             entries,
-            total=len(entries),
+            total=found.total,
             links=[("self", f"{base}/{resource_type}/{resource_id}/_history")],
         ),
         media_type=FHIR_JSON,

@@ -4,7 +4,8 @@
 - Authorities: what a disclosure grant permits: grants are materialised from
   the migrant's Consents by ``security.consent.decide`` (see
   ``service.records.consents``), matched on organization, purpose of use,
-  resource type, sensitivity-label set and time, in SQL before paging.
+  and the served version's resource type, subject and sensitivity-label set,
+  and time, in SQL before paging (``service.records.grant_predicate``).
 - Everyone else, and an authority token without a purpose of use: nothing.
 Whatever may not be seen is treated as absent (404, not 403).
 """
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service.records.context import Actor
-from service.records.repository import CurrentRead, GrantFilter, SearchFilter
+from service.records.grant_predicate import NOBODY, Audience, GrantFilter
+from service.records.repository import SearchFilter, VersionRow
 
 
 @dataclass(frozen=True)
@@ -39,13 +41,21 @@ class Visibility:
             return None
         return GrantFilter(self.actor.organization_id, self.actor.purpose, self.at)
 
-    def permits(self, found: CurrentRead) -> Permit | None:
-        """May this actor see a resource fetched with ``self.grant`` (its matching grant joined)?"""
+    @property
+    def audience(self) -> Audience:
+        """Whose eyes the store's one visibility predicate filters for (see ``grant_predicate``)."""
         if self.actor.role == "clinic":
-            return TENANCY if found.organization_id == self.actor.organization_id else None
-        if self.grant is None or found.grant is None:
-            return None
-        return Permit(found.grant.rule, found.grant.consent_id, found.grant.consent_version)
+            return Audience(organization_id=self.actor.organization_id)
+        if (grant := self.grant) is not None:
+            return Audience(grant=grant)
+        return NOBODY
+
+    @staticmethod
+    def permit_of(row: VersionRow) -> Permit:
+        """What admitted a row the store returned: its grant (authorities), or tenancy (clinics)."""
+        if row.grant is None:
+            return TENANCY
+        return Permit(row.grant.rule, row.grant.consent_id, row.grant.consent_version)
 
     def restrict(self, flt: SearchFilter) -> SearchFilter:
         if self.actor.role == "clinic":

@@ -8,12 +8,11 @@ Consents, decrypts and parses them, and stores the result.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import orjson
 
-from security.consent import AccessRequest, ConsentPolicy, Decision, decide
+from security.consent import ConsentPolicy
 from security.consent_grants import materialise_grants
 from service.consent_model import consent_policy_from_fhir
 from service.organizations import ORG_IDENTIFIER_SYSTEM
@@ -116,30 +115,3 @@ async def refresh_grants(
         )
     await repo.replace_grants(subject_id, rows, new_subject=new_subject)
     return len(grants)
-
-
-async def explain_denial(
-    services: RecordServices,
-    repo: RecordRepository,
-    request: AccessRequest,
-    resource_type: str,
-    resource_id: str,
-) -> Decision | None:
-    """Why an authority was refused a resource, for the audit entry only (the caller still sees 404).
-
-    None when the resource does not exist at all.
-    """
-    current = await repo.current(resource_type, resource_id)
-    if current is None:
-        return None
-    row = await repo.version(resource_type, resource_id, current.version_id)
-    subject = await repo.subject(current.subject_id)
-    if row is None:
-        return None
-    resource: Any = orjson.loads(open_version(services.keys, subject, row))
-    labels = services.labeler.existing_labels(resource)
-    policies = await load_policies(services, repo, current.subject_id)
-    return decide(
-        replace(request, patient_id=current.subject_id, resource_type=resource_type, security_labels=labels),
-        policies,
-    )

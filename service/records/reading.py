@@ -7,18 +7,19 @@ costs ~17 ms per exam (DESIGN.md), splicing costs nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import orjson
 
 from security.envelope import SubjectCipher
-from service.errors import FhirError, not_found
+from service.errors import not_found
 from service.records.access import TENANCY, Permit, Visibility
 from service.records.codec import WrappedKey, open_version
 from service.records.context import RecordServices
+from service.records.masking import ReferenceMask
 from service.records.paging import PageCursor, PagePosition
-from service.records.repository import CurrentRead, RecordRepository, SearchFilter, VersionRow
+from service.records.repository import RecordRepository, SearchFilter, VersionRow
 from service.records.search_params import ParsedSearch
 
 MAX_HISTORY = 100
@@ -43,6 +44,12 @@ class ReadResult:
 
 
 @dataclass(frozen=True)
+class HistoryResult:
+    rows: list[ReadResult]
+    total: int  # every version the caller may see (the page holds at most MAX_HISTORY)
+
+
+@dataclass(frozen=True)
 class SearchResult:
     rows: list[ReadResult]
     total: int | None  # None: not counted (_total=none)
@@ -61,39 +68,52 @@ class Reader:
         self._subjects: dict[str, WrappedKey | None] = {}
         self._ciphers: dict[str, SubjectCipher] = {}
 
-    async def _open(self, row: VersionRow, permit: Permit = TENANCY) -> ReadResult:
+    async def _open(self, row: VersionRow) -> ReadResult:
+        """Decrypt one version the store already decided the caller may see (never before)."""
         if row.subject_id not in self._subjects:
             found = await self.repo.subject_keys([row.subject_id])
             self._subjects[row.subject_id] = found.get(row.subject_id)
-        return ReadResult(row, open_version(self.services.keys, self._subjects[row.subject_id], row), permit)
+        body = open_version(self.services.keys, self._subjects[row.subject_id], row)
+        return ReadResult(row, body, Visibility.permit_of(row))
 
-    async def _visible(
-        self, visibility: Visibility, resource_type: str, resource_id: str
-    ) -> tuple[CurrentRead, Permit]:
-        found = await self.repo.current_for_read(resource_type, resource_id, visibility.grant)
-        permit = visibility.permits(found) if found is not None else None
-        if found is None or permit is None:
+    async def _disclose(self, visibility: Visibility, results: list[ReadResult]) -> list[ReadResult]:
+        """The one way out: references to anything the caller may not see are dropped here, for
+        every path (read, vread, history, search, $everything)."""
+        mask = ReferenceMask(self.repo, visibility.audience, self.services.fhir_base_url)
+        bodies = await mask.apply([(r.row, r.body) for r in results])
+        return [
+            r if body is r.body else replace(r, body=body) for r, body in zip(results, bodies, strict=True)
+        ]
+
+    async def _read_one(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
+        found = await self.repo.current_for_read(resource_type, resource_id, visibility.audience)
+        if found is None:  # absent and withheld alike: nothing decrypted, nothing unwrapped
             raise not_found(resource_type)
         self._subjects[found.row.subject_id] = found.subject
-        return found, permit
+        return await self._open(found.row)
 
     async def read(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
-        found, permit = await self._visible(visibility, resource_type, resource_id)
-        return await self._open(found.row, permit)
+        result = await self._read_one(visibility, resource_type, resource_id)
+        return (await self._disclose(visibility, [result]))[0]
 
     async def vread(
         self, visibility: Visibility, resource_type: str, resource_id: str, version_id: int
     ) -> ReadResult:
-        _, permit = await self._visible(visibility, resource_type, resource_id)
-        row = await self.repo.version(resource_type, resource_id, version_id)
-        if row is None:
-            raise FhirError.single(404, "not-found", f"{resource_type} version not found")
-        return await self._open(row, permit)
+        """One version, decided on that version's own labels, type and subject: a withheld
+        version answers exactly like one that does not exist."""
+        found = await self.repo.version_for_read(resource_type, resource_id, version_id, visibility.audience)
+        if found is None:
+            raise not_found(resource_type)
+        self._subjects[found.row.subject_id] = found.subject
+        return (await self._disclose(visibility, [await self._open(found.row)]))[0]
 
-    async def history(self, visibility: Visibility, resource_type: str, resource_id: str) -> list[ReadResult]:
-        _, permit = await self._visible(visibility, resource_type, resource_id)
-        rows = await self.repo.history(resource_type, resource_id, MAX_HISTORY)
-        return [await self._open(r, permit) for r in rows]
+    async def history(self, visibility: Visibility, resource_type: str, resource_id: str) -> HistoryResult:
+        """The versions the caller may see, newest first; none at all answers 404 like an absent id."""
+        rows, total = await self.repo.history(resource_type, resource_id, visibility.audience, MAX_HISTORY)
+        if not rows:
+            raise not_found(resource_type)
+        opened = [await self._open(r) for r in rows]
+        return HistoryResult(await self._disclose(visibility, opened), total)
 
     async def search(
         self, visibility: Visibility, flt: SearchFilter, parsed: ParsedSearch, cursor: PageCursor | None
@@ -103,7 +123,7 @@ class Reader:
         The total is counted on the first page only; later pages carry it in their cursor."""
         flt = visibility.restrict(flt)
         if parsed.value_concepts:
-            return await self._search_values(flt, parsed)
+            return await self._search_values(visibility, flt, parsed)
         if cursor is not None:
             total = cursor.total
         else:
@@ -115,17 +135,19 @@ class Reader:
             offset=parsed.offset,
             after=cursor.after if cursor else None,
         )
-        opened = await self.open_rows(flt, rows[: parsed.count])
+        opened = await self._disclose(visibility, await self.open_rows(rows[: parsed.count]))
         return SearchResult(opened, total, len(rows) > parsed.count)
 
-    async def _search_values(self, flt: SearchFilter, parsed: ParsedSearch) -> SearchResult:
+    async def _search_values(
+        self, visibility: Visibility, flt: SearchFilter, parsed: ParsedSearch
+    ) -> SearchResult:
         rows = await self.repo.search(flt, newest_first=parsed.newest_first, limit=MAX_VALUE_SCAN, offset=0)
         matching = []
-        for result in await self.open_rows(flt, rows):
+        for result in await self.open_rows(rows):
             resource = orjson.loads(result.body)
             if all(_has_value_concept(resource, alternatives) for alternatives in parsed.value_concepts):
                 matching.append(result)
-        page = matching[parsed.offset : parsed.offset + parsed.count]
+        page = await self._disclose(visibility, matching[parsed.offset : parsed.offset + parsed.count])
         return SearchResult(page, len(matching), parsed.offset + len(page) < len(matching))
 
     async def everything(
@@ -133,37 +155,22 @@ class Reader:
     ) -> list[ReadResult]:
         """Patient/$everything: the patient and every resource of theirs the caller may see,
         newest first, in one search over all the types (not one per type)."""
-        results = [await self.read(visibility, "Patient", patient_id)]
+        results = [await self._read_one(visibility, "Patient", patient_id)]
         others = [t for t in types if t != "Patient"]
         if others:
             flt = visibility.restrict(
                 SearchFilter(resource_type="", resource_types=others, subject_ids=[patient_id])
             )
             rows = await self.repo.search(flt, newest_first=True, limit=MAX_EVERYTHING - 1)
-            results.extend(await self.open_rows(flt, rows))
-        return results
+            results.extend(await self.open_rows(rows))
+        return await self._disclose(visibility, results)
 
-    async def open_rows(self, flt: SearchFilter, rows: Sequence[VersionRow]) -> list[ReadResult]:
+    async def open_rows(self, rows: Sequence[VersionRow]) -> list[ReadResult]:
         missing = {r.subject_id for r in rows} - self._subjects.keys()
         if missing:  # one query for the page's subject keys, not one per row
             found = await self.repo.subject_keys(missing)
             self._subjects.update({subject_id: found.get(subject_id) for subject_id in missing})
-        permits = await self._permits(flt, rows)
-        return [
-            await self._open(r, permits.get((r.subject_id, r.resource_type, r.labels_token), TENANCY))
-            for r in rows
-        ]
-
-    async def _permits(
-        self, flt: SearchFilter, rows: Sequence[VersionRow]
-    ) -> dict[tuple[str, str, bytes | None], Permit]:
-        """Which grant let each row through (named in the disclosure's audit entry)."""
-        if flt.grant is None or not rows:
-            return {}
-        grants = await self.repo.grants_for_subjects(
-            flt.grant, {r.subject_id for r in rows}, {r.resource_type for r in rows}
-        )
-        return {key: Permit(g.rule, g.consent_id, g.consent_version) for key, g in grants.items()}
+        return [await self._open(r) for r in rows]
 
 
 def bundle_bytes(

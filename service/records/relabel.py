@@ -4,8 +4,9 @@ A resource's label token is computed when it is written, and a migrant's grants 
 their Consents changes. Rows written under older rules (fewer ValueSets, labels the labeller used
 to ignore, fewer grantable labels) keep what was computed then: a resource may carry the token of
 an unlabelled one, and grants may lack the label sets a consent now grants. ``relabel`` recomputes
-both from the decrypted current versions. The stored bodies are not rewritten (that would be a
-new version); the token follows the labels the rules give the body now.
+both from the decrypted versions, every version (consent decides on the version served), so it
+also labels versions written before labels were kept per version. The stored bodies are not
+rewritten (that would be a new version); the token follows the labels the rules give the body now.
 
 Each migrant is one transaction, with the current rows locked as a write locks them. Erased
 migrants are skipped: their data cannot be read and is never disclosed.
@@ -23,16 +24,16 @@ from service.records.codec import open_version
 from service.records.consents import refresh_grants
 from service.records.context import RecordServices
 from service.records.indexing import labels_token
-from service.records.repository import RecordRepository
+from service.records.repository import RecordRepository, version_row
 from service.store.database import Database
-from service.store.tables import StoredResource, Subject
+from service.store.tables import ResourceVersion, StoredResource, Subject
 
 
 @dataclass(frozen=True)
 class RelabelCounts:
     migrants: int
-    resources: int
-    changed: int  # resources whose label token changed
+    resources: int  # resource versions read
+    changed: int  # versions whose label token changed
     grants: int  # grants stored afterwards, over all migrants
 
 
@@ -60,27 +61,33 @@ async def _relabel_subject(
     if subject is None or subject.wrapped_key is None:
         return 0, 0, 0
     session = repo.session
-    rows = (
+    # The current rows are locked as a write locks them, so no new version appears meanwhile;
+    # every version is relabelled, since consent decides on the version served (vread, history).
+    await session.execute(
+        select(StoredResource.id).where(StoredResource.subject_id == subject_id).with_for_update()
+    )
+    versions = (
         await session.execute(
-            select(StoredResource)
-            .where(StoredResource.subject_id == subject_id)
-            .order_by(StoredResource.resource_type, StoredResource.id)
-            .with_for_update()
+            select(ResourceVersion)
+            .where(ResourceVersion.subject_id == subject_id)
+            .order_by(ResourceVersion.resource_type, ResourceVersion.id, ResourceVersion.version_id)
         )
     ).scalars()
     seen = changed = 0
-    for row in list(rows):
-        version = await repo.version(row.resource_type, row.id, row.version_id)
-        if version is None:
-            continue
-        resource: Any = orjson.loads(open_version(services.keys, subject, version))
+    for stored in list(versions):
+        row = version_row(stored)
+        resource: Any = orjson.loads(open_version(services.keys, subject, row))
         token = labels_token(services.indexer, services.labeler.apply(resource))
         seen += 1
         if token != row.labels_token:
             changed += 1
             await session.execute(
-                update(StoredResource)
-                .where(StoredResource.resource_type == row.resource_type, StoredResource.id == row.id)
+                update(ResourceVersion)
+                .where(
+                    ResourceVersion.resource_type == row.resource_type,
+                    ResourceVersion.id == row.id,
+                    ResourceVersion.version_id == row.version_id,
+                )
                 .values(labels_token=token)
             )
     grants = await refresh_grants(services, repo, subject_id, {})

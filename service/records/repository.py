@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from functools import cache
+from typing import Any, cast
 
 from sqlalchemy import (
-    ColumnElement,
+    FromClause,
     Select,
     Table,
     and_,
@@ -25,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.records.grant_predicate import GRANTS, NOBODY, Audience, GrantFilter, permit_id, visible
 from service.records.paging import PagePosition
 from service.store.tables import (
     Base,
@@ -39,6 +41,15 @@ from service.store.tables import (
 
 
 @dataclass(frozen=True)
+class GrantMatch:
+    """The disclosure grant that lets an authority see one resource version (named in the audit entry)."""
+
+    rule: str
+    consent_id: str
+    consent_version: int
+
+
+@dataclass(frozen=True)
 class VersionRow:
     resource_type: str
     id: str
@@ -49,6 +60,8 @@ class VersionRow:
     ciphertext: bytes
     ciphertext_sha256: str
     labels_token: bytes | None = None
+    # For an authority: the grant that admitted this very version, from the same statement.
+    grant: GrantMatch | None = None
 
 
 @dataclass(frozen=True)
@@ -61,22 +74,21 @@ class SubjectKey:
 
 
 @dataclass(frozen=True)
-class GrantMatch:
-    """The disclosure grant that lets an authority see one resource (named in the audit entry)."""
+class VisibleRead:
+    """What a read needs, fetched in one statement: a version the audience may see, and its key."""
 
-    rule: str
-    consent_id: str
-    consent_version: int
+    row: VersionRow
+    subject: SubjectKey | None
 
 
 @dataclass(frozen=True)
-class CurrentRead:
-    """What a read needs, fetched in one statement: the current version, its key, who may see it."""
+class RefusalFacts:
+    """What a refused read's audit entry says, from one statement that answers alike for an id
+    that names nothing and one that is withheld (no decryption, no second lookup)."""
 
-    row: VersionRow
-    organization_id: str
-    subject: SubjectKey | None
-    grant: GrantMatch | None
+    exists: bool
+    # For an authority and an existing resource: which part of the grants did not match.
+    reason: str | None
 
 
 # Core statements on the tables, built once: the intake writes plain rows, so the
@@ -112,12 +124,11 @@ class WriteBatch:
         tokens: Iterable[tuple[str, bytes]],
         current: StoredResource | None,
     ) -> None:
-        self.versions.append(version)
+        self.versions.append({**version, "labels_token": labels_token})
         pointer = {
             "version_id": version["version_id"],
             "last_updated": version["last_updated"],
             "clinical_date": clinical_date,
-            "labels_token": labels_token,
         }
         if current is None:
             self.resources.append(
@@ -138,15 +149,6 @@ class WriteBatch:
         )
 
 
-@dataclass(frozen=True)
-class GrantFilter:
-    """Only what a disclosure grant lets this organization receive, for this purpose, now."""
-
-    organization_id: str
-    purpose: str
-    at: datetime
-
-
 @dataclass
 class SearchFilter:
     """A search already reduced to columns: tenancy and blind-index values, never clear text."""
@@ -162,6 +164,16 @@ class SearchFilter:
     updated_ranges: list[tuple[str, datetime]] = field(default_factory=list)
     grant: GrantFilter | None = None
     match_nothing: bool = False
+
+    @property
+    def audience(self) -> Audience:
+        if self.match_nothing:
+            return NOBODY
+        if self.grant is not None:
+            return Audience(grant=self.grant)
+        if self.organization_id is not None:
+            return Audience(organization_id=self.organization_id)
+        return NOBODY
 
 
 _OPS = {
@@ -190,41 +202,111 @@ class RecordRepository:
         return {row.id: SubjectKey(row.id, row.wrapped_key, row.key_version) for row in result}
 
     async def current_for_read(
-        self, resource_type: str, resource_id: str, grant: GrantFilter | None
-    ) -> CurrentRead | None:
-        """A read in one round trip: the current version, the subject key and, for an authority,
-        the grant in force that matches the resource's type and exact label set (or none)."""
-        params: dict[str, object] = {"rtype": resource_type, "rid": resource_id}
-        if grant is not None:
-            params.update(org=grant.organization_id, purpose=grant.purpose, at=grant.at)
+        self, resource_type: str, resource_id: str, audience: Audience
+    ) -> VisibleRead | None:
+        """A read in one round trip: the current version with its subject key, only if ``audience``
+        may see that version (and, for an authority, the grant that admits it). None alike for an
+        id that names nothing and for a version that is withheld."""
+        return await self._visible_read(
+            _read_statement("current", _kind(audience)), audience, resource_type, resource_id
+        )
+
+    async def version_for_read(
+        self, resource_type: str, resource_id: str, version_id: int, audience: Audience
+    ) -> VisibleRead | None:
+        """A vread in one round trip, decided on that version's own labels, type and subject."""
+        return await self._visible_read(
+            _read_statement("version", _kind(audience)), audience, resource_type, resource_id, version_id
+        )
+
+    async def _visible_read(
+        self,
+        statement: Select[Any],
+        audience: Audience,
+        resource_type: str,
+        resource_id: str,
+        version_id: int | None = None,
+    ) -> VisibleRead | None:
+        params: dict[str, object] = {"rtype": resource_type, "rid": resource_id, **audience.params()}
+        if version_id is not None:
+            params["vid"] = version_id
         connection = await self.session.connection()
-        result = await connection.execute(_READ_WITH_GRANT if grant else _READ, params)
-        found = result.first()
+        found = (await connection.execute(statement, params)).first()
         if found is None:
             return None
         m = found._mapping
-        row = VersionRow(
-            resource_type=resource_type,
-            id=resource_id,
-            version_id=m["version_id"],
-            subject_id=m["subject_id"],
-            organization_id=m["version_organization_id"],
-            last_updated=m["last_updated"],
-            ciphertext=m["ciphertext"],
-            ciphertext_sha256=m["ciphertext_sha256"],
-            labels_token=m["labels_token"],
-        )
         subject = (
             SubjectKey(m["subject_id"], m["wrapped_key"], m["key_version"])
             if m["key_version"] is not None
             else None
         )
-        matched = (
-            GrantMatch(m["rule"], m["consent_id"], m["consent_version"])
-            if grant is not None and m["rule"] is not None
-            else None
-        )
-        return CurrentRead(row, m["organization_id"], subject, matched)
+        return VisibleRead(_visible_row(m), subject)
+
+    async def refusal_facts(
+        self, resource_type: str, resource_id: str, audience: Audience, version_id: int | None = None
+    ) -> RefusalFacts:
+        """Why a read found nothing to show, for its audit entry only (the caller sees 404 either way).
+
+        One statement, one row, the same plan whether or not the id names anything, and no
+        decryption: a refusal must not take measurably longer than a miss (no timing oracle).
+        ``version_id``: a vread's version (else the current one)."""
+        grant = audience.grant
+        params: dict[str, object] = {
+            "rtype": resource_type,
+            "rid": resource_id,
+            "vid": version_id,
+            **audience.params(),
+        }
+        connection = await self.session.connection()
+        statement = _REFUSAL_WITH_GRANT if grant is not None else _REFUSAL
+        m = (await connection.execute(statement, params)).one()._mapping
+        if m["current_version"] is None:
+            return RefusalFacts(exists=False, reason=None)
+        if grant is None or (version_id is not None and not m["version_exists"]):
+            return RefusalFacts(exists=True, reason=None)  # not a consent decision: nothing there
+        if not m["grant_ever"]:
+            reason = "deny.no-grant"  # no Consent of this migrant names this organization and purpose
+        elif not m["grant_now"]:
+            reason = "deny.no-grant.period"  # not in force at this time
+        elif not m["type_now"]:
+            reason = "deny.no-grant.class"  # not this kind of resource
+        else:
+            reason = "deny.no-grant.labels"  # not a version carrying these sensitivity labels
+        return RefusalFacts(exists=True, reason=reason)
+
+    async def permit_for_version(
+        self, resource_type: str, resource_id: str, version_id: int, grant: GrantFilter
+    ) -> GrantMatch | None:
+        """May this organization see this version now, and on which grant? For work outside a
+        request (notifications, export, tasks): the same predicate as every read."""
+        audience = Audience(grant=grant)
+        found = await self.version_for_read(resource_type, resource_id, version_id, audience)
+        return found.row.grant if found is not None else None
+
+    async def visible_references(
+        self, refs: Iterable[tuple[str, str, int | None]], audience: Audience
+    ) -> set[tuple[str, str, int | None]]:
+        """Which of these references (type, id, version or None for the current one) ``audience``
+        may follow: one statement for a whole page, with the predicate that filters reads."""
+        wanted = set(refs)
+        if not wanted:
+            return set()
+        params = {
+            "versioned": sorted((t, i, n) for t, i, n in wanted if n is not None),
+            "current": sorted({(t, i) for t, i, n in wanted if n is None}),
+            **audience.params(),
+        }
+        statement = _references_statement(_kind(audience))
+        connection = await self.session.connection()
+        result = await connection.execute(statement, params)
+        seen: set[tuple[str, str, int | None]] = set()
+        for row in result:
+            if audience.grant is not None and row.permit_id is None:
+                continue
+            seen.add((row.resource_type, row.id, row.version_id))
+            if row.version_id == row.current_version:
+                seen.add((row.resource_type, row.id, None))
+        return seen & wanted
 
     # --- patients by identifier (ifNoneExist) --------------------------
     async def patients_with_identifier(self, organization_id: str, identifier_hash: bytes) -> list[str]:
@@ -340,89 +422,79 @@ class RecordRepository:
 
     async def version(self, resource_type: str, resource_id: str, version_id: int) -> VersionRow | None:
         row = await self.session.get(ResourceVersion, (resource_type, resource_id, version_id))
-        return _version_row(row) if row else None
+        return version_row(row) if row else None
 
-    async def history(self, resource_type: str, resource_id: str, limit: int) -> list[VersionRow]:
-        result = await self.session.execute(
-            select(ResourceVersion)
-            .where(ResourceVersion.resource_type == resource_type, ResourceVersion.id == resource_id)
-            .order_by(ResourceVersion.version_id.desc())
+    async def history(
+        self, resource_type: str, resource_id: str, audience: Audience, limit: int
+    ) -> tuple[list[VersionRow], int]:
+        """The newest ``limit`` versions ``audience`` may see, each decided on its own labels, type
+        and subject, and how many such versions there are in all (``Bundle.total``)."""
+        v = _VERSIONS
+        inner = (
+            select(
+                *_VERSION_COLUMNS,
+                *_permit_column(v, audience),
+                func.count().over().label("visible_total"),
+            )
+            .where(v.c.resource_type == resource_type, v.c.id == resource_id, visible(v, audience))
+            .order_by(v.c.version_id.desc())
             .limit(limit)
         )
-        return [_version_row(r) for r in result.scalars()]
+        statement, order = _with_permit(inner, audience, lambda page: (page.c.version_id.desc(),))
+        connection = await self.session.connection()
+        result = await connection.execute(statement.order_by(*order), audience.params())
+        rows = result.all()
+        total = int(rows[0]._mapping["visible_total"]) if rows else 0
+        return [_visible_row(row._mapping) for row in rows], total
 
     # --- search ---------------------------------------------------------
-    def _filtered(self, flt: SearchFilter) -> Select[StoredResource]:
-        query = select(StoredResource).where(
-            StoredResource.resource_type.in_(list(flt.resource_types))
-            if flt.resource_types is not None
-            else StoredResource.resource_type == flt.resource_type
+    def _filtered(self, flt: SearchFilter, *columns: Any) -> Select[Any]:
+        """Current versions matching the search, only those the filter's audience may see."""
+        r, v, t = _RESOURCES, _VERSIONS, _TOKENS
+        audience = flt.audience
+        query = (
+            select(*columns)
+            .select_from(
+                r.join(
+                    v,
+                    and_(
+                        v.c.resource_type == r.c.resource_type,
+                        v.c.id == r.c.id,
+                        v.c.version_id == r.c.version_id,
+                    ),
+                )
+            )
+            .where(
+                r.c.resource_type.in_(list(flt.resource_types))
+                if flt.resource_types is not None
+                else r.c.resource_type == flt.resource_type
+            )
         )
-        if flt.organization_id is not None:
-            query = query.where(StoredResource.organization_id == flt.organization_id)
         if flt.subject_ids is not None:
-            query = query.where(StoredResource.subject_id.in_(list(flt.subject_ids)))
+            query = query.where(v.c.subject_id.in_(list(flt.subject_ids)))
         if flt.ids is not None:
-            query = query.where(StoredResource.id.in_(list(flt.ids)))
+            query = query.where(r.c.id.in_(list(flt.ids)))
         for param, values in flt.token_groups:
             query = query.where(
                 exists().where(
                     and_(
-                        SearchToken.resource_type == StoredResource.resource_type,
-                        SearchToken.id == StoredResource.id,
-                        SearchToken.param == param,
-                        SearchToken.value.in_(values),
+                        t.c.resource_type == r.c.resource_type,
+                        t.c.id == r.c.id,
+                        t.c.param == param,
+                        t.c.value.in_(values),
                     )
                 )
             )
         for op, bound in flt.date_ranges:
-            query = query.where(_OPS[op](StoredResource.clinical_date, bound))
+            query = query.where(_OPS[op](r.c.clinical_date, bound))
         for op, bound in flt.updated_ranges:
-            query = query.where(_OPS[op](StoredResource.last_updated, bound))
-        if flt.grant is not None:
-            query = query.where(exists().where(_grant_matches(flt.grant)))
-        if flt.match_nothing:
-            query = query.where(StoredResource.id.is_(None))
-        return query
+            query = query.where(_OPS[op](r.c.last_updated, bound))
+        return query.where(visible(v, audience))  # its parameters: flt.audience.params()
 
     async def count(self, flt: SearchFilter) -> int:
-        subquery = self._filtered(flt).with_only_columns(StoredResource.id).subquery()
-        result = await self.session.execute(select(func.count()).select_from(subquery))
+        subquery = self._filtered(flt, _RESOURCES.c.id).subquery()
+        result = await self.session.execute(select(func.count()).select_from(subquery), flt.audience.params())
         return int(result.scalar_one())
-
-    async def grants_for_subjects(
-        self, grant: GrantFilter, subject_ids: Iterable[str], resource_types: Iterable[str]
-    ) -> dict[tuple[str, str, bytes], GrantMatch]:
-        """The grants in force for these migrants, by (migrant, resource type, label set): which
-        consent let each row of a page through, named in its disclosure's audit entry."""
-        g = _GRANTS
-        connection = await self.session.connection()
-        result = await connection.execute(
-            select(
-                g.c.subject_id,
-                g.c.resource_type,
-                g.c.labels_token,
-                g.c.rule,
-                g.c.consent_id,
-                g.c.consent_version,
-            )
-            .where(
-                g.c.subject_id.in_(sorted(set(subject_ids))),
-                # Only the page's types: a migrant has a grant per type, and a page of Patients
-                # needs one row per migrant, not one per type.
-                g.c.resource_type.in_(sorted(set(resource_types))),
-                g.c.organization_id == grant.organization_id,
-                g.c.purpose == grant.purpose,
-                or_(g.c.valid_from.is_(None), g.c.valid_from <= grant.at),
-                or_(g.c.valid_to.is_(None), g.c.valid_to > grant.at),
-            )
-            .order_by(g.c.consent_id, g.c.consent_version)
-        )
-        found: dict[tuple[str, str, bytes], GrantMatch] = {}
-        for row in result:  # where two grants overlap, the first in order, as a single read picks
-            key = (row.subject_id, row.resource_type, row.labels_token)
-            found.setdefault(key, GrantMatch(row.rule, row.consent_id, row.consent_version))
-        return found
 
     async def replace_grants(
         self, subject_id: str, grants: Sequence[Mapping[str, object]], *, new_subject: bool = False
@@ -451,7 +523,7 @@ class RecordRepository:
             )
             .where(StoredResource.subject_id == subject_id, StoredResource.resource_type == resource_type)
         )
-        return [_version_row(r) for r in result.scalars()]
+        return [version_row(r) for r in result.scalars()]
 
     async def organization_ids(self) -> set[str]:
         result = await self.session.execute(select(Organization.id))
@@ -466,64 +538,47 @@ class RecordRepository:
         offset: int = 0,
         after: PagePosition | None = None,
     ) -> list[VersionRow]:
-        """A page in ``(last_updated, id)`` order, starting after ``after`` (keyset) or at ``offset``."""
-        order = (
-            (StoredResource.last_updated.desc(), StoredResource.id.desc())
-            if newest_first
-            else (StoredResource.last_updated.asc(), StoredResource.id.asc())
+        """A page in ``(last_updated, id)`` order, starting after ``after`` (keyset) or at ``offset``;
+        each row with the permit that admitted it, from the same statement."""
+        r = _RESOURCES
+        audience = flt.audience
+        filtered = self._filtered(
+            flt,
+            *_VERSION_COLUMNS,
+            *_permit_column(_VERSIONS, audience),
+            r.c.last_updated.label("page_updated"),
         )
-        filtered = self._filtered(flt)
         if after is not None:
-            key = tuple_(StoredResource.last_updated, StoredResource.id)
+            key = tuple_(r.c.last_updated, r.c.id)
             start = tuple_(
-                bindparam("after_updated", after.last_updated, type_=StoredResource.last_updated.type),
+                bindparam("after_updated", after.last_updated, type_=r.c.last_updated.type),
                 bindparam("after_id", after.resource_id),
             )
             filtered = filtered.where(key < start if newest_first else key > start)
-        page = filtered.order_by(*order).limit(limit).offset(offset).subquery()
-        v = _VERSIONS
-        query = (
-            select(*_VERSION_COLUMNS, page.c.labels_token)
-            .select_from(
-                v.join(
-                    page,
-                    and_(
-                        v.c.resource_type == page.c.resource_type,
-                        v.c.id == page.c.id,
-                        v.c.version_id == page.c.version_id,
-                    ),
-                )
-            )
-            .order_by(
-                *(
-                    (page.c.last_updated.desc(), page.c.id.desc())
-                    if newest_first
-                    else (page.c.last_updated.asc(), page.c.id.asc())
-                )
-            )
+        order = (
+            (r.c.last_updated.desc(), r.c.id.desc())
+            if newest_first
+            else (r.c.last_updated.asc(), r.c.id.asc())
         )
+        inner = filtered.order_by(*order).limit(limit).offset(offset)
+
+        def page_order(page: FromClause) -> tuple[Any, ...]:
+            if newest_first:
+                return (page.c.page_updated.desc(), page.c.id.desc())
+            return (page.c.page_updated.asc(), page.c.id.asc())
+
+        statement, outer_order = _with_permit(inner, audience, page_order)
         connection = await self.session.connection()  # Core rows: no ORM identity map to fill
-        result = await connection.execute(query)
-        return [VersionRow(*row) for row in result]
-
-
-def _grant_matches(grant: GrantFilter) -> ColumnElement[bool]:
-    return and_(
-        DisclosureGrant.subject_id == StoredResource.subject_id,
-        DisclosureGrant.organization_id == grant.organization_id,
-        DisclosureGrant.purpose == grant.purpose,
-        DisclosureGrant.resource_type == StoredResource.resource_type,
-        DisclosureGrant.labels_token == StoredResource.labels_token,
-        or_(DisclosureGrant.valid_from.is_(None), DisclosureGrant.valid_from <= grant.at),
-        or_(DisclosureGrant.valid_to.is_(None), DisclosureGrant.valid_to > grant.at),
-    )
+        result = await connection.execute(statement.order_by(*outer_order), audience.params())
+        return [_visible_row(row._mapping) for row in result]
 
 
 _RESOURCES = _table(StoredResource)
 _VERSIONS = _table(ResourceVersion)
 _SUBJECTS = _table(Subject)
-_GRANTS = _table(DisclosureGrant)
-# In VersionRow's field order (its labels_token comes from the current pointer).
+_TOKENS = _table(SearchToken)
+_GRANTS = GRANTS
+# In VersionRow's field order.
 _VERSION_COLUMNS = (
     _VERSIONS.c.resource_type,
     _VERSIONS.c.id,
@@ -533,58 +588,150 @@ _VERSION_COLUMNS = (
     _VERSIONS.c.last_updated,
     _VERSIONS.c.ciphertext,
     _VERSIONS.c.ciphertext_sha256,
+    _VERSIONS.c.labels_token,
 )
+_PERMIT_COLUMNS = (_GRANTS.c.rule, _GRANTS.c.consent_id, _GRANTS.c.consent_version)
 
 
-def _read_statement(*, with_grant: bool) -> Select[tuple[object, ...]]:
-    """Built once per kind (SQLAlchemy caches compiled statements by statement object)."""
-    r, v, s, g = _RESOURCES, _VERSIONS, _SUBJECTS, _GRANTS
-    joined = r.join(
-        v, and_(v.c.resource_type == r.c.resource_type, v.c.id == r.c.id, v.c.version_id == r.c.version_id)
-    ).outerjoin(s, s.c.id == r.c.subject_id)
-    columns = [
-        r.c.organization_id,
-        r.c.labels_token,
-        v.c.version_id,
-        v.c.subject_id,
-        v.c.organization_id.label("version_organization_id"),
-        v.c.last_updated,
-        v.c.ciphertext,
-        v.c.ciphertext_sha256,
-        s.c.wrapped_key,
-        s.c.key_version,
-    ]
-    order = []
-    if with_grant:
-        at = bindparam("at", type_=g.c.valid_from.type)
-        joined = joined.outerjoin(
-            g,
-            and_(
-                g.c.subject_id == r.c.subject_id,
-                g.c.organization_id == bindparam("org"),
-                g.c.purpose == bindparam("purpose"),
-                g.c.resource_type == r.c.resource_type,
-                g.c.labels_token == r.c.labels_token,
-                or_(g.c.valid_from.is_(None), g.c.valid_from <= at),
-                or_(g.c.valid_to.is_(None), g.c.valid_to > at),
-            ),
-        )
-        columns += [g.c.rule, g.c.consent_id, g.c.consent_version]
-        order = [g.c.consent_id, g.c.consent_version]
-    return (
-        select(*columns)
-        .select_from(joined)
-        .where(r.c.resource_type == bindparam("rtype"), r.c.id == bindparam("rid"))
-        .order_by(*order)
-        .limit(1)
+def _kind(audience: Audience) -> str:
+    return "grant" if audience.grant is not None else "tenancy" if audience.organization_id else "nobody"
+
+
+def _permit_column(version: FromClause, audience: Audience) -> tuple[Any, ...]:
+    return (permit_id(version).label("permit_id"),) if audience.grant is not None else ()
+
+
+def _with_permit(inner: Select[Any], audience: Audience, order: Any) -> tuple[Select[Any], tuple[Any, ...]]:
+    """For an authority, the page with the rule and consent version of the grant that admitted
+    each row (joined once per row of the page, not per candidate); unchanged otherwise."""
+    page = inner.subquery("page")
+    columns = [page.c[c.name] for c in _VERSION_COLUMNS]
+    extra = [c for c in page.c if c.name in ("wrapped_key", "key_version", "visible_total")]
+    if audience.grant is None:
+        return select(*columns, *extra).select_from(page), order(page)
+    g = _GRANTS
+    statement = select(*columns, *extra, *_PERMIT_COLUMNS).select_from(
+        page.outerjoin(g, g.c.id == page.c.permit_id)
+    )
+    return statement, order(page)
+
+
+def _visible_row(m: Any) -> VersionRow:
+    grant = (
+        GrantMatch(m["rule"], m["consent_id"], m["consent_version"]) if m.get("rule") is not None else None
+    )
+    return VersionRow(
+        resource_type=m["resource_type"],
+        id=m["id"],
+        version_id=m["version_id"],
+        subject_id=m["subject_id"],
+        organization_id=m["organization_id"],
+        last_updated=m["last_updated"],
+        ciphertext=m["ciphertext"],
+        ciphertext_sha256=m["ciphertext_sha256"],
+        labels_token=m["labels_token"],
+        grant=grant,
     )
 
 
-_READ = _read_statement(with_grant=False)
-_READ_WITH_GRANT = _read_statement(with_grant=True)
+@cache
+def _read_statement(which: str, kind: str) -> Select[Any]:
+    """A read ("current") or vread ("version") for one kind of audience, built once per kind
+    (SQLAlchemy caches compiled statements by statement object)."""
+    r, v, s = _RESOURCES, _VERSIONS, _SUBJECTS
+    audience = {
+        "grant": Audience(grant=GrantFilter("", "", datetime.min)),
+        "tenancy": Audience(organization_id=""),
+        "nobody": NOBODY,
+    }[kind]  # only the kind matters: the values are bound at execution
+    source: FromClause
+    if which == "current":
+        source = r.join(
+            v,
+            and_(v.c.resource_type == r.c.resource_type, v.c.id == r.c.id, v.c.version_id == r.c.version_id),
+        )
+        where = [r.c.resource_type == bindparam("rtype"), r.c.id == bindparam("rid")]
+    else:
+        source = v
+        where = [
+            v.c.resource_type == bindparam("rtype"),
+            v.c.id == bindparam("rid"),
+            v.c.version_id == bindparam("vid"),
+        ]
+    inner = (
+        select(*_VERSION_COLUMNS, s.c.wrapped_key, s.c.key_version, *_permit_column(v, audience))
+        .select_from(source.outerjoin(s, s.c.id == v.c.subject_id))
+        .where(*where, visible(v, audience))
+    )
+    statement, _ = _with_permit(inner, audience, lambda page: ())
+    return statement
 
 
-def _version_row(row: ResourceVersion, labels_token: bytes | None = None) -> VersionRow:
+@cache
+def _references_statement(kind: str) -> Select[Any]:
+    """Which of a page's references (``versioned``: type, id, version; ``current``: type, id)
+    one kind of audience may follow. Built once per kind: a page's check is one round trip."""
+    r, v = _RESOURCES, _VERSIONS
+    which = or_(
+        tuple_(v.c.resource_type, v.c.id, v.c.version_id).in_(bindparam("versioned", expanding=True)),
+        and_(
+            tuple_(v.c.resource_type, v.c.id).in_(bindparam("current", expanding=True)),
+            v.c.version_id == r.c.version_id,
+        ),
+    )
+    statement = (
+        select(v.c.resource_type, v.c.id, v.c.version_id, r.c.version_id.label("current_version"))
+        .select_from(v.join(r, and_(r.c.resource_type == v.c.resource_type, r.c.id == v.c.id)))
+        .where(which)
+    )
+    if kind == "grant":
+        # The permit as a per-row subquery rather than a semi-join: the statement is driven
+        # by the page's few references whatever the planner thinks of the grants table.
+        return statement.add_columns(permit_id(v).label("permit_id"))
+    audience = Audience(organization_id="") if kind == "tenancy" else NOBODY
+    return statement.where(visible(v, audience))
+
+
+def _refusal_statement(*, with_grant: bool) -> Select[Any]:
+    """One row always: the current version id (NULL: no such resource) and, for an authority,
+    which part of the grants fails to match. Every subquery runs whether or not the id exists."""
+    r, v, g = _RESOURCES, _VERSIONS, _GRANTS
+    target = (r.c.resource_type == bindparam("rtype"), r.c.id == bindparam("rid"))
+    columns: list[Any] = [
+        select(r.c.version_id).where(*target).scalar_subquery().label("current_version"),
+        exists()
+        .where(
+            v.c.resource_type == bindparam("rtype"),
+            v.c.id == bindparam("rid"),
+            v.c.version_id == bindparam("vid", type_=v.c.version_id.type),
+        )
+        .label("version_exists"),
+    ]
+    if with_grant:
+        at = bindparam("grant_at", type_=g.c.valid_from.type)
+        subject = select(r.c.subject_id).where(*target).scalar_subquery()
+        mine = (
+            g.c.subject_id == subject,
+            g.c.organization_id == bindparam("grant_org"),
+            g.c.purpose == bindparam("grant_purpose"),
+        )
+        now = (
+            or_(g.c.valid_from.is_(None), g.c.valid_from <= at),
+            or_(g.c.valid_to.is_(None), g.c.valid_to > at),
+        )
+        columns += [
+            exists().where(*mine).label("grant_ever"),
+            exists().where(*mine, *now).label("grant_now"),
+            exists().where(*mine, *now, g.c.resource_type == bindparam("rtype")).label("type_now"),
+        ]
+    return select(*columns)
+
+
+_REFUSAL = _refusal_statement(with_grant=False)
+_REFUSAL_WITH_GRANT = _refusal_statement(with_grant=True)
+
+
+def version_row(row: ResourceVersion) -> VersionRow:
     return VersionRow(
         resource_type=row.resource_type,
         id=row.id,
@@ -594,5 +741,5 @@ def _version_row(row: ResourceVersion, labels_token: bytes | None = None) -> Ver
         last_updated=row.last_updated,
         ciphertext=row.ciphertext,
         ciphertext_sha256=row.ciphertext_sha256,
-        labels_token=labels_token,
+        labels_token=row.labels_token,
     )

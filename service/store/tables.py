@@ -126,8 +126,6 @@ class StoredResource(Base):
     last_updated: Mapped[datetime] = mapped_column(UtcDateTime())
     # The resource's clinical date (exam day), for `date` search.
     clinical_date: Mapped[datetime | None] = mapped_column(UtcDateTime())
-    # Blind token of the resource's sensitivity-label set, matched against disclosure grants.
-    labels_token: Mapped[bytes | None] = mapped_column(LargeBinary(32))
 
     __table_args__ = (
         Index("ix_resources_org_type_updated", "organization_id", "resource_type", "last_updated"),
@@ -150,6 +148,10 @@ class ResourceVersion(Base):
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext_sha256: Mapped[str] = mapped_column(String(64))
     client_id: Mapped[str] = mapped_column(String(64))
+    # Blind token of this version's sensitivity-label set, matched against disclosure grants:
+    # consent decides on the version served. NULL (written before labels were per version)
+    # matches no grant.
+    labels_token: Mapped[bytes | None] = mapped_column(LargeBinary(32))
 
 
 class SearchToken(Base):

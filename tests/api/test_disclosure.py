@@ -94,6 +94,11 @@ class World:
 
 @pytest.fixture
 def world(service: Service) -> World:
+    return make_world(service)
+
+
+def make_world(service: Service) -> World:
+    """One migrant's exam with an HIV test among its Observations, one clinic, two authorities."""
     clinic = service.register("clinic", "clinic")
     authority = service.register("authority A", "authority", purposes=("PUBHLTH", "TREAT"))
     other = service.register("authority B", "authority", purposes=("PUBHLTH",))

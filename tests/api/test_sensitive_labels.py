@@ -318,8 +318,9 @@ def test_labels_a_clinic_puts_on_fail_closed(
 
 def test_relabel_brings_rows_written_under_older_rules_in_line(world: World, database_url: str) -> None:
     """`mhr records relabel`: tokens computed by an older labeller (here: that of an unlabelled
-    resource, which the old one gave STD labels and SNOMED HIV codes) are recomputed, and the
-    grants follow the current grantable labels."""
+    resource, which the old one gave STD labels and SNOMED HIV codes) are recomputed, versions
+    written before labels were kept per version (no token) get theirs, and the grants follow
+    the current grantable labels."""
     plain = _resource("Observation", "code", cc(LOINC, "5196-1"), world.patient)
     std = copy.deepcopy(plain)
     std["meta"] = {"security": [{"system": ACT_CODE, "code": "STD"}]}
@@ -329,14 +330,18 @@ def test_relabel_brings_rows_written_under_older_rules_in_line(world: World, dat
     try:
         with engine.begin() as conn:
             old = conn.execute(
-                sa.text("SELECT labels_token FROM resources WHERE id = :id"), {"id": plain_id}
+                sa.text("SELECT labels_token FROM resource_versions WHERE id = :id"), {"id": plain_id}
             ).scalar_one()
             conn.execute(
-                sa.text("UPDATE resources SET labels_token = :t WHERE id IN (:a, :b)"),
+                sa.text("UPDATE resource_versions SET labels_token = :t WHERE id IN (:a, :b)"),
                 {"t": old, "a": std_id, "b": hiv_id},
+            )
+            conn.execute(
+                sa.text("UPDATE resource_versions SET labels_token = NULL WHERE id = :id"), {"id": plain_id}
             )
         assert world.sees("Observation", std_id) == SHOWN  # what the old rules let through
         assert world.sees("Condition", hiv_id) == SHOWN
+        assert world.sees("Observation", plain_id) == WITHHELD  # no token: fails closed
 
         runtime = world.service.fastapi.state.runtime  # type: ignore[attr-defined]
 
@@ -345,7 +350,7 @@ def test_relabel_brings_rows_written_under_older_rules_in_line(world: World, dat
 
         counts = world.service._run(run)
         assert counts.migrants == 1
-        assert counts.changed == 2
+        assert counts.changed == 3
         assert world.sees("Observation", std_id) == WITHHELD
         assert world.sees("Condition", hiv_id) == WITHHELD
         assert world.sees("Observation", plain_id) == SHOWN
