@@ -338,8 +338,10 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
             trusted = Path(args.checkpoint).read_text() if args.checkpoint else None
         except (OSError, NoteError) as exc:
             return _fail(f"cannot read the trust anchor: {exc}")
-        if verifier is None and trusted is None:
-            return _fail("give --vkey and/or --checkpoint: verification needs a trust anchor")
+        if verifier is None:
+            # Without the key not one checkpoint signature can be checked: refuse rather than
+            # report a verification that did not happen.
+            return _fail("give --vkey (the log's public key, `mhr audit key`): checkpoint signatures need it")
         if args.url:
             if not args.token:
                 return _fail("--url needs --token (an auditor access token)")
@@ -356,6 +358,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         for failure in sorted(report.failures)[: args.show]:
             print(f"FAIL {failure}", file=sys.stderr)
         print(report.summary())
+        for gap in report.not_checked():
+            print(f"NOT CHECKED: {gap}")
         return 0 if report.ok else 1
 
     if args.action == "disclosures":
@@ -382,8 +386,18 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         note = _with_db(settings, latest)
         if note is None:
             return _fail("the audit log has no checkpoint yet", 1)
-        sys.stdout.write(note)
-        return 0
+        if args.out is None:
+            sys.stdout.write(note)
+            return 0
+        try:
+            verifier = (
+                NoteVerifier.from_vkey(_read_vkey(args.vkey))
+                if args.vkey
+                else NoteSigner(settings.deployment_name, open_keyring(settings).log_signing_key()).verifier()
+            )
+        except (OSError, NoteError) as exc:
+            return _fail(f"cannot read the log key: {exc}")
+        return _retain_checkpoint(settings, Path(args.out), note, verifier)
 
     # seal
     keys = open_keyring(settings)
@@ -414,6 +428,62 @@ def cmd_records(args: argparse.Namespace, settings: Settings) -> int:
             "grants": counts.grants,
         }
     )
+    return 0
+
+
+def _retain_checkpoint(settings: Settings, out: Path, note: str, verifier: Any) -> int:
+    """Save the latest signed checkpoint to ``out``, outside the database, for later verifies.
+
+    The file it replaces is the previous retained checkpoint: the new one is written only if
+    the log proves consistent with it (same root at equal size, else a consistency proof
+    from the stored tree), so that a truncated or rewritten log can never replace the
+    evidence against it.
+    """
+    from security import merkle
+    from security.signed_note import Checkpoint, NoteError
+    from service.audit import log as audit_log
+
+    try:
+        new = Checkpoint.parse(verifier.verify(note))
+    except NoteError as exc:
+        return _fail(f"the latest checkpoint does not verify under the log key: {exc}", 1)
+    old: Checkpoint | None = None
+    if out.exists():
+        try:
+            old = Checkpoint.parse(verifier.verify(out.read_text()))
+        except (OSError, NoteError) as exc:
+            return _fail(f"{out} holds no checkpoint signed by this log's key ({exc}); not replaced", 1)
+        if old.origin != new.origin:
+            return _fail(f"{out} is a checkpoint of {old.origin!r}, not {new.origin!r}; not replaced", 1)
+        if old.size > new.size:
+            return _fail(
+                f"the log has shrunk from the retained size {old.size} to {new.size}: entries were "
+                f"removed; {out} not replaced (run `mhr audit verify --checkpoint {out}`)",
+                1,
+            )
+        if old.size == new.size and old.root_hash != new.root_hash:
+            return _fail(f"the log was rewritten: a different root at size {old.size}; {out} not replaced", 1)
+        if 0 < old.size < new.size:
+
+            async def proof(db: Database) -> list[bytes]:
+                async with db.sessions() as session:
+                    return await audit_log.consistency_proof(session, old.size, new.size)
+
+            try:
+                merkle.verify_consistency(
+                    old.size, new.size, _with_db(settings, proof), old.root_hash, new.root_hash
+                )
+            except (merkle.ProofError, merkle.MissingNodeError, ValueError) as exc:
+                return _fail(
+                    f"the log is not consistent with the retained checkpoint {old.size} ({exc}); "
+                    f"{out} not replaced",
+                    1,
+                )
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(note)
+    temporary.replace(out)  # atomic: a crash leaves the old checkpoint or the new, never half
+    extends = "" if old is None else f", consistent with the one it replaces (size {old.size})"
+    print(f"checkpoint of size {new.size} saved to {out}{extends}")
     return 0
 
 
@@ -484,15 +554,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     audit.add_parser("seal", help="append unsealed entries to the Merkle log and sign a checkpoint")
-    audit.add_parser("checkpoint", help="print the latest signed checkpoint")
+    checkpoint = audit.add_parser(
+        "checkpoint", help="print the latest signed checkpoint, or retain it in a file (--out)"
+    )
+    checkpoint.add_argument(
+        "--out",
+        help="save it to this file (kept outside the database) after checking that the log is "
+        "consistent with the checkpoint already there; verify later with --checkpoint FILE",
+    )
+    checkpoint.add_argument(
+        "--vkey", help="the log's verifier key or a file holding it (default: the keyring)"
+    )
     audit.add_parser("key", help="print the log's verifier key (vkey)")
     verify = audit.add_parser("verify", help="verify the log; exit 1 naming the first failure")
     source = verify.add_mutually_exclusive_group()
     source.add_argument("--database-url", help="read the database directly (default MHR_DATABASE_URL)")
     source.add_argument("--url", help="base URL of a running service (with --token)")
     verify.add_argument("--token", help="an auditor access token for --url")
-    verify.add_argument("--vkey", help="the log's verifier key, or a file holding it")
-    verify.add_argument("--checkpoint", help="a trusted checkpoint (signed note) kept from earlier")
+    verify.add_argument("--vkey", help="the log's verifier key, or a file holding it (required)")
+    verify.add_argument(
+        "--checkpoint",
+        help="a checkpoint retained outside the database (`mhr audit checkpoint --out FILE`): "
+        "without one, removed entries cannot be detected",
+    )
     verify.add_argument("--origin", help="expected checkpoint origin (default: the key name)")
     verify.add_argument("--show", type=int, default=10, help="how many failures to print")
     disclosures = audit.add_parser("disclosures", help="every disclosure of one migrant's data")

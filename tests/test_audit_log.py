@@ -191,14 +191,15 @@ def test_changed_content_names_the_entry(database_url: str, signer: NoteSigner) 
 def test_changed_content_with_rewritten_hashes_names_the_checkpoint(
     database_url: str, signer: NoteSigner
 ) -> None:
-    """An attacker who also rewrites the stored leaf hash and node is caught by the signed root."""
+    """An attacker who also rewrites the stored leaf hash, node and columns is caught by the signed root."""
     build_log(database_url, signer)
     victim = entry_at(database_url, 7)
-    forged = b'{"forged":true}'
+    content = bytes(sql(database_url, "SELECT content FROM audit_entries WHERE id = :id", id=victim)[0][0])
+    forged = content.replace(b"client-a", b"client-b")
     digest = merkle.leaf_hash(forged)
     sql(
         database_url,
-        "UPDATE audit_entries SET content = :c, leaf_hash = :h WHERE id = :id",
+        "UPDATE audit_entries SET content = :c, leaf_hash = :h, client_id = 'client-b' WHERE id = :id",
         c=forged,
         h=digest,
         id=victim,
@@ -379,3 +380,203 @@ def test_disclosure_report_for_one_migrant(database_url: str, capsys: Any, monke
     assert cli_main(["audit", "disclosures", "--patient", "pat-1"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [d["organizations"] for d in listed] == [["org-ca"]]
+
+
+# --- what search and the disclosure report select by (issue 11 item 8) ---------------------
+
+
+def _disclosure(i: int, patient: str = "pat-1") -> AuditRecord:
+    return AuditRecord(
+        event_type=EventType.disclosure,
+        subtype="read",
+        action=Action.read,
+        outcome=Outcome.success,
+        agent=AuditAgent("client-b", "org-ca", "authority"),
+        purpose="PUBHLTH",
+        entities=(AuditEntity("Observation", f"obs-{i}", 1, f"{i:064x}"),),
+        patient_ids=(patient,),
+        decision_rule="consent-permit",
+        consent_id="consent-9",
+        consent_version=1,
+        recipients=("org-ca",),
+    )
+
+
+def add_disclosures(url: str, count: int) -> None:
+    async def work(db: Database) -> None:
+        for i in range(count):
+            async with db.transaction() as session:
+                await record_audit(session, _disclosure(i), request_id=f"dis-{i}", source="test")
+
+    run(work, url)
+
+
+def disclosures_of(url: str, patient: str) -> int:
+    async def work(db: Database) -> int:
+        async with db.sessions() as session:
+            return len(await disclosures_for_patient(session, patient))
+
+    return run(work, url)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "says"),
+    [
+        ("UPDATE audit_entries SET event_type = 'rest' WHERE event_type = 'disclosure'", "column event_type"),
+        ("UPDATE audit_entries SET outcome = '4' WHERE event_type = 'disclosure'", "column outcome"),
+        ("UPDATE audit_entries SET client_id = 'z' WHERE event_type = 'disclosure'", "column client_id"),
+        ("DELETE FROM audit_refs WHERE kind = 'patient'", "audit_refs disagree with the content: missing"),
+        ("UPDATE audit_refs SET value = 'pat-2' WHERE kind = 'patient'", "audit_refs disagree"),
+    ],
+    ids=["event_type", "outcome", "client_id", "refs-deleted", "refs-moved"],
+)
+def test_edited_search_columns_empty_the_disclosure_report_and_verify_names_the_entry(
+    database_url: str, signer: NoteSigner, tamper: str, says: str
+) -> None:
+    add_entries(database_url, 3)
+    add_disclosures(database_url, 4)
+    assert seal(database_url, signer) is not None
+    assert disclosures_of(database_url, "pat-1") == 4
+    sql(database_url, tamper)
+    if "client_id" not in tamper:  # that one hides them from AuditEvent?agent= instead
+        assert disclosures_of(database_url, "pat-1") < 4  # what the migrant is shown changed ...
+    report = verify(database_url, signer)  # ... and verify must say where
+    assert not report.ok
+    assert report.first is not None
+    first = 0 if "refs" in tamper else 3  # every entry has a patient ref; only leaves 3.. are disclosures
+    assert report.first.subject == f"entry {entry_at(database_url, first)} (leaf {first})"
+    assert says in report.first.reason
+
+
+def test_edited_columns_of_an_unsealed_entry_are_named(database_url: str, signer: NoteSigner) -> None:
+    build_log(database_url, signer, (3,))
+    add_disclosures(database_url, 2)
+    victim = int(sql(database_url, "SELECT max(id) FROM audit_entries")[0][0])
+    sql(database_url, "UPDATE audit_entries SET event_type = 'rest' WHERE id = :id", id=victim)
+    report = verify(database_url, signer)
+    assert report.first is not None and report.first.subject == f"entry {victim} (unsealed)"
+    assert "column event_type is 'rest' but the content says 'disclosure'" in report.first.reason
+
+
+def test_untampered_log_checks_columns_and_says_what_was_not_checked(
+    database_url: str, signer: NoteSigner
+) -> None:
+    build_log(database_url, signer)
+    add_disclosures(database_url, 2)  # unsealed, untouched
+    report = verify(database_url, signer)
+    assert report.ok, report.summary()
+    assert report.columns_checked
+    assert any("no retained checkpoint" in gap for gap in report.not_checked())
+    assert not verify(database_url, signer, trusted=latest_note(database_url)).not_checked()
+
+
+# --- trust anchors: the key is required, removal needs a retained checkpoint ---------------
+
+
+def _cli_env(monkeypatch: Any, database_url: str) -> None:
+    monkeypatch.setenv("MHR_DATABASE_URL", database_url)
+    monkeypatch.setenv("MHR_ENV", "test")
+
+
+def test_verify_refuses_a_checkpoint_without_the_key(
+    database_url: str, signer: NoteSigner, tmp_path: Path, capsys: Any
+) -> None:
+    notes = build_log(database_url, signer)
+    retained = tmp_path / "retained.txt"
+    retained.write_text(notes[-1])
+    code = cli_main(["audit", "verify", "--database-url", database_url, "--checkpoint", str(retained)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "verified" not in captured.out and "OK" not in captured.out
+    assert "--vkey" in captured.err
+
+
+def test_retained_checkpoint_catches_a_wiped_or_truncated_log(
+    database_url: str, signer: NoteSigner, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    _cli_env(monkeypatch, database_url)
+    retained = tmp_path / "retained.txt"
+    build_log(database_url, signer, (5,))
+    keep = ["audit", "checkpoint", "--out", str(retained), "--vkey", signer.vkey()]
+    assert cli_main(keep) == 0
+    assert "checkpoint of size 5 saved" in capsys.readouterr().out
+    add_entries(database_url, 6, 5)
+    assert seal(database_url, signer) is not None
+    assert cli_main(keep) == 0  # the routine: each run checks the log extends the one kept
+    assert "consistent with the one it replaces (size 5)" in capsys.readouterr().out
+    assert Checkpoint.parse(signer.verifier().verify(retained.read_text())).size == 11
+
+    # Truncate to 3 entries and re-sign nothing: the key alone cannot tell.
+    for leaf in range(3, 11):
+        victim = entry_at(database_url, leaf)
+        sql(database_url, "DELETE FROM audit_refs WHERE entry_id = :id", id=victim)
+        sql(database_url, "DELETE FROM audit_entries WHERE id = :id", id=victim)
+    sql(database_url, "DELETE FROM audit_nodes WHERE level = 0 AND node_index >= 3")
+    sql(database_url, "DELETE FROM audit_nodes WHERE level > 0")
+    sql(database_url, "DELETE FROM audit_checkpoints")
+    key_only = ["audit", "verify", "--database-url", database_url, "--vkey", signer.vkey()]
+    assert cli_main(key_only) == 1  # leaves 0..2 remain, sealed, but no checkpoint covers them
+    assert "outside the signed tree of size 0" in capsys.readouterr().err
+    sql(database_url, "DELETE FROM audit_refs")
+    sql(database_url, "DELETE FROM audit_nodes")
+    sql(database_url, "DELETE FROM audit_entries")  # wiped
+    assert cli_main(key_only) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK: 0 entries")
+    assert "NOT CHECKED: no retained checkpoint was given" in out
+    assert cli_main([*key_only, "--checkpoint", str(retained)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED: trusted checkpoint 11: the log has only 0 sealed entries: entries were removed" in (
+        captured.out
+    )
+    # Nor may the retained checkpoint be replaced by the emptied log's.
+    add_entries(database_url, 2, 50)
+    assert seal(database_url, signer) is not None
+    assert cli_main(keep) == 1
+    assert "entries were removed" in capsys.readouterr().err
+    assert Checkpoint.parse(signer.verifier().verify(retained.read_text())).size == 11
+
+
+# --- rows past the signed tree: reported, quarantined, sealing goes on -----------------------
+
+
+def test_entry_forged_past_the_tree_is_reported_and_does_not_block_sealing(
+    database_url: str, signer: NoteSigner
+) -> None:
+    build_log(database_url, signer)  # tree size 18
+    forged = b'{"action":"R","forged":true}'
+    sql(
+        database_url,
+        "INSERT INTO audit_entries (recorded_at, event_type, subtype, action, outcome, client_id, content, "
+        "leaf_index, leaf_hash) VALUES (:t, 'disclosure', 'read', 'R', '0', 'client-x', :c, 18, :h)",
+        t="2020-01-01 00:00:00",
+        c=forged,
+        h=merkle.leaf_hash(forged),
+    )
+    sql(database_url, "INSERT INTO audit_nodes (level, node_index, hash) VALUES (0, 19, :h)", h=b"\x05" * 32)
+    forged_id = entry_at(database_url, 18)
+    report = verify(database_url, signer)
+    assert report.first is not None
+    assert report.first.subject == f"entry {forged_id} (leaf 18)"
+    assert "outside the signed tree of size 18" in report.first.reason
+    assert any(f.subject == "tree node 0/19" for f in report.failures)
+
+    add_entries(database_url, 4, 200)
+    checkpoint = seal(database_url, signer)  # main: IntegrityError on every run from here on
+    assert checkpoint is not None and checkpoint.size == 18 + 4 + 1  # + the security alert
+    quarantined = sql(database_url, "SELECT entry_id, leaf_index, content FROM audit_quarantine")
+    assert [(r[0], r[1], bytes(r[2])) for r in quarantined] == [(forged_id, 18, forged)]
+    assert sql(database_url, "SELECT count(*) FROM audit_entries WHERE id = :id", id=forged_id)[0][0] == 0
+    alerts = [
+        json.loads(bytes(r[0]))
+        for r in sql(database_url, "SELECT content FROM audit_entries WHERE subtype = 'integrity-quarantine'")
+    ]
+    assert len(alerts) == 1 and alerts[0]["type"] == "admin" and alerts[0]["outcome"] == "8"
+    assert alerts[0]["entities"] == [{"type": "AuditEvent", "id": str(forged_id)}]
+    assert "1 entries and 1 tree nodes" in alerts[0]["detail"]
+    # The genuine log verifies; the quarantine stays reported until an operator has looked.
+    report = verify(database_url, signer)
+    assert [f.subject for f in report.failures] == [f"entry {forged_id}"]
+    assert "quarantined by the integrator" in report.failures[0].reason
+    sql(database_url, "DELETE FROM audit_quarantine")
+    assert verify(database_url, signer).ok

@@ -26,14 +26,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, insert, select, text, tuple_, update
+from sqlalchemy import ColumnElement, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from security import merkle
 from security.signed_note import Checkpoint, NoteSigner
+from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
+from service.audit.recorder import PendingEntry, insert_entries
+from service.request_context import SOURCE
 from service.store.database import Database
-from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode
+from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode, AuditQuarantine, AuditRef
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -155,6 +158,8 @@ async def _seal(
     async with database.transaction() as session:
         if not await _take_lock(session, wait=wait):
             return None, False
+        size = await tree_size(session)
+        await _quarantine_past_tree(session, size)
         pending = (
             await session.execute(
                 select(AuditEntry.id, AuditEntry.content)
@@ -165,7 +170,6 @@ async def _seal(
         ).all()
         if not pending:
             return None, False
-        size = await tree_size(session)
         frontier = await session.run_sync(lambda s: merkle.CompactRange.from_reader(size, SyncNodeReader(s)))
         leaves: list[dict[str, object]] = []
         nodes: list[dict[str, object]] = []
@@ -188,6 +192,83 @@ async def _seal(
             )
         )
     return checkpoint, len(pending) == limit
+
+
+def _node_past(size: int) -> ColumnElement[bool]:
+    """A stored node covering a leaf at or past ``size``: node (l, i) covers leaves i*2^l..(i+1)*2^l-1."""
+    return ((AuditNode.node_index + 1).op("<<")(AuditNode.level) > size) | (AuditNode.node_index < 0)
+
+
+async def _quarantine_past_tree(session: AsyncSession, size: int) -> None:
+    """Move aside what claims a place at or past the signed tree size; no sealed row can.
+
+    The integrator writes leaf indexes, nodes and their checkpoint in one transaction,
+    so an entry with ``leaf_index >= size`` or a node reaching past ``size`` was put
+    there by someone else. Left in place it would collide with the next genuine leaf
+    (a unique violation on every run: sealing blocked for good). It is not sealed
+    either, which would launder it into the log: the entry goes to
+    ``audit_quarantine`` with its bytes, the node is dropped (it is derived data),
+    and a security-alert entry saying so is appended in this same run, so the
+    incident is itself on the signed record. `mhr audit verify` reports every
+    quarantined row until an operator has investigated and removed it.
+    """
+    intruders = (
+        await session.execute(
+            select(AuditEntry.id, AuditEntry.leaf_index, AuditEntry.leaf_hash, AuditEntry.content)
+            .where((AuditEntry.leaf_index >= size) | (AuditEntry.leaf_index < 0))
+            .order_by(AuditEntry.leaf_index)
+        )
+    ).all()
+    stray_nodes = (await session.execute(select(func.count()).where(_node_past(size)))).scalar_one()
+    if not intruders and not stray_nodes:
+        return
+    now = datetime.now(UTC)
+    ids = [int(row[0]) for row in intruders]
+    if ids:
+        await session.execute(
+            insert(AuditQuarantine),
+            [
+                {
+                    "entry_id": entry_id,
+                    "leaf_index": leaf_index,
+                    "leaf_hash": None if leaf_hash is None else bytes(leaf_hash),
+                    "content": bytes(content),
+                    "tree_size": size,
+                    "found_at": now,
+                }
+                for entry_id, leaf_index, leaf_hash, content in intruders
+            ],
+        )
+        await session.execute(delete(AuditRef).where(AuditRef.entry_id.in_(ids)))
+        await session.execute(delete(AuditEntry).where(AuditEntry.id.in_(ids)))
+    if stray_nodes:
+        await session.execute(delete(AuditNode).where(_node_past(size)))
+    log.critical(
+        "audit log integrity: rows past the signed tree size were quarantined",
+        extra={"tree_size": size, "entries": len(ids), "nodes": int(stray_nodes)},
+    )
+    detail = (
+        f"{len(ids)} entries and {int(stray_nodes)} tree nodes claimed places "
+        f"past the signed tree size {size}"
+    )
+    await insert_entries(
+        session,
+        [
+            PendingEntry(
+                AuditRecord(
+                    event_type=EventType.admin,
+                    subtype="integrity-quarantine",
+                    action=Action.execute,
+                    outcome=Outcome.serious_failure,
+                    agent=AuditAgent(None, None, "integrator"),
+                    entities=tuple(AuditEntity("AuditEvent", str(entry_id)) for entry_id in ids[:100]),
+                    detail=detail,
+                ),
+                f"integrator-{now.strftime('%Y%m%dT%H%M%S%f')}",
+                SOURCE,
+            )
+        ],
+    )
 
 
 async def seal_all(database: Database, signer: NoteSigner, origin: str, *, wait: bool = True) -> int:

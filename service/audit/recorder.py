@@ -10,9 +10,10 @@ entry for an action that took effect.
 
 What is stored is the entry's canonical content (sorted-key compact JSON,
 UTF-8): exactly the bytes that the Merkle leaf hashes once the integrator
-seals it (`service.audit.log`). A few fields are copied to columns and to
-`audit_refs` so that auditors can search without parsing every entry; the
-verifier trusts only the content bytes.
+seals it (`service.audit.log`). A few fields are derived from that content
+into columns and `audit_refs` (`derived_columns`, `derived_refs`) so that
+auditors can search without parsing every entry; the verifier recomputes them
+from the content bytes and names the first entry whose columns disagree.
 """
 
 from __future__ import annotations
@@ -112,17 +113,36 @@ def canonical(content: dict[str, Any]) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
 
 
-def _refs(record: AuditRecord) -> set[tuple[str, str]]:
+def derived_refs(content: dict[str, Any]) -> set[tuple[str, str]]:
+    """The search keys of an entry, from its canonical content (so that verify can recompute them)."""
     refs: set[tuple[str, str]] = set()
-    for patient in record.patient_ids:
-        refs.add((REF_PATIENT, patient))
-    for entity in record.entities:
-        refs.add((REF_ENTITY, f"{entity.resource_type}/{entity.resource_id}"))
-        if entity.resource_type == "Patient":
-            refs.add((REF_PATIENT, entity.resource_id))
-    for org in record.recipients:
-        refs.add((REF_RECIPIENT, org))
+    for patient in content.get("patients", ()):
+        refs.add((REF_PATIENT, str(patient)))
+    for entity in content.get("entities", ()):
+        refs.add((REF_ENTITY, f"{entity.get('type')}/{entity.get('id')}"))
+        if entity.get("type") == "Patient":
+            refs.add((REF_PATIENT, str(entity.get("id"))))
+    for org in content.get("recipients", ()):
+        refs.add((REF_RECIPIENT, str(org)))
     return {(kind, value) for kind, value in refs if len(value) <= _MAX_REF}
+
+
+def derived_columns(content: dict[str, Any]) -> dict[str, Any]:
+    """The search and accounting columns of an entry, from its canonical content.
+
+    The one definition used both to write them and to verify them: what auditors
+    and migrants are shown is selected by these columns, so they must never say
+    anything the Merkle-protected content does not.
+    """
+    agent = content.get("agent") or {}
+    return {
+        "recorded_at": datetime.fromisoformat(str(content["recorded"]).replace("Z", "+00:00")),
+        "event_type": content["type"],
+        "subtype": str(content["subtype"])[:64],
+        "action": content["action"],
+        "outcome": content["outcome"],
+        "client_id": agent.get("client"),
+    }
 
 
 async def record_audit(session: AsyncSession, record: AuditRecord, *, request_id: str, source: str) -> None:
@@ -148,27 +168,17 @@ async def insert_entries(session: AsyncSession, entries: Sequence[PendingEntry])
     if not entries:
         return
     recorded = datetime.now(UTC)
-    rows = [
-        {
-            "recorded_at": recorded,
-            "event_type": e.record.event_type.value,
-            "subtype": e.record.subtype[:64],
-            "action": e.record.action.value,
-            "outcome": e.record.outcome.value,
-            "client_id": e.record.agent.client_id,
-            "content": canonical(
-                entry_content(e.record, recorded=recorded, request_id=e.request_id, source=e.source)
-            ),
-        }
-        for e in entries
+    contents = [
+        entry_content(e.record, recorded=recorded, request_id=e.request_id, source=e.source) for e in entries
     ]
+    rows = [{**derived_columns(content), "content": canonical(content)} for content in contents]
     connection = await session.connection()  # Core, not the ORM's bulk-insert machinery
     result = await connection.execute(_INSERT_ENTRIES, rows)
     entry_ids = list(result.scalars())
     refs = [
         {"entry_id": entry_id, "kind": kind, "value": value}
-        for entry_id, e in zip(entry_ids, entries, strict=True)
-        for kind, value in sorted(_refs(e.record))
+        for entry_id, content in zip(entry_ids, contents, strict=True)
+        for kind, value in sorted(derived_refs(content))
     ]
     if refs:
         await connection.execute(_INSERT_REFS, refs)

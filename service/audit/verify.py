@@ -13,7 +13,18 @@ Checks, in log order:
 - the trusted checkpoint's root equals the recomputed root at its size, and
   the service's consistency proof from it to the latest checkpoint verifies;
 - every stored tree node equals the recomputed one (database only), since
-  proofs are served from those nodes.
+  proofs are served from those nodes;
+- every entry's search and accounting columns and its `audit_refs` (what
+  AuditEvent search and the migrant's disclosure report select by) are the
+  ones derived from its content, sealed or not (database only);
+- no entry or node claims a place at or past the signed tree size, and nothing
+  sits in the integrator's quarantine (database only).
+
+The log's public key is required: a checkpoint whose signature was not checked
+proves nothing. Truncation (entries removed from the end, or a wiped log)
+cannot be told from a young log except against a checkpoint retained outside
+the database (`mhr audit checkpoint --out FILE`); the report says so when
+none was given.
 
 A forged entry inserted *unsealed* (as if a request had written it) cannot be
 told from a real one by any log: the log proves that nothing sealed changed.
@@ -22,20 +33,25 @@ told from a real one by any log: the log proves that nothing sealed changed.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import and_, func, select
+import orjson
+from sqlalchemy import Row, and_, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from security import merkle
 from security.signed_note import Checkpoint, NoteError, NoteVerifier
 from service.audit import log as audit_log
+from service.audit.recorder import derived_columns, derived_refs
 from service.store.database import Database
-from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode
+from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode, AuditQuarantine, AuditRef
 
 BATCH = 1000
+_UNSEALED = 1 << 62  # failure position of unsealed and quarantined entries: after every leaf
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,18 @@ class Leaf:
     content: bytes
     stored_leaf_hash: bytes | None = None
     stored_node: bytes | None = None
+    # The search and accounting columns and audit_refs stored for it (database only).
+    columns: Mapping[str, Any] | None = None
+    refs: frozenset[tuple[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class Intruder:
+    """A row in the audit tables that no integrator run wrote (or one the integrator moved aside)."""
+
+    entry_id: int
+    leaf_index: int | None
+    quarantined: bool = False
 
 
 class LogSource(Protocol):
@@ -60,10 +88,15 @@ class LogSource(Protocol):
 
     async def unsealed(self) -> int | None: ...
 
+    def unsealed_entries(self) -> AsyncIterator[Leaf]: ...
+
+    async def intruders(self, tree_size: int) -> list[Intruder]: ...
+
 
 @dataclass(order=True)
 class Failure:
-    position: tuple[int, int]  # (leaf index, 0 entry | 1 checkpoint | 2 trusted | 3 node): log order
+    # (leaf index, 0 entry | 1 checkpoint | 2 trusted | 3 node): log order; unsealed entries last.
+    position: tuple[int, int]
     subject: str = field(compare=False)
     reason: str = field(compare=False)
 
@@ -79,6 +112,7 @@ class Report:
     tree_size: int = 0
     unsealed: int | None = None
     trusted_size: int | None = None
+    columns_checked: bool = False
 
     @property
     def ok(self) -> bool:
@@ -100,29 +134,67 @@ class Report:
             )
         return f"FAILED: {self.first} ({len(self.failures)} problems in all)"
 
+    def not_checked(self) -> list[str]:
+        """What this run could not check, said plainly (printed with the summary)."""
+        gaps = []
+        if self.trusted_size is None:
+            gaps.append(
+                "no retained checkpoint was given: entries removed from the end of the log, or the "
+                "whole log, cannot be detected (keep one with `mhr audit checkpoint --out FILE` "
+                "and pass it with --checkpoint FILE)"
+            )
+        if not self.columns_checked:
+            gaps.append(
+                "the search columns and audit_refs (what AuditEvent search and the disclosure "
+                "report select by) were not checked: that needs --database-url"
+            )
+        return gaps
 
-def _note_text(note: str) -> str:
-    split = note.rfind("\n\n")
-    if split < 0:
-        raise NoteError("note has no blank line before its signatures")
-    return note[: split + 1]
+
+def _open_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
+    return Checkpoint.parse(verifier.verify(note))
 
 
-def _open_checkpoint(note: str, verifier: NoteVerifier | None) -> Checkpoint:
-    text = verifier.verify(note) if verifier is not None else _note_text(note)
-    return Checkpoint.parse(text)
+def _derived_mismatch(leaf: Leaf) -> str | None:
+    """How the stored columns or refs of ``leaf`` disagree with its content, or None."""
+    if leaf.columns is None or leaf.refs is None:
+        return None
+    try:
+        content = orjson.loads(leaf.content)
+        columns = derived_columns(content)
+        refs = derived_refs(content)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return "content is not an audit entry (its columns cannot be derived from it)"
+    for name, value in columns.items():
+        stored = leaf.columns.get(name)
+        if name == "recorded_at" and stored is not None and stored.tzinfo is None:
+            stored = stored.replace(tzinfo=UTC)
+        if stored != value:
+            shown = value.isoformat() if isinstance(value, datetime) else value
+            was = stored.isoformat() if isinstance(stored, datetime) else stored
+            return f"column {name} is {was!r} but the content says {shown!r}"
+    if leaf.refs != refs:
+        missing = sorted(refs - leaf.refs)
+        extra = sorted(leaf.refs - refs)
+        said = []
+        if missing:
+            said.append("missing " + ", ".join(f"{k}={v}" for k, v in missing[:3]))
+        if extra:
+            said.append("not in the content " + ", ".join(f"{k}={v}" for k, v in extra[:3]))
+        return "audit_refs disagree with the content: " + "; ".join(said)
+    return None
 
 
 async def verify_log(
     source: LogSource,
     *,
-    verifier: NoteVerifier | None,
+    verifier: NoteVerifier,
     trusted_note: str | None = None,
     origin: str | None = None,
 ) -> Report:
-    if verifier is None and trusted_note is None:
-        raise ValueError("verification needs the log's public key or a trusted checkpoint")
-    report = Report()
+    """Verify the log against the log's public key (``verifier``) and, when given, a retained
+    checkpoint. Without the key no checkpoint signature can be checked: there is no such mode."""
+    report = Report(columns_checked=source.has_stored_hashes)
     fail = report.failures.append
 
     trusted: Checkpoint | None = None
@@ -133,7 +205,7 @@ async def verify_log(
             fail(Failure((-1, 2), "trusted checkpoint", f"does not verify ({exc})"))
             return report
         report.trusted_size = trusted.size
-    expected_origin = origin or (trusted.origin if trusted else None) or (verifier.name if verifier else None)
+    expected_origin = origin or (trusted.origin if trusted else None) or verifier.name
     if trusted is not None and trusted.origin != expected_origin:
         fail(Failure((-1, 2), "trusted checkpoint", f"origin {trusted.origin!r} is not {expected_origin!r}"))
 
@@ -187,6 +259,9 @@ async def verify_log(
                 fail(Failure((leaf.index, 0), subject, "no stored tree node for this leaf"))
             elif leaf.stored_node != digest:
                 fail(Failure((leaf.index, 0), subject, "content does not match the tree's leaf node"))
+            mismatch = _derived_mismatch(leaf)
+            if mismatch is not None:
+                fail(Failure((leaf.index, 0), subject, mismatch))
         created = frontier.append(digest)
         if recomputed is not None:
             recomputed.add(created)
@@ -253,11 +328,86 @@ async def verify_log(
                         f"{first_leaf + (1 << level) - 1}: one of them was altered (proofs would be wrong)",
                     )
                 )
+    # Nodes reaching past the largest stored checkpoint were never written by the integrator.
+    async for level, index, _digest in source.nodes():
+        if (index + 1) << level > end or index < 0:
+            fail(
+                Failure(
+                    (max(index << level, 0), 3),
+                    f"tree node {level}/{index}",
+                    f"lies past the signed tree size {end}: no integrator run wrote it",
+                )
+            )
+    for intruder in await source.intruders(end):
+        subject = f"entry {intruder.entry_id}"
+        if intruder.quarantined:
+            fail(
+                Failure(
+                    (_UNSEALED, intruder.entry_id),
+                    subject,
+                    f"quarantined by the integrator: it claimed leaf {intruder.leaf_index} past the "
+                    "signed tree size (see audit_quarantine and the integrity-quarantine entry)",
+                )
+            )
+        else:
+            fail(
+                Failure(
+                    (max(intruder.leaf_index or 0, 0), 0),
+                    f"{subject} (leaf {intruder.leaf_index})",
+                    f"its leaf index is outside the signed tree of size {end}: no integrator run "
+                    "sealed it (forged; the integrator will quarantine it)",
+                )
+            )
+    # Unsealed entries are not yet protected by the tree, but what search shows of them must
+    # still be what their content says.
+    async for leaf in source.unsealed_entries():
+        mismatch = _derived_mismatch(leaf)
+        if mismatch is not None:
+            fail(Failure((_UNSEALED, leaf.entry_id), f"entry {leaf.entry_id} (unsealed)", mismatch))
     report.unsealed = await source.unsealed()
     return report
 
 
 # --- sources -----------------------------------------------------------------
+
+_ENTRY_COLUMNS = (
+    AuditEntry.leaf_index,
+    AuditEntry.id,
+    AuditEntry.content,
+    AuditEntry.leaf_hash,
+    AuditEntry.recorded_at,
+    AuditEntry.event_type,
+    AuditEntry.subtype,
+    AuditEntry.action,
+    AuditEntry.outcome,
+    AuditEntry.client_id,
+)
+_DERIVED = ("recorded_at", "event_type", "subtype", "action", "outcome", "client_id")
+
+
+async def _refs_of(session: AsyncSession, entry_ids: Sequence[int]) -> dict[int, set[tuple[str, str]]]:
+    refs: dict[int, set[tuple[str, str]]] = {entry_id: set() for entry_id in entry_ids}
+    if entry_ids:
+        rows = await session.execute(
+            select(AuditRef.entry_id, AuditRef.kind, AuditRef.value).where(AuditRef.entry_id.in_(entry_ids))
+        )
+        for entry_id, kind, value in rows:
+            refs[int(entry_id)].add((kind, value))
+    return refs
+
+
+def _leaf(
+    row: Row[Any, *tuple[Any, ...]], refs: Mapping[int, set[tuple[str, str]]], node: bytes | None = None
+) -> Leaf:
+    return Leaf(
+        -1 if row.leaf_index is None else int(row.leaf_index),
+        int(row.id),
+        bytes(row.content),
+        None if row.leaf_hash is None else bytes(row.leaf_hash),
+        None if node is None else bytes(node),
+        columns={name: getattr(row, name) for name in _DERIVED},
+        refs=frozenset(refs.get(int(row.id), ())),
+    )
 
 
 class DatabaseSource:
@@ -281,13 +431,7 @@ class DatabaseSource:
             async with self.database.sessions() as session:
                 rows = (
                     await session.execute(
-                        select(
-                            AuditEntry.leaf_index,
-                            AuditEntry.id,
-                            AuditEntry.content,
-                            AuditEntry.leaf_hash,
-                            AuditNode.hash,
-                        )
+                        select(*_ENTRY_COLUMNS, AuditNode.hash)
                         .outerjoin(
                             AuditNode,
                             and_(AuditNode.level == 0, AuditNode.node_index == AuditEntry.leaf_index),
@@ -297,17 +441,48 @@ class DatabaseSource:
                         .limit(BATCH)
                     )
                 ).all()
-            for index, entry_id, content, leaf_hash, node in rows:
-                yield Leaf(
-                    int(index or 0),
-                    int(entry_id),
-                    bytes(content),
-                    None if leaf_hash is None else bytes(leaf_hash),
-                    None if node is None else bytes(node),
-                )
+                refs = await _refs_of(session, [int(row.id) for row in rows])
+            for row in rows:
+                yield _leaf(row, refs, node=row.hash)
             if len(rows) < BATCH:
                 return
-            cursor = int(rows[-1][0] or 0) + 1
+            cursor = int(rows[-1].leaf_index or 0) + 1
+
+    async def unsealed_entries(self) -> AsyncIterator[Leaf]:
+        after = 0
+        while True:
+            async with self.database.sessions() as session:
+                rows = (
+                    await session.execute(
+                        select(*_ENTRY_COLUMNS)
+                        .where(AuditEntry.leaf_index.is_(None), AuditEntry.id > after)
+                        .order_by(AuditEntry.id)
+                        .limit(BATCH)
+                    )
+                ).all()
+                refs = await _refs_of(session, [int(row.id) for row in rows])
+            for row in rows:
+                yield _leaf(row, refs)
+            if len(rows) < BATCH:
+                return
+            after = int(rows[-1].id)
+
+    async def intruders(self, tree_size: int) -> list[Intruder]:
+        async with self.database.sessions() as session:
+            past = await session.execute(
+                select(AuditEntry.id, AuditEntry.leaf_index)
+                .where((AuditEntry.leaf_index >= tree_size) | (AuditEntry.leaf_index < 0))
+                .order_by(AuditEntry.leaf_index)
+                .limit(BATCH)
+            )
+            found = [Intruder(int(i), None if li is None else int(li)) for i, li in past]
+            quarantined = await session.execute(
+                select(AuditQuarantine.entry_id, AuditQuarantine.leaf_index)
+                .order_by(AuditQuarantine.entry_id)
+                .limit(BATCH)
+            )
+            found += [Intruder(int(i), None if li is None else int(li), True) for i, li in quarantined]
+            return found
 
     async def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
         async with self.database.sessions() as session:
@@ -385,9 +560,16 @@ class HttpSource:
     async def unsealed(self) -> int | None:
         return None
 
+    async def unsealed_entries(self) -> AsyncIterator[Leaf]:
+        return
+        yield  # pragma: no cover - an empty async generator
+
+    async def intruders(self, tree_size: int) -> list[Intruder]:
+        return []  # the API serves only sealed leaves below the tree size
+
 
 async def verify_database(
-    database_url: str, *, verifier: NoteVerifier | None, trusted_note: str | None, origin: str | None = None
+    database_url: str, *, verifier: NoteVerifier, trusted_note: str | None, origin: str | None = None
 ) -> Report:
     database = Database(database_url)
     try:
@@ -402,7 +584,7 @@ async def verify_service(
     base_url: str,
     token: str,
     *,
-    verifier: NoteVerifier | None,
+    verifier: NoteVerifier,
     trusted_note: str | None,
     origin: str | None = None,
     transport: httpx.AsyncBaseTransport | None = None,

@@ -291,3 +291,20 @@ class KeyCheck(Base):
     key_id: Mapped[str] = mapped_column(String(300), primary_key=True)
     check_value: Mapped[str] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class AuditQuarantine(Base):
+    """An audit row the integrator moved aside: it claimed a leaf at or past the signed tree
+    size, which no sealed entry can have (leaves and their checkpoint commit together).
+
+    Kept, bytes and all, for the investigation; `mhr audit verify` reports every row here.
+    """
+
+    __tablename__ = "audit_quarantine"
+
+    entry_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    leaf_index: Mapped[int | None] = mapped_column(BigInteger)
+    leaf_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    tree_size: Mapped[int] = mapped_column(BigInteger)  # the signed size when it was found
+    found_at: Mapped[datetime] = mapped_column(UtcDateTime())
