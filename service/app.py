@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,15 +14,19 @@ from starlette.types import ASGIApp
 
 from service.api import audit, metadata, operations, organizations, records, smart
 from service.api.docs import install_docs
+from service.api.refusal_audit import RefusalAuditMiddleware
 from service.api.search_docs import document_searches
 from service.asgi import RequestMiddleware
+from service.audit.events import AuditRecord
 from service.audit.log import start_integrator, stop_integrator
+from service.audit.tally import run_flusher, stop_flusher
 from service.capability import load_capability_statement
 from service.errors import install_error_handlers
 from service.keyring_match import KeyringMismatch, check_and_record
 from service.logging_setup import configure_logging
-from service.ratelimit import RateLimiter
+from service.ratelimit import RateLimiter, TokenEndpointLimits
 from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
+from service.request_context import SOURCE
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
 
@@ -41,12 +47,14 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 await close_runtime(app.state.runtime)
             raise KeyringMismatch(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
         integrator = start_integrator(app.state.runtime)
+        flusher = start_refusal_flusher(app.state.runtime)
         # What start-up built (the IG, the validator's models, the routes) lives as long as the
         # process: out of the collector's sight, it is not re-scanned by every full collection.
         gc.freeze()
         try:
             yield
         finally:
+            await stop_flusher(flusher)  # writes what is counted so far, through the audit writer
             await app.state.runtime.audit_writer.drain()
             await stop_integrator(integrator)
             if owned:
@@ -69,6 +77,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     if runtime is not None:
         app.state.runtime = runtime
     app.state.rate_limiter = RateLimiter.from_settings(settings)
+    app.state.token_limits = TokenEndpointLimits.from_settings(settings)
     install_error_handlers(app)
     # The generic /fhir/{type} routes come last so that specific ones win.
     for module in (smart, metadata, organizations, operations, audit, records):
@@ -187,7 +196,7 @@ def _document_api(app: FastAPI, settings: Settings) -> None:
                     responses.setdefault(status, {"description": text, "content": _OUTCOME})
         token = paths["/auth/token"]["post"]
         token["requestBody"]["content"] = _TOKEN_FORM
-        for status in ("400", "401"):  # OAuth errors (RFC 6749 section 5.2) are plain JSON
+        for status in ("400", "401", "429"):  # OAuth errors (RFC 6749 section 5.2) are plain JSON
             token["responses"][status] = {"description": "OAuth error", "content": _OAUTH_ERROR}
         for signed_note in ("/audit/checkpoint", "/audit/key"):  # C2SP signed note / vkey: text
             paths[signed_note]["get"]["responses"]["200"]["content"] = {
@@ -206,11 +215,22 @@ def _document_api(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def start_refusal_flusher(runtime: Runtime) -> asyncio.Task[None]:
+    async def write(records: list[AuditRecord]) -> None:
+        await runtime.audit_writer.write(records, request_id=f"tally-{uuid.uuid4().hex}", source=SOURCE)
+
+    return asyncio.create_task(run_flusher(runtime.refusal_tally, write), name="mhr-refusal-tally")
+
+
 def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
-    return RequestMiddleware(
+    # The refusal chokepoint wraps the request layer, so that it sees that layer's refusals too.
+    return RefusalAuditMiddleware(
+        RequestMiddleware(
+            app,
+            max_body_bytes=settings.max_request_bytes,
+            body_timeout_seconds=settings.request_body_timeout_seconds,
+        ),
         app,
-        max_body_bytes=settings.max_request_bytes,
-        body_timeout_seconds=settings.request_body_timeout_seconds,
     )
 
 

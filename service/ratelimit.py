@@ -88,6 +88,13 @@ class RateLimiter:
 
     def charge(self, key: str, cost: float) -> int | None:
         """Take ``cost`` from ``key``'s bucket: None if allowed, else seconds to wait (>= 1)."""
+        return self._take(key, cost, take=True)
+
+    def wait(self, key: str, cost: float) -> int | None:
+        """Like ``charge`` but takes nothing: would ``cost`` pass now?"""
+        return self._take(key, cost, take=False)
+
+    def _take(self, key: str, cost: float, *, take: bool) -> int | None:
         now = self._clock()
         cost = min(cost, self.burst)  # a request dearer than the burst could never pass otherwise
         bucket = self._buckets.get(key)
@@ -101,6 +108,38 @@ class RateLimiter:
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
             bucket.updated = now
         if bucket.tokens >= cost:
-            bucket.tokens -= cost
+            if take:
+                bucket.tokens -= cost
             return None
         return max(1, math.ceil((cost - bucket.tokens) / self.rate))
+
+
+@dataclass(frozen=True)
+class TokenEndpointLimits:
+    """The token endpoint's limits: every request per source address; issued tokens per client.
+
+    The per-client bucket is charged only for tokens issued (checked before the assertion is
+    verified, by its unverified ``iss``): assertions that fail never drain a client's bucket,
+    so nobody can lock a client out by sending bad assertions in its name.
+    """
+
+    per_address: RateLimiter
+    per_client: RateLimiter
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenEndpointLimits | None:
+        if not settings.rate_limit_enabled:
+            return None
+        unit = Costs(read=1.0, search=1.0, write=1.0)
+        return cls(
+            per_address=RateLimiter(
+                rate=settings.token_rate_per_address_per_second,
+                burst=settings.token_rate_per_address_burst,
+                costs=unit,
+            ),
+            per_client=RateLimiter(
+                rate=settings.token_rate_per_client_per_second,
+                burst=settings.token_rate_per_client_burst,
+                costs=unit,
+            ),
+        )

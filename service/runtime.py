@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -11,6 +11,7 @@ from security.access_tokens import AccessTokenCodec
 from security.blind_index import BlindIndexer
 from security.keys import KeyProvider, KeyringError, LocalKeyring
 from security.signed_note import NoteSigner
+from service.audit.tally import RefusalTally
 from service.audit.writer import AuditWriter
 from service.capability import load_capability_statement
 from service.fhir_validation import ProfileValidator
@@ -45,6 +46,8 @@ class Runtime:
     log_signer: NoteSigner
     # Entries of requests without a transaction of their own (reads, refusals), group-committed.
     audit_writer: AuditWriter
+    # Refusals of unidentified or throttled callers, counted per key and minute (bounded growth).
+    refusal_tally: RefusalTally = field(default_factory=RefusalTally)
 
 
 async def close_runtime(runtime: Runtime) -> None:

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     rate_limit_read_cost: float = Field(default=1.0, ge=0)
     rate_limit_search_cost: float = Field(default=2.0, ge=0)
     rate_limit_write_cost: float = Field(default=10.0, ge=0)
+    # The token endpoint (when rate limits are enabled): every request per source address, and
+    # tokens issued per client (a refused assertion never drains a client's bucket).
+    token_rate_per_address_per_second: float = Field(default=10.0, gt=0)
+    token_rate_per_address_burst: float = Field(default=100.0, gt=0)
+    token_rate_per_client_per_second: float = Field(default=2.0, gt=0)
+    token_rate_per_client_burst: float = Field(default=100.0, gt=0)
     jwks_fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
     jwks_cache_seconds: int = Field(default=300, ge=0)
     client_status_cache_seconds: float = Field(default=10.0, ge=0, le=60)

@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.access_tokens import AccessClaims, TokenInvalid
 from security.scopes import Scope, ScopeError, parse_scopes, scopes_allow
+from service.audit import request_audit
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.errors import FhirError
 from service.ratelimit import RateLimiter
-from service.request_context import SOURCE, current_request_id
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,14 @@ async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
             async with session.begin():
                 yield session
         except FhirError as exc:
+            request_audit.transaction_ended(committed=False)
             if exc.audit is not None:
-                await _record_refusal(runtime, exc.audit)
+                request_audit.hand_over(exc.audit)
             raise
+        except BaseException:
+            request_audit.transaction_ended(committed=False)
+            raise
+        request_audit.transaction_ended(committed=True)
 
 
 async def _read_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
@@ -51,13 +56,8 @@ async def _read_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
             yield session
         except FhirError as exc:
             if exc.audit is not None:
-                await _record_refusal(runtime, exc.audit)
+                request_audit.hand_over(exc.audit)
             raise
-
-
-async def _record_refusal(runtime: Runtime, record: AuditRecord) -> None:
-    """A refused request's audit entry, outside its transaction (that one is rolled back)."""
-    await runtime.audit_writer.write([record], request_id=current_request_id(), source=SOURCE)
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
@@ -102,42 +102,47 @@ _DENIAL_BY_PERMISSION = {
 _DENIAL_BY_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
 
 
-async def _audit_denial(
-    request: Request, runtime: Runtime, exc: FhirError, claims: AccessClaims | None, permission: str | None
+def _audit_denial(
+    request: Request, exc: FhirError, claims: AccessClaims | None, permission: str | None
 ) -> None:
-    """A 401/403 on the audit record, through the audit writer (the request has no transaction
-    open yet). Nothing took effect, so the refusal stands even if this write fails."""
+    """A 401/403/429 for the refusal chokepoint (`service.api.refusal_audit`) to put on the record:
+    a full entry for an identified caller, a count for an unidentified or throttled one."""
+    request_audit.refusal_reason(exc.issues[0].diagnostics[:120], throttled=exc.status == 429)
+    if claims is None or exc.status == 429:
+        return
     subtype, action = _DENIAL_BY_PERMISSION[permission or _DENIAL_BY_METHOD.get(request.method, "r")]
     route = getattr(request.scope.get("route"), "path", None)
-    agent = (
-        AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person)
-        if claims
-        else AuditAgent(None, None, None)
+    request_audit.hand_over(
+        AuditRecord(
+            event_type=EventType.rest,
+            subtype=subtype,
+            action=action,
+            outcome=Outcome.minor_failure,
+            agent=AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person),
+            purpose=claims.purpose,
+            detail=f"{exc.status}: {exc.issues[0].diagnostics}"[:200],  # fixed texts, no request data
+            route=route if isinstance(route, str) else None,
+        )
     )
-    record = AuditRecord(
-        event_type=EventType.rest,
-        subtype=subtype,
-        action=action,
-        outcome=Outcome.minor_failure,
-        agent=agent,
-        purpose=claims.purpose if claims else None,
-        detail=f"{exc.status}: {exc.issues[0].diagnostics}"[:200],  # fixed texts, no request data
-        route=route if isinstance(route, str) else None,
-    )
-    try:
-        await runtime.audit_writer.write([record], request_id=current_request_id(), source=SOURCE)
-    except Exception as exc:
-        log.error("audit entry for a refusal could not be written", extra={"error_type": type(exc).__name__})
 
 
 async def authenticate(request: Request, runtime: RuntimeDep) -> Principal:
+    request_audit.authentication_attempted()
     try:
         principal = await _authenticate(request, runtime)
+        request_audit.identified(agent_of_claims(principal.claims), principal.claims.purpose)
         _rate_limit(request, principal)
     except FhirError as exc:
-        await _audit_denial(request, runtime, exc, getattr(exc, "claims", None), None)
+        claims = getattr(exc, "claims", None)
+        if claims is not None:  # a disabled client: identified by its token, refused
+            request_audit.identified(agent_of_claims(claims), claims.purpose)
+        _audit_denial(request, exc, claims, None)
         raise
     return principal
+
+
+def agent_of_claims(claims: AccessClaims) -> AuditAgent:
+    return AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person)
 
 
 def _rate_limit(request: Request, principal: Principal) -> None:
@@ -193,14 +198,14 @@ def requires(
 ) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting only the given roles holding a scope for the interaction."""
 
-    async def check(principal: PrincipalDep, request: Request, runtime: RuntimeDep) -> Principal:
+    async def check(principal: PrincipalDep, request: Request) -> Principal:
         error = None
         if principal.role not in roles:
             error = _forbidden("this client's role may not use this interaction")
         elif not principal.may(resource_type, permission):
             error = _forbidden(f"the token lacks a scope for {resource_type} ({permission})")
         if error is not None:
-            await _audit_denial(request, runtime, error, principal.claims, permission[:1])
+            _audit_denial(request, error, principal.claims, permission[:1])
             raise error
         return principal
 

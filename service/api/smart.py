@@ -10,12 +10,16 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from security.client_assertion import AssertionInvalid, unverified_kid_and_issuer
 from service.api.deps import RuntimeDep, SessionDep
+from service.api.refusal_audit import source_address
+from service.audit import request_audit
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.identity.repository import IdentityRepository
 from service.identity.tokens import OAuthError, issue_token
 from service.metrics import TOKENS
+from service.ratelimit import TokenEndpointLimits
 from service.request_context import SOURCE, current_request_id
 
 log = logging.getLogger(__name__)
@@ -69,13 +73,47 @@ def _parse_form(body: bytes) -> dict[str, str]:
     return form
 
 
+def _claimed_client(form: dict[str, str]) -> str | None:
+    """The client an assertion claims to come from (unverified: for the issuance limit only)."""
+    try:
+        _kid, issuer = unverified_kid_and_issuer(form.get("client_assertion", ""))
+    except AssertionInvalid:
+        return None
+    return issuer[:64] if issuer else None
+
+
+def _throttled(retry_after: int) -> Response:
+    # RFC 6749 defines no error for rate limiting; temporarily_unavailable is the closest.
+    return _json(
+        429,
+        {"error": "temporarily_unavailable", "error_description": "too many token requests; retry later"},
+        {"Retry-After": str(retry_after)},
+    )
+
+
 @router.post("/auth/token", tags=["smart"])
 async def token(request: Request, runtime: RuntimeDep, session: SessionDep) -> Response:
+    limits: TokenEndpointLimits | None = getattr(request.app.state, "token_limits", None)
+    address = source_address(request.scope)
+    if limits is not None and address is not None:
+        retry_after = limits.per_address.charge(address, 1.0)
+        if retry_after is not None:
+            TOKENS.labels("throttled").inc()
+            request_audit.refusal_reason("token requests from this address throttled", throttled=True)
+            return _throttled(retry_after)
+    claimed: str | None = None
     try:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/x-www-form-urlencoded":
             raise OAuthError("invalid_request", "use application/x-www-form-urlencoded")
         form = _parse_form(await request.body())
+        claimed = _claimed_client(form)
+        if limits is not None and claimed is not None:
+            retry_after = limits.per_client.wait(claimed, 1.0)
+            if retry_after is not None:
+                TOKENS.labels("throttled").inc()
+                request_audit.refusal_reason("tokens for this client throttled", throttled=True)
+                return _throttled(retry_after)
         grant = await issue_token(
             form,
             repo=IdentityRepository(session),
@@ -86,13 +124,21 @@ async def token(request: Request, runtime: RuntimeDep, session: SessionDep) -> R
     except OAuthError as exc:
         TOKENS.labels(exc.error).inc()
         log.info("token refused", extra={"oauth_error": exc.error, "reason": exc.reason})
-        # The refusal is audited in the request's transaction: this path returns normally, so it
-        # commits (with the jti the assertion may already have used up); a database failure
-        # here is a 500, never a token. The jti insert ran in a savepoint, so the session is sound.
-        await _audit_token(session, Outcome.minor_failure, detail=f"{exc.error}: {exc.reason}"[:200])
+        reason = f"{exc.error}: {exc.reason}"[:200]
+        if exc.client_id is not None:
+            # Refused after the assertion verified: an identified client, a full entry, in the
+            # request's transaction (which commits, with the jti the assertion used up).
+            await _audit_token(
+                session, Outcome.minor_failure, agent=AuditAgent(exc.client_id, None, None), detail=reason
+            )
+        else:
+            # Nobody identified: counted per address and minute by the refusal chokepoint.
+            request_audit.refusal_reason(reason[:120])
         headers = {"WWW-Authenticate": 'Bearer realm="mhr"'} if exc.status == 401 else None
         return _json(exc.status, {"error": exc.error, "error_description": exc.description}, headers)
     claims = grant.claims
+    if limits is not None:
+        limits.per_client.charge(claims.client_id, 1.0)
     agent = AuditAgent(claims.client_id, claims.organization_id, claims.role, claims.person)
     # Committed with the jti before the response leaves: no token without its entry.
     await _audit_token(session, Outcome.success, agent=agent, purpose=claims.purpose)

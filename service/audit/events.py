@@ -35,6 +35,17 @@ class AuditAgent:
     organization_id: str | None
     role: str | None
     person: str | None = None
+    # The network address of an unidentified caller (IPv6 cut to its /64): aggregated refusals only.
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Many like refusals in one entry: how many, first and last (UTC ISO instants)."""
+
+    count: int
+    first: str
+    last: str
 
 
 @dataclass(frozen=True)
@@ -64,3 +75,4 @@ class AuditRecord:
     detail: str | None = None  # a fixed reason code such as "not-found" or "invalid_client"
     recipients: tuple[str, ...] = field(default=())  # organization ids that received data
     route: str | None = None  # the route template, e.g. "/fhir/AuditEvent/{entry_id}": no values
+    aggregate: Aggregate | None = None  # set when the entry stands for many refusals

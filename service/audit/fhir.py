@@ -29,6 +29,7 @@ PERSON_SID = f"{MHR}/sid/person"
 INSTANCE_SID = f"{MHR}/sid/service-instance"
 DETAIL_SYSTEM = f"{MHR}/CodeSystem/audit-detail"
 LEAF_INDEX_EXT = f"{MHR}/StructureDefinition/audit-leaf-index"
+AGGREGATE_EXT = f"{MHR}/StructureDefinition/audit-aggregate"
 RESTFUL_CODES = frozenset(
     {
         "read",
@@ -106,8 +107,23 @@ def audit_event(entry_id: int, content: bytes, leaf_index: int | None) -> dict[s
         "recorded": data["recorded"],
         "outcome": data["outcome"],
     }
+    extensions: list[dict[str, Any]] = []
     if leaf_index is not None:
-        event["extension"] = [{"url": LEAF_INDEX_EXT, "valueInteger": leaf_index}]
+        extensions.append({"url": LEAF_INDEX_EXT, "valueInteger": leaf_index})
+    aggregate = data.get("aggregate")
+    if aggregate:
+        # One entry for many like refusals: how many, and the period they fell in.
+        extensions.append(
+            {
+                "url": AGGREGATE_EXT,
+                "extension": [
+                    {"url": "count", "valueInteger": aggregate["count"]},
+                    {"url": "period", "valuePeriod": {"start": aggregate["first"], "end": aggregate["last"]}},
+                ],
+            }
+        )
+    if extensions:
+        event["extension"] = extensions
     if "detail" in data:
         event["outcomeDesc"] = data["detail"]
     purpose = data.get("purpose")
@@ -125,6 +141,8 @@ def audit_event(entry_id: int, content: bytes, leaf_index: int | None) -> dict[s
         client["role"] = [{"coding": [_coding(ROLE_SYSTEM, agent["role"])]}]
     if purpose:
         client["purposeOfUse"] = _purpose(purpose)
+    if "address" in agent:
+        client["network"] = {"address": agent["address"], "type": "2"}  # 2 = IP address
     agents.append(client)
     if "organization" in agent:
         agents.append(

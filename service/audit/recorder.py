@@ -28,6 +28,7 @@ import orjson
 from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.audit import request_audit
 from service.audit.events import AuditRecord
 from service.store.tables import AuditEntry, AuditRef
 
@@ -57,6 +58,7 @@ def entry_content(record: AuditRecord, *, recorded: datetime, request_id: str, s
             ("organization", record.agent.organization_id),
             ("role", record.agent.role),
             ("person", record.agent.person),
+            ("address", record.agent.address),
         )
         if value is not None
     }
@@ -96,6 +98,12 @@ def entry_content(record: AuditRecord, *, recorded: datetime, request_id: str, s
     for key, value in optional:
         if value is not None:
             content[key] = value
+    if record.aggregate is not None:
+        content["aggregate"] = {
+            "count": record.aggregate.count,
+            "first": record.aggregate.first,
+            "last": record.aggregate.last,
+        }
     if record.decision_rule is not None or record.consent_id is not None:
         decision: dict[str, Any] = {}
         if record.decision_rule is not None:
@@ -152,6 +160,7 @@ async def record_audit(session: AsyncSession, record: AuditRecord, *, request_id
     surfaces here, before the caller has produced any response.
     """
     await insert_entries(session, [PendingEntry(record, request_id, source)])
+    request_audit.entry_in_transaction()
 
 
 @dataclass(frozen=True)

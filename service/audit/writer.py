@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from service.audit import request_audit
 from service.audit.events import AuditRecord
 from service.audit.recorder import PendingEntry, insert_entries
 from service.store.database import Database
@@ -62,6 +63,7 @@ class AuditWriter:
         # A request cancelled while waiting (client gone) leaves its entry to be written:
         # an entry for an answer never sent says more than was disclosed, never less.
         await asyncio.shield(waiting.done)
+        request_audit.entry_committed()
 
     async def _flush_all(self) -> None:
         while self._queue:

@@ -27,12 +27,23 @@ JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 class OAuthError(Exception):
     """An RFC 6749 error; ``description`` is deliberately vague for authentication failures."""
 
-    def __init__(self, error: str, description: str, status: int = 400, *, reason: str = "") -> None:
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        status: int = 400,
+        *,
+        reason: str = "",
+        client_id: str | None = None,
+    ) -> None:
         super().__init__(error)
         self.error = error
         self.description = description
         self.status = status
         self.reason = reason or description  # for the audit entry and logs, never the caller
+        # The client, when the refusal came after its assertion's signature verified (else None:
+        # an unverified iss names nobody).
+        self.client_id = client_id
 
 
 def _invalid_client(reason: str) -> OAuthError:
@@ -134,16 +145,18 @@ async def issue_token(
     try:
         requested = parse_scopes(requested_scope)
     except ScopeError as exc:
-        raise OAuthError("invalid_scope", "malformed scope") from exc
+        raise OAuthError("invalid_scope", "malformed scope", client_id=client.id) from exc
     allowed = intersect(parse_scopes(client.scopes), role_ceiling(client.role))
     granted = intersect(requested, allowed)
     if not granted:
-        raise OAuthError("invalid_scope", "none of the requested scopes may be granted")
+        raise OAuthError("invalid_scope", "none of the requested scopes may be granted", client_id=client.id)
 
     registered_purposes = client.purposes.split()
     purpose = form.get("purpose_of_use") or None
     if purpose is not None and purpose not in registered_purposes:
-        raise OAuthError("invalid_scope", "purpose_of_use is not registered for this client")
+        raise OAuthError(
+            "invalid_scope", "purpose_of_use is not registered for this client", client_id=client.id
+        )
     if purpose is None and len(registered_purposes) == 1:
         purpose = registered_purposes[0]
 
