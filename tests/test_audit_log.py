@@ -580,3 +580,14 @@ def test_entry_forged_past_the_tree_is_reported_and_does_not_block_sealing(
     assert "quarantined by the integrator" in report.failures[0].reason
     sql(database_url, "DELETE FROM audit_quarantine")
     assert verify(database_url, signer).ok
+
+
+def test_columns_edited_to_say_more_do_not_add_to_the_disclosure_report(
+    database_url: str, signer: NoteSigner
+) -> None:
+    add_entries(database_url, 3)  # reads about pat-1: no disclosures
+    add_disclosures(database_url, 1)
+    sql(database_url, "UPDATE audit_entries SET event_type = 'disclosure'")
+    assert disclosures_of(database_url, "pat-1") == 1  # the report reads the content, not the column
+    assert seal(database_url, signer) is not None
+    assert verify(database_url, signer).first is not None

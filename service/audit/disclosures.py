@@ -6,6 +6,7 @@ protects), for a clinic to hand to the migrant on request.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,8 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.events import EventType, Outcome
-from service.audit.recorder import REF_PATIENT
+from service.audit.recorder import REF_PATIENT, derived_refs
 from service.store.tables import AuditEntry, AuditRef
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,21 @@ def _disclosure(entry_id: int, content: bytes) -> Disclosure:
     )
 
 
+def _says_disclosure_about(content: bytes, patient_id: str) -> bool:
+    """Whether the Merkle-protected content itself says: a successful disclosure about this migrant.
+
+    The rows are selected by columns and refs (indexed); this keeps a row whose columns were
+    edited to say more than its content out of the report. Rows whose columns were edited to
+    say less are found by `mhr audit verify`, which recomputes every column from the content.
+    """
+    data: dict[str, Any] = orjson.loads(content)
+    return (
+        data.get("type") == EventType.disclosure.value
+        and data.get("outcome") == Outcome.success.value
+        and (REF_PATIENT, patient_id) in derived_refs(data)
+    )
+
+
 async def disclosures_for_patient(session: AsyncSession, patient_id: str) -> list[Disclosure]:
     """Every successful disclosure about ``patient_id`` (pseudonym), oldest first."""
     rows = await session.execute(
@@ -74,4 +92,10 @@ async def disclosures_for_patient(session: AsyncSession, patient_id: str) -> lis
         )
         .order_by(AuditEntry.recorded_at, AuditEntry.id)
     )
-    return [_disclosure(int(entry_id), bytes(content)) for entry_id, content in rows]
+    found = []
+    for entry_id, content in rows:
+        if _says_disclosure_about(bytes(content), patient_id):
+            found.append(_disclosure(int(entry_id), bytes(content)))
+        else:
+            log.error("audit entry columns disagree with its content", extra={"entry_id": int(entry_id)})
+    return found
