@@ -12,8 +12,9 @@ request did is on the record, it writes the entry before the status leaves:
 - an unidentified caller (no token, a bad one, a refused client assertion) and
   a throttled client are counted in `service.audit.tally`: one entry per
   address or client, route, status and minute, so that a flood cannot grow the
-  log by one row a request. So is an identified client past
-  ``FULL_ENTRIES_PER_SECOND`` refusals a second.
+  log by one row a request. So are an identified client's refusals past
+  ``FULL_ENTRIES_PER_SECOND`` a second, and 503s (the database is unreachable:
+  the count is written once it is back).
 
 Nothing is written for a success: those are audited where they happen.
 """
@@ -143,7 +144,9 @@ class RefusalAuditMiddleware:
         if state.agent is None and not state.authenticated:
             await self._identify(runtime, scope, state)
         agent = state.agent
-        throttled = state.throttled or status == 429
+        # 503: the database is unreachable, so a full entry could only wait for it and fail; the
+        # count is written once it is back.
+        throttled = state.throttled or status in (429, 503)
         if (
             agent is not None
             and agent.client_id
