@@ -69,7 +69,8 @@ def _route(scope: Scope) -> str:
 def _subtype(method: str, route: str) -> str:
     if route == "unmatched":
         return "unknown"
-    if route.endswith("/_search") or (method in ("GET", "HEAD") and route.count("/") == 2):
+    searches_type = route.startswith("/fhir/") and route.count("/") == 2 and method in ("GET", "HEAD")
+    if route.endswith("/_search") or searches_type:
         return "search-type"
     if "/_history/" in route:
         return "vread"
