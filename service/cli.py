@@ -403,7 +403,16 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     keys = open_keyring(settings)
     _check_keyring(settings, keys)
     signer = NoteSigner(settings.deployment_name, keys.log_signing_key())
-    size = _with_db(settings, lambda db: audit_log.seal_all(db, signer, settings.deployment_name))
+    from security.merkle import MissingNodeError
+
+    try:
+        size = _with_db(settings, lambda db: audit_log.seal_all(db, signer, settings.deployment_name))
+    except MissingNodeError:
+        return _fail(
+            "audit log integrity: the tree at the latest checkpoint cannot be rebuilt from its stored "
+            "nodes (a checkpoint or nodes were forged or removed); nothing sealed: run `mhr audit verify`",
+            1,
+        )
     print(f"audit log sealed: tree size {size}")
     return 0
 

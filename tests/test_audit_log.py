@@ -591,3 +591,25 @@ def test_columns_edited_to_say_more_do_not_add_to_the_disclosure_report(
     assert disclosures_of(database_url, "pat-1") == 1  # the report reads the content, not the column
     assert seal(database_url, signer) is not None
     assert verify(database_url, signer).first is not None
+
+
+def test_checkpoint_forged_past_the_tree_stops_sealing_with_an_integrity_error(
+    database_url: str, signer: NoteSigner, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    """A checkpoint row the key never signed, past the real tree: nothing can be appended to it
+    safely (and discarding it could quarantine genuine entries), so sealing stops and says why."""
+    build_log(database_url, signer, (5,))
+    sql(
+        database_url,
+        "INSERT INTO audit_checkpoints (size, root_hash, note, created_at) VALUES (40, :r, :n, :t)",
+        r=b"\x07" * 32,
+        n="forged\n40\nAAAA\n\n— nobody x\n",
+        t="2026-01-01 00:00:00",
+    )
+    add_entries(database_url, 2, 5)
+    _cli_env(monkeypatch, database_url)
+    monkeypatch.setenv("MHR_KEYRING_PATH", str(tmp_path / "keyring.json"))
+    assert cli_main(["audit", "seal"]) == 1
+    assert "the tree at the latest checkpoint cannot be rebuilt" in capsys.readouterr().err
+    report = verify(database_url, signer)
+    assert report.first is not None and report.first.subject == "checkpoint 40"

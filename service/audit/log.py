@@ -301,6 +301,13 @@ async def run_integrator(
                 continue  # a backlog: go again at once
         except asyncio.CancelledError:
             raise
+        except merkle.MissingNodeError:
+            # The latest checkpoint names a tree its stored nodes cannot rebuild: a checkpoint
+            # row or nodes were forged or removed. Nothing can be appended to it safely.
+            log.critical(
+                "audit log integrity: the tree at the latest checkpoint cannot be rebuilt from its "
+                "stored nodes; sealing is stopped: run `mhr audit verify`",
+            )
         except Exception as exc:
             log.error("audit integrator failed; retrying", extra={"error_type": type(exc).__name__})
         await asyncio.sleep(interval)
