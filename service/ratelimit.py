@@ -91,7 +91,10 @@ class RateLimiter:
         return self._take(key, cost, take=True)
 
     def wait(self, key: str, cost: float) -> int | None:
-        """Like ``charge`` but takes nothing: would ``cost`` pass now?"""
+        """Like ``charge`` but takes nothing: would ``cost`` pass now? Creates no bucket, so that
+        keys nobody was ever charged for (an unverified claim) cannot crowd out real ones."""
+        if key not in self._buckets:
+            return None
         return self._take(key, cost, take=False)
 
     def _take(self, key: str, cost: float, *, take: bool) -> int | None:

@@ -23,6 +23,8 @@ def test_bucket_weights_writes_above_reads() -> None:
     assert limiter.charge("b", 1) is None  # per client
     now[0] = 5.0
     assert limiter.charge("a", 5) is None
+    assert limiter.wait("a", 5) == 5 and limiter.wait("a", 5) == 5  # wait takes nothing
+    assert limiter.wait("never-charged", 5) is None and "never-charged" not in limiter._buckets
 
 
 def test_limited_requests_get_429_with_retry_after_and_are_audited(database_url: str, tmp_path: Path) -> None:
