@@ -8,6 +8,7 @@ route, status and minute, written once the minute is over and at shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from mhr_testkit import FHIR_HEADERS, JWT_BEARER, Service, sync_url
 from security.jwk import generate_client_key, sign_client_assertion
 from service.api.deps import PrincipalDep
 from service.audit.fhir import audit_event
-from service.audit.tally import RefusalKey, RefusalTally
+from service.audit.tally import RefusalKey, RefusalTally, run_flusher, stop_flusher
 
 SECRET = "P7734910QX"  # a passport number a caller typed: never in an audit entry
 
@@ -210,3 +211,26 @@ def test_a_refusal_built_by_its_route_is_written_once(database_url: str, tmp_pat
         found = entries_of(database_url, response)
         assert len(found) == 1
         assert found[0]["agent"]["client"] == authority.client_id
+
+
+def test_flusher_writes_finished_minutes_while_running_and_the_rest_at_shutdown() -> None:
+    now = [datetime(2026, 12, 1, 10, 0, 5, tzinfo=UTC)]
+    tally = RefusalTally(clock=lambda: now[0])
+    written: list[list[Any]] = []
+
+    async def write(records: list[Any]) -> None:
+        written.append(records)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(run_flusher(tally, write, interval=0.01))
+        tally.add(RefusalKey(None, "203.0.113.9", "/fhir/{resource_type}", "GET", 401, "no token"))
+        await asyncio.sleep(0.05)
+        assert written == []  # its minute is not over
+        now[0] += timedelta(minutes=1)
+        tally.add(RefusalKey(None, "203.0.113.9", "/fhir/{resource_type}", "GET", 401, "no token"))
+        await asyncio.sleep(0.05)
+        assert [len(batch) for batch in written] == [1]  # the finished minute, the new one waits
+        await stop_flusher(task)
+        assert [len(batch) for batch in written] == [1, 1]  # shutdown writes the current minute
+
+    asyncio.run(scenario())
