@@ -110,7 +110,14 @@ def test_every_worker_logs_json_lines_without_exception_text(database_url: str, 
                 ).scalar_one()
                 conn.execute(
                     sa.text("UPDATE audit_entries SET event_type = 'disclosure', content = :c WHERE id = :i"),
-                    {"c": json.dumps({"recorded": canary}).encode(), "i": entry},
+                    # Still a disclosure about this migrant by its content (the report checks that),
+                    # with a date that cannot be read.
+                    {
+                        "c": json.dumps(
+                            {"type": "disclosure", "outcome": "0", "patients": [patient], "recorded": canary}
+                        ).encode(),
+                        "i": entry,
+                    },
                 )
             engine.dispose()
             token = live_token(workers.base_url, clinic, "system/*.rs")
