@@ -359,3 +359,53 @@ def test_everything_pages_filters_and_accepts_post(service: Service, clinic: Par
     assert service.client.post(path, headers=headers).json()["total"] == total
     for bad in ({"_type": "Nonsense"}, {"start": "2020"}, {"_since": "soon"}):
         assert service.client.get(path, params=bad, headers=headers).status_code == 400, bad
+
+
+# --------------------------------------------------------------------------- Organization, AuditEvent
+
+
+def test_organization_name_matches_a_prefix_ignoring_case_and_accents(
+    service: Service, clinic: Party
+) -> None:
+    service.register("Santé Publique Québec", "authority")
+    service.register("Public Health Agency", "authority")
+    headers = service.headers(clinic)
+
+    def names(value: str) -> list[str]:
+        bundle = service.client.get("/fhir/Organization", params={"name": value}, headers=headers).json()
+        # The test kit makes names unique with a suffix.
+        return [e["resource"]["name"].rsplit(" ", 1)[0] for e in bundle.get("entry", [])]
+
+    for value in ("Santé Publique Québec", "sante", "SANTÉ pub", "santé publique quebec"):
+        assert names(value) == ["Santé Publique Québec"], value
+    assert names("public") == ["Public Health Agency"]  # a prefix, not a substring
+    assert names("Québec") == []
+    assert names("x" * 10) == []
+
+
+def test_auditevent_agent_is_a_reference_and_the_token_form_still_works(service: Service) -> None:
+    clinic = service.register("clinic", "clinic")
+    other = service.register("other clinic", "clinic")
+    service.token(clinic)
+    service.token(other)
+    auditor = service.register("auditor", "auditor")
+    headers = service.headers(auditor, "system/AuditEvent.rs")
+
+    def clients(**params: str) -> set[str]:
+        answer = service.client.get("/fhir/AuditEvent", params={**params, "type": "110114"}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return {
+            agent["who"]["identifier"]["value"]
+            for entry in answer.json().get("entry", [])
+            for agent in entry["resource"]["agent"]
+            if "identifier" in agent["who"]
+        } & {clinic.client_id, other.client_id}
+
+    by_reference = clients(agent=f"Organization/{clinic.organization_id}")
+    assert by_reference == {clinic.client_id}
+    assert clients(agent=f"{FHIR_BASE}/Organization/{other.organization_id}") == {other.client_id}
+    assert clients(**{"agent:identifier": clinic.client_id}) == {clinic.client_id}
+    assert clients(agent=clinic.client_id) == {clinic.client_id}  # the earlier token form
+    assert clients(agent=f"urn:any|{other.client_id}") == {other.client_id}
+    wrong = service.client.get("/fhir/AuditEvent", params={"agent": "Practitioner/1"}, headers=headers)
+    assert wrong.status_code == 400 and wrong.json()["issue"][0]["expression"] == ["agent"]
