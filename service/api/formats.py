@@ -55,7 +55,10 @@ class FhirFormats:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/fhir"):
             await self.app(scope, receive, send)
             return
-        query = parse_qsl(bytes(scope.get("query_string", b"")).decode("latin-1"), keep_blank_values=True)
+        raw = bytes(scope.get("query_string", b""))
+        # Most requests name neither: their query string is not parsed a second time here.
+        asked = b"_format" in raw or b"_pretty" in raw
+        query = parse_qsl(raw.decode("latin-1"), keep_blank_values=True) if asked else []
         formats = [v for k, v in query if k == "_format"]
         accept = next((bytes(v).decode("latin-1") for k, v in scope.get("headers", ()) if k == b"accept"), "")
         if (formats and not all(format_acceptable(f) for f in formats)) or (
