@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from security.blind_index import BlindIndexer
 from service.api.auditing import audit, audit_read, rest_record
 from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
@@ -32,7 +33,7 @@ from service.records.intake import (
     WrittenVersion,
     refuse_service_written,
 )
-from service.records.operation_params import MAX_EVERYTHING_COUNT, parse_page_parameters
+from service.records.operation_params import MAX_EVERYTHING_COUNT, PageParameters, parse_page_parameters
 from service.records.paging import CursorScope, PageCursor, decode_cursor, encode_cursor
 from service.records.reading import Reader, ReadResult, bundle_bytes, history_position, history_version
 from service.records.repository import RecordRepository
@@ -370,12 +371,10 @@ async def everything(
     await _audit_reads(runtime, principal, "everything", result.rows)
     base = runtime.settings.fhir_base_url
     here = f"{base}/Patient/{patient_id}/$everything"
-    count = [("_count", str(page.count))]
-    links = [("self", _url(here, [*page.echo, *count, *([("_cursor", page.cursor)] if page.cursor else [])]))]
-    position = result.last_position
-    if result.has_next and position is not None:
-        further = encode_cursor(indexer, PageCursor(position, result.total), scope)
-        links.append(("next", _url(here, [*page.echo, *count, ("_cursor", further)])))
+    further = (
+        PageCursor(result.last_position, result.total) if result.has_next and result.last_position else None
+    )
+    links = _page_links(indexer, here, page, scope, further)
     entries = [
         (
             f"{base}/{r.row.resource_type}/{r.row.id}",
@@ -397,8 +396,13 @@ async def _operation_parameters(request: Request) -> list[tuple[str, str]]:
     body = await read_fhir_json(request)
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise FhirError.single(400, "invalid", "POST the operation's parameters as a Parameters resource")
+    parameters = body.get("parameter", [])
+    if not isinstance(parameters, list):
+        raise FhirError.single(
+            400, "structure", "Parameters.parameter must be an array", expression="parameter"
+        )
     found = []
-    for parameter in body.get("parameter", []):
+    for parameter in parameters:
         name = parameter.get("name") if isinstance(parameter, dict) else None
         values = [v for k, v in parameter.items() if k.startswith("value")] if name else []
         if not isinstance(name, str) or len(values) != 1 or not isinstance(values[0], (str, int)):
@@ -557,12 +561,8 @@ async def history(
     base = runtime.settings.fhir_base_url
     here = f"{base}/{resource_type}/{resource_id}/_history"
     total = cursor.total if cursor and cursor.total is not None else found.total
-    count = [("_count", str(page.count))]
-    links = [("self", _url(here, [*page.echo, *count, *([("_cursor", page.cursor)] if page.cursor else [])]))]
-    if found.has_next and results:
-        position = history_position(results[-1].row)
-        further = encode_cursor(indexer, PageCursor(position, total), scope)
-        links.append(("next", _url(here, [*page.echo, *count, ("_cursor", further)])))
+    further = PageCursor(history_position(results[-1].row), total) if found.has_next and results else None
+    links = _page_links(indexer, here, page, scope, further)
     entries = [
         (
             f"{base}/{r.row.resource_type}/{r.row.id}",  # version-independent (Bundle.entry.fullUrl)
@@ -599,6 +599,20 @@ def _instant(moment: datetime) -> str:
 
 def _url(path: str, params: list[tuple[str, str]]) -> str:
     return path + (f"?{urlencode(params)}" if params else "")
+
+
+def _page_links(
+    indexer: BlindIndexer, here: str, page: PageParameters, scope: CursorScope, further: PageCursor | None
+) -> list[tuple[str, str]]:
+    """self (what was asked, this page's cursor included) and, if another page follows, next."""
+    count = [("_count", str(page.count))]
+    this_page = [("_cursor", page.cursor)] if page.cursor else []
+    links = [("self", _url(here, [*page.echo, *count, *this_page]))]
+    if further is not None:
+        links.append(
+            ("next", _url(here, [*page.echo, *count, ("_cursor", encode_cursor(indexer, further, scope))]))
+        )
+    return links
 
 
 def _lenient(request: Request) -> bool:

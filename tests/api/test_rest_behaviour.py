@@ -359,6 +359,14 @@ def test_everything_pages_filters_and_accepts_post(service: Service, clinic: Par
     assert service.client.post(path, headers=headers).json()["total"] == total
     for bad in ({"_type": "Nonsense"}, {"start": "2020"}, {"_since": "soon"}):
         assert service.client.get(path, params=bad, headers=headers).status_code == 400, bad
+    for body in (
+        {"resourceType": "Patient"},
+        {"resourceType": "Parameters", "parameter": 5},
+        {"resourceType": "Parameters", "parameter": [{"name": "_count"}]},
+        {"resourceType": "Parameters", "parameter": [{"name": "_count", "valueInteger": 5000}]},
+    ):
+        refused = service.client.post(path, content=json.dumps(body), headers={**headers, **FHIR_HEADERS})
+        assert refused.status_code == 400 and refused.json()["resourceType"] == "OperationOutcome", body
 
 
 # --------------------------------------------------------------------------- Organization, AuditEvent
