@@ -159,7 +159,8 @@ class Reader:
             if not unfiltered[0]:
                 raise not_found(resource_type)
         opened = [await self._open(r) for r in rows[:wanted]]
-        return HistoryResult(await self._disclose(visibility, opened), total, len(rows) > wanted)
+        has_next = not page.total_only and len(rows) > wanted
+        return HistoryResult(await self._disclose(visibility, opened), total, has_next)
 
     async def search(
         self, visibility: Visibility, flt: SearchFilter, parsed: ParsedSearch, cursor: PageCursor | None
