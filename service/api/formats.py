@@ -26,7 +26,8 @@ _ANY = frozenset({"*/*", "application/*"})
 
 
 def _media(value: str) -> str:
-    return value.split(";")[0].strip().lower()
+    # An unescaped "+" in a query string reads as a space: "_format=application/fhir+json".
+    return value.split(";")[0].strip().lower().replace(" ", "+")
 
 
 def format_acceptable(fmt: str) -> bool:

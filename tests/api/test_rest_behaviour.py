@@ -234,6 +234,8 @@ def test_format_json_works_pretty_indents_and_xml_is_406(service: Service, clini
         answer = service.client.get(path, params={"_format": fmt}, headers=headers)
         assert answer.status_code == 200 and answer.content == plain.content, fmt
     assert service.client.get("/fhir/Observation?_format=json", headers=headers).status_code == 200
+    unescaped = service.client.get(f"{path}?_format=application/fhir+json", headers=headers)
+    assert unescaped.status_code == 200, unescaped.text
     pretty = service.client.get(path, params={"_pretty": "true"}, headers=headers)
     assert pretty.status_code == 200 and b"\n  " in pretty.content and b"\n" not in plain.content
     assert pretty.json() == plain.json()
