@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 
 from service.api import audit, metadata, operations, organizations, records, smart
 from service.api.docs import install_docs
+from service.api.formats import FhirFormats
 from service.api.refusal_audit import RefusalAuditMiddleware
 from service.api.search_docs import document_searches
 from service.asgi import RequestMiddleware
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.rate_limiter = RateLimiter.from_settings(settings)
     app.state.token_limits = TokenEndpointLimits.from_settings(settings)
     install_error_handlers(app)
+    app.add_middleware(FhirFormats)  # _format, Accept (406 for XML) and _pretty on every /fhir route
     # The generic /fhir/{type} routes come last so that specific ones win.
     for module in (smart, metadata, organizations, operations, audit, records):
         app.include_router(module.router)

@@ -27,7 +27,8 @@ from service.request_context import current_request_id
 
 log = logging.getLogger(__name__)
 
-FHIR_JSON = "application/fhir+json"
+# Every FHIR response says its charset (FHIR R4 http.html: "application/fhir+json; charset=utf-8").
+FHIR_JSON = "application/fhir+json; charset=utf-8"
 
 
 @dataclass(frozen=True)

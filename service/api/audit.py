@@ -52,6 +52,7 @@ MAX_LEAVES = 1000
 _SEARCH_PARAMS = {
     "date",
     "agent",
+    "agent:identifier",
     "entity",
     "patient",
     "action",
@@ -60,6 +61,7 @@ _SEARCH_PARAMS = {
     "_count",
     "_cursor",
     "_format",
+    "_pretty",
     "_sort",
 }
 # _sort: by the entry's date (AuditEvent.recorded), oldest or newest first; without it, log order.
@@ -96,6 +98,33 @@ def _values(request: Request, name: str) -> list[str]:
     return [v for raw in request.query_params.getlist(name) for v in raw.split(",") if v]
 
 
+def _agents(request: Request) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``agent`` (a reference, as in FHIR: ``Organization/id``, absolute or not) and
+    ``agent:identifier`` (``[system|]client id``: clients are identified, not resources):
+    the client ids and organization ids named. A bare id may be either; a value with ``|`` is
+    the token form this parameter used to have, kept for clients that send it."""
+    clients: list[str] = [v.rpartition("|")[2] for v in _values(request, "agent:identifier")]
+    organizations: list[str] = []
+    for value in _values(request, "agent"):
+        if "|" in value:
+            clients.append(value.rpartition("|")[2])
+            continue
+        kind, _, rid = value.split("/_history/")[0].rstrip("/").rpartition("/")
+        if not kind:
+            clients.append(rid)
+            organizations.append(rid)
+        elif kind.rpartition("/")[2] == "Organization" and rid:
+            organizations.append(rid)
+        else:
+            raise FhirError.single(
+                400,
+                "value",
+                "agent is a reference to an Organization; name a client with agent:identifier",
+                expression="agent",
+            )
+    return tuple(clients), tuple(organizations)
+
+
 def _parse_query(request: Request) -> AuditQuery:
     unknown = set(request.query_params) - _SEARCH_PARAMS
     if unknown and "handling=lenient" not in request.headers.get("prefer", ""):
@@ -118,7 +147,7 @@ def _parse_query(request: Request) -> AuditQuery:
         if code not in TYPE_SEARCH:
             raise FhirError.single(400, "value", "unknown audit event type", expression="type")
         types.extend(TYPE_SEARCH[code])
-    agents = tuple(v.rpartition("|")[2] for v in _values(request, "agent"))
+    agents, organizations = _agents(request)
     entity = request.query_params.get("entity")
     if entity is not None:
         # "Type/id" (a version suffix or a base URL is accepted and dropped).
@@ -132,6 +161,7 @@ def _parse_query(request: Request) -> AuditQuery:
     return AuditQuery(
         dates=dates,
         agents=agents,
+        agent_organizations=organizations,
         entity=entity,
         patient=patient,
         actions=actions,

@@ -14,7 +14,7 @@ from service.identity.repository import IdentityRepository
 from service.organizations import organization_resource
 
 router = APIRouter()
-_ALLOWED_PARAMS = {"name", "type", "_count", "_offset"}
+_ALLOWED_PARAMS = {"name", "type", "_count", "_offset", "_format", "_pretty"}
 MAX_COUNT = 100
 
 

@@ -6,34 +6,49 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
+import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from security.blind_index import BlindIndexer
 from service.api.auditing import audit, audit_read, rest_record
 from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
+from service.api.prefer import Return, http_date, outcome_of_write, return_preference, written_response
 from service.api.responses import FhirResponse, search_url
+from service.api.shaping import only_elements
 from service.audit.disclosures import Disclosure, disclosures_for_patient
 from service.audit.events import Action, AuditEntity, EventType, Outcome
 from service.errors import FHIR_JSON, FhirError
 from service.identity.repository import IdentityRepository
 from service.records.access import Permit, Visibility
 from service.records.context import Actor
-from service.records.intake import Intake, IntakeResult, PatientRaceLost, refuse_service_written
+from service.records.intake import (
+    Intake,
+    IntakeResult,
+    PatientRaceLost,
+    WrittenVersion,
+    refuse_service_written,
+)
+from service.records.operation_params import MAX_EVERYTHING_COUNT, PageParameters, parse_page_parameters
 from service.records.paging import CursorScope, PageCursor, decode_cursor, encode_cursor
-from service.records.reading import Reader, ReadResult, bundle_bytes
+from service.records.reading import Reader, ReadResult, bundle_bytes, history_position, history_version
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
-from service.records.search_params import parse_search
+from service.records.search_params import IDENTIFYING_PARAMETERS, parse_elements, parse_search
 
 router = APIRouter(tags=["fhir"])
 T = TypeVar("T")
 WRITERS = frozenset({"clinic"})
 AUDITORS = frozenset({"auditor"})
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+IDENTIFIER_MASK = "masked"
+HISTORY_PARAMETERS = frozenset({"_count", "_since", "_at", "_cursor", "_summary", "_elements"})
+EVERYTHING_PARAMETERS = frozenset({"_count", "_since", "_type", "_cursor", "_summary", "_elements"})
+DEFAULT_EVERYTHING_COUNT = 100
 # Clinics read their own submissions; authorities read what consent permits.
 READERS = frozenset({"clinic", "authority"})
 
@@ -92,11 +107,11 @@ async def _guarded(
         ) from None
 
 
-def _resource_response(result: ReadResult, status: int = 200, location: str | None = None) -> Response:
+def _resource_response(result: ReadResult, request: Request) -> Response:
     headers = {"ETag": result.etag, "Last-Modified": result.last_modified}
-    if location:
-        headers["Location"] = location
-    return Response(result.body, status_code=status, media_type=FHIR_JSON, headers=headers)
+    asked = request.query_params.get("_elements")
+    body = only_elements(result.body, parse_elements(asked)) if asked is not None else result.body
+    return Response(body, media_type=FHIR_JSON, headers=headers)
 
 
 async def _denied(
@@ -190,18 +205,31 @@ async def transaction(
     result = await _store(
         session, runtime, principal, "transaction", Action.create, lambda i: i.transaction(bundle, actor)
     )
+    preference = return_preference(request, Return.minimal)
+    reader = Reader(runtime.records, RecordRepository(session))
     entries = []
     for written in result.by_entry:
         status = "201 Created" if written.body and written.created else "200 OK"
         location = f"{written.resource_type}/{written.resource_id}/_history/{written.version_id}"
-        last_modified = written.last_updated.isoformat().replace("+00:00", "Z")
-        response = {
+        response: dict[str, object] = {
             "status": status,
             "location": location,
             "etag": f'W/"{written.version_id}"',
-            "lastModified": last_modified,
+            "lastModified": _instant(written.last_updated),
         }
-        entries.append({"response": response})
+        answer: dict[str, object] = {}
+        if preference is Return.representation:
+            body = (
+                written.body
+                or (
+                    await reader.read(_visibility(principal), written.resource_type, written.resource_id)
+                ).body
+            )  # an ifNoneExist that matched: the resource as it stands
+            answer["resource"] = orjson.Fragment(body)
+        elif preference is Return.outcome:
+            response["outcome"] = orjson.Fragment(outcome_of_write(f"{status}: {location}"))
+        answer["response"] = response
+        entries.append(answer)
     return FhirResponse({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
 
 
@@ -232,16 +260,32 @@ async def create(
     )
     written = result.by_entry[0]
     location = _location(runtime, resource_type, written.resource_id, written.version_id)
+    preference = return_preference(request, Return.representation)
     if not written.body:  # If-None-Exist matched an existing resource
         reader = Reader(runtime.records, RecordRepository(session))
         existing = await reader.read(_visibility(principal), resource_type, written.resource_id)
-        return _resource_response(existing, 200, location)
-    return Response(
+        return written_response(
+            preference,
+            existing.body,
+            status=200,
+            what=f"an existing {resource_type} matched If-None-Exist: nothing was created",
+            headers={"Location": location, "ETag": existing.etag, "Last-Modified": existing.last_modified},
+        )
+    return written_response(
+        preference,
         written.body,
-        status_code=201,
-        media_type=FHIR_JSON,
-        headers={"Location": location, "ETag": f'W/"{written.version_id}"'},
+        status=201,
+        what=f"{resource_type} created",
+        headers=_written_headers(location, written),
     )
+
+
+def _written_headers(location: str, written: WrittenVersion) -> dict[str, str]:
+    return {
+        "Location": location,
+        "ETag": f'W/"{written.version_id}"',
+        "Last-Modified": http_date(written.last_updated),
+    }
 
 
 @router.put(
@@ -268,14 +312,12 @@ async def update(
         lambda i: i.update(resource_type, resource_id, resource, actor, if_match),
     )
     written = result.by_entry[0]
-    return Response(
+    return written_response(
+        return_preference(request, Return.representation),
         written.body,
-        status_code=200,
-        media_type=FHIR_JSON,
-        headers={
-            "Location": _location(runtime, resource_type, resource_id, written.version_id),
-            "ETag": f'W/"{written.version_id}"',
-        },
+        status=200,
+        what=f"{resource_type} updated: version {written.version_id}",
+        headers=_written_headers(_location(runtime, resource_type, resource_id, written.version_id), written),
     )
 
 
@@ -293,34 +335,82 @@ async def delete(resource_type: str, resource_id: str, principal: PrincipalDep) 
 @router.get(
     "/fhir/Patient/{patient_id}/$everything", response_class=FhirResponse, summary="Patient $everything"
 )
+@router.post("/fhir/Patient/{patient_id}/$everything", response_class=FhirResponse, include_in_schema=False)
 async def everything(
-    patient_id: str, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
+    patient_id: str, request: Request, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
+    """The patient and everything of theirs this caller may see, a page at a time (``_count``),
+    of some types (``_type``) or written since a time (``_since``). POST takes the same
+    parameters in a Parameters body."""
     _require(principal, "Patient", "r", READERS)
-    types = sorted(t for t in STORED_TYPES if principal.may(t, "r"))
-    results = await _guarded(
+    params = list(request.query_params.multi_items())
+    if request.method == "POST":
+        params += await _operation_parameters(request)
+    page = parse_page_parameters(
+        params,
+        allowed=EVERYTHING_PARAMETERS,
+        max_count=MAX_EVERYTHING_COUNT,
+        default_count=DEFAULT_EVERYTHING_COUNT,
+        lenient=_lenient(request),
+    )
+    types = [t for t in (page.types or sorted(STORED_TYPES)) if principal.may(t, "r")]
+    indexer = runtime.records.indexer
+    scope = CursorScope(principal.client_id, f"Patient/{patient_id}/$everything", page.echo)
+    cursor = decode_cursor(indexer, page.cursor, scope) if page.cursor else None
+    result = await _guarded(
         principal,
         "everything",
         "Patient",
         patient_id,
         session,
         runtime,
-        lambda reader, seen: reader.everything(seen, patient_id, types),
+        lambda reader, seen: reader.everything(
+            seen, patient_id, types, page, cursor.after if cursor else None, cursor.total if cursor else None
+        ),
     )
-    await _audit_reads(runtime, principal, "everything", results)
+    await _audit_reads(runtime, principal, "everything", result.rows)
     base = runtime.settings.fhir_base_url
+    here = f"{base}/Patient/{patient_id}/$everything"
+    further = (
+        PageCursor(result.last_position, result.total) if result.has_next and result.last_position else None
+    )
+    links = _page_links(indexer, here, page, scope, further)
     entries = [
-        (f"{base}/{r.row.resource_type}/{r.row.id}", r.body, b'"search":{"mode":"match"}') for r in results
+        (
+            f"{base}/{r.row.resource_type}/{r.row.id}",
+            only_elements(r.body, page.elements),
+            b'"search":{"mode":"match"}',
+        )
+        for r in result.rows
     ]
     return Response(
-        bundle_bytes(
-            "searchset",
-            entries,
-            total=len(entries),
-            links=[("self", f"{base}/Patient/{patient_id}/$everything")],
-        ),
+        bundle_bytes("searchset", entries, total=result.total, links=links),
         media_type=FHIR_JSON,
     )
+
+
+async def _operation_parameters(request: Request) -> list[tuple[str, str]]:
+    """An operation's parameters from a POSTed Parameters resource (an empty body has none)."""
+    if not (await request.body()).strip():
+        return []
+    body = await read_fhir_json(request)
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise FhirError.single(400, "invalid", "POST the operation's parameters as a Parameters resource")
+    parameters = body.get("parameter", [])
+    if not isinstance(parameters, list):
+        raise FhirError.single(
+            400, "structure", "Parameters.parameter must be an array", expression="parameter"
+        )
+    found = []
+    for parameter in parameters:
+        name = parameter.get("name") if isinstance(parameter, dict) else None
+        values = [v for k, v in parameter.items() if k.startswith("value")] if name else []
+        if not isinstance(name, str) or len(values) != 1 or not isinstance(values[0], (str, int)):
+            raise FhirError.single(
+                400, "invalid", "each parameter needs a name and one primitive value", expression="parameter"
+            )
+        found.append((name, str(values[0])))
+    return found
 
 
 @router.get(
@@ -390,6 +480,7 @@ def _disclosure_parameter(disclosure: Disclosure, names: dict[str, str]) -> dict
 async def read(
     resource_type: KnownType,
     resource_id: str,
+    request: Request,
     principal: PrincipalDep,
     session: ReadSessionDep,
     runtime: RuntimeDep,
@@ -405,7 +496,7 @@ async def read(
         lambda reader, seen: reader.read(seen, resource_type, resource_id),
     )
     await _audit_reads(runtime, principal, "read", [result])
-    return _resource_response(result)
+    return _resource_response(result, request)
 
 
 @router.get(
@@ -415,6 +506,7 @@ async def vread(
     resource_type: KnownType,
     resource_id: str,
     version_id: str,
+    request: Request,
     principal: PrincipalDep,
     session: ReadSessionDep,
     runtime: RuntimeDep,
@@ -433,18 +525,28 @@ async def vread(
         int(version_id),
     )
     await _audit_reads(runtime, principal, "vread", [result])
-    return _resource_response(result)
+    return _resource_response(result, request)
 
 
 @router.get("/fhir/{resource_type}/{resource_id}/_history", response_class=FhirResponse, summary="history")
 async def history(
     resource_type: KnownType,
     resource_id: str,
+    request: Request,
     principal: PrincipalDep,
     session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
+    """A ``history`` Bundle, newest version first, a page at a time (``_count``, ``_since``,
+    ``_at``), with only the versions this caller may see."""
     _require(principal, resource_type, "r", READERS)
+    page = parse_page_parameters(
+        list(request.query_params.multi_items()), allowed=HISTORY_PARAMETERS, lenient=_lenient(request)
+    )
+    indexer = runtime.records.indexer
+    scope = CursorScope(principal.client_id, f"{resource_type}/{resource_id}/_history", page.echo)
+    cursor = decode_cursor(indexer, page.cursor, scope) if page.cursor else None
+    before = history_version(cursor.after) if cursor else None
     found = await _guarded(
         principal,
         "history-instance",
@@ -452,32 +554,69 @@ async def history(
         resource_id,
         session,
         runtime,
-        lambda reader, seen: reader.history(seen, resource_type, resource_id),
+        lambda reader, seen: reader.history(seen, resource_type, resource_id, page, before),
     )
     results = found.rows
     await _audit_reads(runtime, principal, "history-instance", results)
     base = runtime.settings.fhir_base_url
+    here = f"{base}/{resource_type}/{resource_id}/_history"
+    total = cursor.total if cursor and cursor.total is not None else found.total
+    further = PageCursor(history_position(results[-1].row), total) if found.has_next and results else None
+    links = _page_links(indexer, here, page, scope, further)
     entries = [
         (
-            f"{base}/{r.row.resource_type}/{r.row.id}",
-            r.body,
-            b'"request":{"method":"'
-            + (b"POST" if r.row.version_id == 1 else b"PUT")
-            + b'","url":"'
-            + f"{r.row.resource_type}/{r.row.id}".encode()
-            + b'"}',
+            f"{base}/{r.row.resource_type}/{r.row.id}",  # version-independent (Bundle.entry.fullUrl)
+            only_elements(r.body, page.elements),
+            _history_entry(r),
         )
         for r in results
     ]
     return Response(
-        bundle_bytes(
-            "history",
-            entries,
-            total=found.total,
-            links=[("self", f"{base}/{resource_type}/{resource_id}/_history")],
-        ),
+        bundle_bytes("history", entries, total=total, links=links),
         media_type=FHIR_JSON,
     )
+
+
+def _history_entry(result: ReadResult) -> bytes:
+    """entry.request and entry.response of one version: how it was written (bdl-4)."""
+    row = result.row
+    created = row.version_id == 1
+    request = {
+        "method": "POST" if created else "PUT",
+        "url": row.resource_type if created else f"{row.resource_type}/{row.id}",
+    }
+    response = {
+        "status": "201 Created" if created else "200 OK",
+        "etag": result.etag,
+        "lastModified": _instant(row.last_updated),
+    }
+    return orjson.dumps({"request": request, "response": response})[1:-1]
+
+
+def _instant(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _url(path: str, params: list[tuple[str, str]]) -> str:
+    return path + (f"?{urlencode(params)}" if params else "")
+
+
+def _page_links(
+    indexer: BlindIndexer, here: str, page: PageParameters, scope: CursorScope, further: PageCursor | None
+) -> list[tuple[str, str]]:
+    """self (what was asked, this page's cursor included) and, if another page follows, next."""
+    count = [("_count", str(page.count))]
+    this_page = [("_cursor", page.cursor)] if page.cursor else []
+    links = [("self", _url(here, [*page.echo, *count, *this_page]))]
+    if further is not None:
+        links.append(
+            ("next", _url(here, [*page.echo, *count, ("_cursor", encode_cursor(indexer, further, scope))]))
+        )
+    return links
+
+
+def _lenient(request: Request) -> bool:
+    return "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
 
 
 def _visibility(principal: Principal) -> Visibility:
@@ -549,8 +688,13 @@ async def _search(
     runtime: RuntimeDep,
 ) -> Response:
     _require(principal, resource_type, "s", READERS)
-    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
-    parsed = parse_search(resource_type, params, runtime.records.indexer, lenient=lenient)
+    parsed = parse_search(
+        resource_type,
+        params,
+        runtime.records.indexer,
+        lenient=_lenient(request),
+        fhir_base_url=runtime.settings.fhir_base_url,
+    )
     indexer = runtime.records.indexer
     # A migrant's identifier never goes into a link we write: links name the search without
     # it, and a next page's cursor carries its blind indexes, sealed.
@@ -567,7 +711,13 @@ async def _search(
     base = runtime.settings.fhir_base_url
     page = [("_count", str(parsed.count))]
     here = [("_cursor", parsed.cursor)] if parsed.cursor else [("_offset", str(parsed.offset))]
-    links = [("self", search_url(base, resource_type, [*parsed.linkable, *page, *here]))]
+    # A migrant's identifier never goes into a link we write: the self link says that the
+    # search was by identifier, with the value masked; the next link leaves it out (its cursor
+    # carries it, sealed).
+    public = [
+        (n, IDENTIFIER_MASK if n.partition(":")[0] in IDENTIFYING_PARAMETERS else v) for n, v in parsed.echo
+    ]
+    links = [("self", search_url(base, resource_type, [*public, *page, *here]))]
     if result.has_next:
         if parsed.value_concepts:  # matched after decryption, within a bounded scan: by offset
             # No type has both value-concept and an identifying parameter (test_search_params).
@@ -580,7 +730,11 @@ async def _search(
             further = ("_cursor", encode_cursor(indexer, next_cursor, scope))
         links.append(("next", search_url(base, resource_type, [*parsed.linkable, *page, further])))
     entries = [
-        (f"{base}/{r.row.resource_type}/{r.row.id}", r.body, b'"search":{"mode":"match"}')
+        (
+            f"{base}/{r.row.resource_type}/{r.row.id}",
+            only_elements(r.body, parsed.elements),
+            b'"search":{"mode":"match"}',
+        )
         for r in result.rows
     ]
     return Response(bundle_bytes("searchset", entries, total=result.total, links=links), media_type=FHIR_JSON)

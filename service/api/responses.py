@@ -42,8 +42,9 @@ def searchset(
         "type": "searchset",
         "timestamp": datetime.now(UTC).isoformat(),
         "link": links,
-        "entry": list(entries),
     }
+    if entries:  # FHIR JSON has no empty arrays
+        bundle["entry"] = list(entries)
     if total is not None:
         bundle["total"] = total
     return bundle

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.audit.recorder import REF_ENTITY, REF_PATIENT
-from service.store.tables import AuditEntry, AuditRef
+from service.audit.recorder import REF_ENTITY, REF_PATIENT, REF_RECIPIENT
+from service.store.tables import AuditEntry, AuditRef, Client
 
 DATE_PREFIXES = ("eq", "ge", "le", "gt", "lt")
 _DATE = re.compile(
@@ -65,7 +65,9 @@ def date_range(value: str) -> tuple[str, datetime, datetime]:
 @dataclass(frozen=True)
 class AuditQuery:
     dates: tuple[tuple[str, datetime, datetime], ...] = ()
-    agents: tuple[str, ...] = ()
+    agents: tuple[str, ...] = ()  # client ids (the agent's identifier)
+    # Organizations as agents: the acting client's organization, or a recipient.
+    agent_organizations: tuple[str, ...] = ()
     entity: str | None = None
     patient: str | None = None
     actions: tuple[str, ...] = ()
@@ -86,8 +88,8 @@ class AuditQuery:
                 stmt = stmt.where(recorded < end)
             else:  # lt
                 stmt = stmt.where(recorded < start)
-        if self.agents:
-            stmt = stmt.where(AuditEntry.client_id.in_(self.agents))
+        if self.agents or self.agent_organizations:
+            stmt = stmt.where(or_(*self._agent_conditions()))
         if self.actions:
             stmt = stmt.where(AuditEntry.action.in_(self.actions))
         if self.outcomes:
@@ -102,6 +104,23 @@ class AuditQuery:
                     )
                 )
         return stmt
+
+    def _agent_conditions(self) -> list[ColumnElement[bool]]:
+        """Any of the agents named: a client by id, or an organization acting or receiving."""
+        conditions: list[ColumnElement[bool]] = []
+        clients = select(Client.id).where(Client.organization_id.in_(self.agent_organizations))
+        if self.agents:
+            conditions.append(AuditEntry.client_id.in_(self.agents))
+        if self.agent_organizations:
+            conditions.append(AuditEntry.client_id.in_(clients))
+            conditions.append(
+                AuditEntry.id.in_(
+                    select(AuditRef.entry_id).where(
+                        AuditRef.kind == REF_RECIPIENT, AuditRef.value.in_(self.agent_organizations)
+                    )
+                )
+            )
+        return conditions
 
 
 async def search_page(

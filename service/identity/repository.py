@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -10,6 +11,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.tables import AssertionJti, Client, Organization
+
+
+def name_key(text: str) -> str:
+    """A name folded for matching: case-folded, accents (combining marks) removed, spaces collapsed."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).split())
 
 
 class IdentityRepository:
@@ -29,13 +36,22 @@ class IdentityRepository:
     async def organizations(
         self, *, name: str | None = None, kind: str | None = None, limit: int = 100, offset: int = 0
     ) -> Sequence[Organization]:
-        query = select(Organization).order_by(Organization.name)
-        if name is not None:
-            query = query.where(Organization.name == name)
+        """Organizations by name, optionally of one kind. ``name`` matches as a FHIR string
+        parameter: a prefix, ignoring case and accents ("sante" finds "Santé Publique").
+
+        The name test runs here rather than in SQL: SQLite folds ASCII case only and neither
+        database ignores accents, and registered organizations are few (an admin adds each)."""
+        query = select(Organization).order_by(Organization.name, Organization.id)
         if kind is not None:
             query = query.where(Organization.kind == kind)
-        result = await self.session.execute(query.limit(limit).offset(offset))
-        return result.scalars().all()
+        if name is None:
+            result = await self.session.execute(query.limit(limit).offset(offset))
+            return result.scalars().all()
+        prefix = name_key(name)
+        matching = [
+            o for o in (await self.session.execute(query)).scalars() if name_key(o.name).startswith(prefix)
+        ]
+        return matching[offset : offset + limit]
 
     async def add_organization(self, org: Organization) -> None:
         self.session.add(org)

@@ -13,19 +13,21 @@ from datetime import UTC, datetime
 import orjson
 
 from security.envelope import SubjectCipher
-from service.errors import not_found
+from service.errors import FhirError, not_found
 from service.records.access import TENANCY, Permit, Visibility
 from service.records.codec import WrappedKey, open_version
 from service.records.context import RecordServices
 from service.records.masking import ReferenceMask
+from service.records.operation_params import PageParameters
 from service.records.paging import PageCursor, PagePosition
 from service.records.repository import RecordRepository, SearchFilter, VersionRow
 from service.records.search_params import ParsedSearch
 
-MAX_HISTORY = 100
 # value-concept filters decrypted resources: bounded so one search cannot decrypt the world.
 MAX_VALUE_SCAN = 5000
-MAX_EVERYTHING = 1000
+# Where a newest-first $everything starts when its first page held only the Patient: after
+# nothing (later than any row).
+START_OF_EVERYTHING = PagePosition(datetime(9999, 12, 31, tzinfo=UTC), "")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,23 @@ class ReadResult:
 @dataclass(frozen=True)
 class HistoryResult:
     rows: list[ReadResult]
-    total: int  # every version the caller may see (the page holds at most MAX_HISTORY)
+    total: int  # every version the caller may see that the filters admit (from this page on)
+    has_next: bool
+
+
+def history_position(row: VersionRow) -> PagePosition:
+    """Where a history page ended: versions are ordered by number, which the position carries."""
+    return PagePosition(row.last_updated, str(row.version_id))
+
+
+def history_version(position: PagePosition) -> int:
+    """The version a next history page starts below (from a cursor this service signed)."""
+    number = position.resource_id
+    if not (number.isascii() and number.isdigit() and len(number) <= 9):
+        raise FhirError.single(
+            400, "invalid", "_cursor is not a cursor of this history", expression="_cursor"
+        )
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -54,9 +72,12 @@ class SearchResult:
     rows: list[ReadResult]
     total: int | None  # None: not counted (_total=none)
     has_next: bool
+    resume: PagePosition | None = None  # where the next page starts, if not after the last row
 
     @property
     def last_position(self) -> PagePosition | None:
+        if self.resume is not None:
+            return self.resume
         last = self.rows[-1].row if self.rows else None
         return PagePosition(last.last_updated, last.id) if last else None
 
@@ -107,13 +128,39 @@ class Reader:
         self._subjects[found.row.subject_id] = found.subject
         return (await self._disclose(visibility, [await self._open(found.row)]))[0]
 
-    async def history(self, visibility: Visibility, resource_type: str, resource_id: str) -> HistoryResult:
-        """The versions the caller may see, newest first; none at all answers 404 like an absent id."""
-        rows, total = await self.repo.history(resource_type, resource_id, visibility.audience, MAX_HISTORY)
+    async def history(
+        self,
+        visibility: Visibility,
+        resource_type: str,
+        resource_id: str,
+        page: PageParameters,
+        before_version: int | None = None,
+    ) -> HistoryResult:
+        """A page of the versions the caller may see, newest first; a resource of which the caller
+        may see no version at all answers 404 like an absent id (a filter that leaves nothing
+        answers an empty page). With ``page.total_only`` nothing is decrypted."""
+        wanted = 0 if page.total_only else page.count
+        rows, total = await self.repo.history(
+            resource_type,
+            resource_id,
+            visibility.audience,
+            wanted + 1,  # one more than the page: is there a next one?
+            since=page.since,
+            at=page.at,
+            before_version=before_version,
+        )
         if not rows:
-            raise not_found(resource_type)
-        opened = [await self._open(r) for r in rows]
-        return HistoryResult(await self._disclose(visibility, opened), total)
+            filtered = page.since is not None or page.at is not None or before_version is not None
+            unfiltered = (
+                await self.repo.history(resource_type, resource_id, visibility.audience, 1)
+                if filtered
+                else ([], 0)
+            )
+            if not unfiltered[0]:
+                raise not_found(resource_type)
+        opened = [await self._open(r) for r in rows[:wanted]]
+        has_next = not page.total_only and len(rows) > wanted
+        return HistoryResult(await self._disclose(visibility, opened), total, has_next)
 
     async def search(
         self, visibility: Visibility, flt: SearchFilter, parsed: ParsedSearch, cursor: PageCursor | None
@@ -123,7 +170,10 @@ class Reader:
         The total is counted on the first page only; later pages carry it in their cursor."""
         flt = visibility.restrict(flt)
         if parsed.value_concepts:
-            return await self._search_values(visibility, flt, parsed)
+            found = await self._search_values(visibility, flt, parsed)
+            return SearchResult([], found.total, False) if parsed.total_only else found
+        if parsed.total_only:  # _count=0, _summary=count: counted, nothing fetched or decrypted
+            return SearchResult([], await self.repo.count(flt), False)
         if cursor is not None:
             total = cursor.total
         else:
@@ -151,19 +201,44 @@ class Reader:
         return SearchResult(page, len(matching), parsed.offset + len(page) < len(matching))
 
     async def everything(
-        self, visibility: Visibility, patient_id: str, types: Sequence[str]
-    ) -> list[ReadResult]:
-        """Patient/$everything: the patient and every resource of theirs the caller may see,
-        newest first, in one search over all the types (not one per type)."""
-        results = [await self._read_one(visibility, "Patient", patient_id)]
+        self,
+        visibility: Visibility,
+        patient_id: str,
+        types: Sequence[str],
+        page: PageParameters,
+        after: PagePosition | None = None,
+        total: int | None = None,
+    ) -> SearchResult:
+        """Patient/$everything: the patient, then every resource of theirs the caller may see,
+        newest first, in one search over all the types (not one per type), a page at a time.
+
+        The Patient comes first on the first page; the rest pages by position like a search.
+        ``after``/``total``: a next page's position and the total counted on the first page."""
+        patient = await self._read_one(visibility, "Patient", patient_id)  # 404 before anything
+        since = page.since
+        first = after is None
+        with_patient = first and "Patient" in types and (since is None or patient.row.last_updated >= since)
         others = [t for t in types if t != "Patient"]
-        if others:
-            flt = visibility.restrict(
-                SearchFilter(resource_type="", resource_types=others, subject_ids=[patient_id])
+        flt = visibility.restrict(
+            SearchFilter(
+                resource_type="",
+                resource_types=others,
+                subject_ids=[patient_id],
+                updated_ranges=[("ge", since)] if since is not None else [],
+                match_nothing=not others,
             )
-            rows = await self.repo.search(flt, newest_first=True, limit=MAX_EVERYTHING - 1)
-            results.extend(await self.open_rows(rows))
-        return await self._disclose(visibility, results)
+        )
+        if first:
+            total = int(with_patient) + (await self.repo.count(flt) if others else 0)
+        if page.total_only:
+            return SearchResult([], total, False)
+        room = page.count - int(with_patient)
+        rows = await self.repo.search(flt, newest_first=True, limit=room + 1, after=after) if others else []
+        shown = rows[:room]
+        results = ([patient] if with_patient else []) + await self.open_rows(shown)
+        opened = await self._disclose(visibility, results)
+        resume = PagePosition(shown[-1].last_updated, shown[-1].id) if shown else START_OF_EVERYTHING
+        return SearchResult(opened, total, len(rows) > room, resume)
 
     async def open_rows(self, rows: Sequence[VersionRow]) -> list[ReadResult]:
         missing = {r.subject_id for r in rows} - self._subjects.keys()
@@ -196,6 +271,8 @@ def bundle_bytes(
         if extra:
             part += b"," + extra
         parts.append(part + b"}")
+    if not parts:  # FHIR JSON has no empty arrays
+        return orjson.dumps(head)
     return orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
 
 

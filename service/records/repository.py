@@ -425,18 +425,47 @@ class RecordRepository:
         return version_row(row) if row else None
 
     async def history(
-        self, resource_type: str, resource_id: str, audience: Audience, limit: int
+        self,
+        resource_type: str,
+        resource_id: str,
+        audience: Audience,
+        limit: int,
+        *,
+        since: datetime | None = None,
+        at: tuple[datetime, datetime] | None = None,
+        before_version: int | None = None,
     ) -> tuple[list[VersionRow], int]:
         """The newest ``limit`` versions ``audience`` may see, each decided on its own labels, type
-        and subject, and how many such versions there are in all (``Bundle.total``)."""
+        and subject, and how many such versions there are in all (``Bundle.total``).
+
+        ``since``: versions written at or after it; ``at``: versions that were current at some
+        time in ``[start, end)`` (written before its end, not replaced before its start);
+        ``before_version``: the next page, after the last version of the previous one."""
         v = _VERSIONS
+        conditions = [v.c.resource_type == resource_type, v.c.id == resource_id, visible(v, audience)]
+        if since is not None:
+            conditions.append(v.c.last_updated >= since)
+        if at is not None:
+            later = _VERSIONS.alias("later")
+            replaced = (
+                select(func.min(later.c.last_updated))
+                .where(
+                    later.c.resource_type == v.c.resource_type,
+                    later.c.id == v.c.id,
+                    later.c.version_id > v.c.version_id,
+                )
+                .scalar_subquery()
+            )
+            conditions += [v.c.last_updated < at[1], or_(replaced.is_(None), replaced > at[0])]
+        if before_version is not None:
+            conditions.append(v.c.version_id < before_version)
         inner = (
             select(
                 *_VERSION_COLUMNS,
                 *_permit_column(v, audience),
                 func.count().over().label("visible_total"),
             )
-            .where(v.c.resource_type == resource_type, v.c.id == resource_id, visible(v, audience))
+            .where(*conditions)
             .order_by(v.c.version_id.desc())
             .limit(limit)
         )

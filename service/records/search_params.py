@@ -28,7 +28,9 @@ SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "Provenance": frozenset(_CLINICAL),
     "Specimen": frozenset(_CLINICAL),
 }
-CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total"})
+CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total", "_summary", "_elements"})
+# Parameters of every interaction, answered by the response layer (service.api.formats).
+GENERAL_PARAMETERS = frozenset({"_format", "_pretty"})
 # A migrant's identifiers (a passport number) never go into a URL the service writes: the
 # links of a search by identifier name it without them, and its cursor carries their
 # blind indexes, sealed (service.records.paging).
@@ -39,6 +41,8 @@ MAX_OFFSET = 10_000
 MAX_VALUES = 50
 _TOKEN_PARAMS = frozenset({"code", "vaccine-code", "type"})
 _PREFIXES = ("eq", "ge", "gt", "le", "lt")
+_ELEMENT_NAME = re.compile(r"^[a-z][A-Za-z0-9]{0,63}$")
+MAX_ELEMENTS = 50
 
 
 def _bad(diagnostics: str, param: str, code: str = "invalid") -> FhirError:
@@ -60,11 +64,17 @@ class ParsedSearch:
     value_concepts: list[list[tuple[str, str]]] = field(default_factory=list)
     # The blind-index groups of the identifying parameters, for the cursor to carry.
     hidden: list[tuple[str, list[bytes]]] = field(default_factory=list)
+    summary_count: bool = False  # _summary=count: the total, no entries
+    elements: tuple[str, ...] | None = None  # _elements: the top-level elements to return
 
     @property
     def linkable(self) -> list[tuple[str, str]]:
         """The parameters understood that may be written into a link: all but identifiers."""
         return [(n, v) for n, v in self.echo if n.partition(":")[0] not in IDENTIFYING_PARAMETERS]
+
+    @property
+    def total_only(self) -> bool:
+        return self.summary_count or self.count == 0
 
 
 def _split(value: str, param: str) -> list[str]:
@@ -108,6 +118,32 @@ def _date_bounds(param: str, raw: str) -> list[tuple[str, datetime]]:
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
+def parse_elements(value: str, param: str = "_elements") -> tuple[str, ...]:
+    """The top-level element names of ``_elements`` (paths into elements are not supported)."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names or len(names) > MAX_ELEMENTS or not all(_ELEMENT_NAME.match(n) for n in names):
+        raise _bad("_elements needs 1 to 50 top-level element names, comma-separated", param)
+    return tuple(dict.fromkeys(names))
+
+
+def patient_id_of(reference: str, fhir_base_url: str) -> str | None:
+    """The Patient id a ``patient=`` value names: a bare id, ``Patient/id``, or an absolute
+    reference under this server's base (http or https); None for anything else (another
+    server's Patient, another type), which matches nothing here."""
+    text = reference.split("/_history/")[0]
+    if "://" in text:
+        _, _, here = fhir_base_url.partition("://")
+        _, _, there = text.partition("://")
+        prefix = here.rstrip("/") + "/"
+        if not (text.startswith(("http://", "https://")) and there.startswith(prefix)):
+            return None
+        text = there.removeprefix(prefix)
+    kind, slash, rid = text.rpartition("/")
+    if not slash:
+        return text or None
+    return rid if kind == "Patient" and rid else None
+
+
 def _is_number(value: str) -> bool:
     # ASCII digits only: str.isdigit() admits "²" and other digits that int() refuses.
     return value.isascii() and value.isdigit() and len(value) <= 9
@@ -119,6 +155,7 @@ def parse_search(
     indexer: BlindIndexer,
     *,
     lenient: bool,
+    fhir_base_url: str = "",
 ) -> ParsedSearch:
     allowed = SEARCH_PARAMETERS.get(resource_type)
     if allowed is None:
@@ -130,15 +167,19 @@ def parse_search(
     echo: list[tuple[str, str]] = []
     value_concepts: list[list[tuple[str, str]]] = []
     hidden: list[tuple[str, list[bytes]]] = []
+    summary_count = False
+    elements: tuple[str, ...] | None = None
     for name, value in params:
         if _CONTROL.search(name) or _CONTROL.search(value):
             # PostgreSQL refuses NUL in text parameters; no search term holds control characters.
             raise _bad("search parameters must not hold control characters", "")
         base, _, modifier = name.partition(":")
+        if name in GENERAL_PARAMETERS:
+            continue
         if base in CONTROL_PARAMETERS:
             if base == "_count":
-                if not _is_number(value) or not 1 <= int(value) <= MAX_COUNT:
-                    raise _bad(f"_count must be 1 to {MAX_COUNT}", name)
+                if not _is_number(value) or not 0 <= int(value) <= MAX_COUNT:
+                    raise _bad(f"_count must be 0 to {MAX_COUNT}", name)
                 count = int(value)
             elif base == "_offset":
                 if not _is_number(value) or int(value) > MAX_OFFSET:
@@ -151,6 +192,14 @@ def parse_search(
                     raise _bad("_total must be none, estimate or accurate", name)
                 count_total = value != "none"  # an estimate is answered with the exact count
                 echo.append((name, value))
+            elif base == "_summary":
+                if value not in ("count", "false"):
+                    raise _bad("_summary supports count and false", name, "not-supported")
+                summary_count = value == "count"
+                echo.append((name, value))
+            elif base == "_elements":
+                elements = parse_elements(value, name)
+                echo.append((name, ",".join(elements)))
             elif value in ("_lastUpdated", "-_lastUpdated"):
                 newest_first = value.startswith("-")
                 echo.append((name, value))
@@ -163,7 +212,8 @@ def parse_search(
             raise _bad("unknown or unsupported search parameter", name, "not-supported")
         echo.append((name, value))
         if base == "patient":
-            ids = [v.removeprefix("Patient/") for v in _split(value, name)]
+            named = [patient_id_of(v, fhir_base_url) for v in _split(value, name)]
+            ids = [i for i in named if i is not None]
             flt.subject_ids = ids if flt.subject_ids is None else [i for i in flt.subject_ids if i in ids]
         elif base == "_id":
             ids = _split(value, name)
@@ -207,4 +257,6 @@ def parse_search(
         count_total=count_total,
         value_concepts=value_concepts,
         hidden=hidden,
+        summary_count=summary_count,
+        elements=elements,
     )

@@ -95,7 +95,7 @@ def test_token_entries_search_paging_and_fhir_shape(service: Service) -> None:
     today = event["recorded"][:10]
     dated = service.client.get(f"/fhir/AuditEvent?date=ge{today}&date=lt2999-01-01", headers=headers)
     assert len(dated.json()["entry"]) >= 4
-    assert service.client.get("/fhir/AuditEvent?date=2001", headers=headers).json()["entry"] == []
+    assert "entry" not in service.client.get("/fhir/AuditEvent?date=2001", headers=headers).json()
     bad_param = service.client.get("/fhir/AuditEvent?date=yesterday", headers=headers)
     assert bad_param.status_code == 400 and bad_param.json()["resourceType"] == "OperationOutcome"
 

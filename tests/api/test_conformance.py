@@ -110,10 +110,6 @@ def test_every_served_resource_validates_in_an_independent_validator(
 
 
 @needs_validator
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 8 (not in this change): history Bundles lack entry.response, rule bdl-4",
-)
 def test_history_bundles_validate_in_an_independent_validator(
     service: Service, clinic: Party, tmp_path: Path
 ) -> None:

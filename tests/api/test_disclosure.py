@@ -147,8 +147,8 @@ def _count_or_404(response: Any) -> tuple[int, int]:
         return response.status_code, 0
     body = response.json()
     if body["resourceType"] == "Bundle":
-        assert body["total"] == len(body["entry"])
-        return 200, len(body["entry"])
+        assert body["total"] == len(body.get("entry", []))
+        return 200, len(body.get("entry", []))
     return 200, 1
 
 

@@ -50,7 +50,7 @@ def _refusals(service: Service, headers: dict[str, str]) -> dict[str, Any]:
     first = client.get("/fhir/Observation", params={"_count": "1"}, headers=headers)
     assert first.status_code == 200
     return {
-        "count=0": client.get("/fhir/Patient", params={"_count": "0"}, headers=headers),
+        "count=-1": client.get("/fhir/Patient", params={"_count": "-1"}, headers=headers),
         "unknown parameter": client.get(
             "/fhir/Patient", params={"bogus": SECRET, "identifier": f"urn:x|{SECRET}"}, headers=headers
         ),
@@ -86,7 +86,7 @@ def test_every_refusal_of_an_identified_client_has_its_entry(database_url: str, 
         responses = _refusals(service, service.headers(clinic))
         statuses = {name: r.status_code for name, r in responses.items()}
         assert statuses == {
-            "count=0": 400,
+            "count=-1": 400,
             "unknown parameter": 400,
             "bad cursor": 400,
             "refused write": statuses["refused write"],
@@ -205,7 +205,7 @@ def test_a_refusal_built_by_its_route_is_written_once(database_url: str, tmp_pat
     with Service.start(database_url, tmp_path) as service:
         authority = service.register("authority", "authority", purposes=("PUBHLTH",))
         headers = service.headers(authority, purpose_of_use="PUBHLTH")
-        path = "/fhir/Observation/does-not-exist" if status == 404 else "/fhir/Observation?_count=0"
+        path = "/fhir/Observation/does-not-exist" if status == 404 else "/fhir/Observation?_count=-1"
         response = service.client.get(path, headers=headers)
         assert response.status_code == status
         found = entries_of(database_url, response)

@@ -172,7 +172,15 @@ def test_capability_statement() -> None:
     }
     assert [i["code"] for i in by_type["AuditEvent"]["interaction"]] == ["read", "search-type"]
     # Per-type search parameters: test_capability_statement_lists_the_search_parameters_...
-    assert {p["name"] for p in rest["searchParam"]} == {"_count", "_sort", "_offset", "_cursor", "_total"}
+    assert {p["name"] for p in rest["searchParam"]} == {
+        "_count",
+        "_sort",
+        "_offset",
+        "_cursor",
+        "_total",
+        "_summary",
+        "_elements",
+    }
 
 
 def test_capability_statement_profiles_exist(ig: ImplementationGuide) -> None:
