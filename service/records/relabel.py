@@ -49,12 +49,12 @@ async def relabel(database: Database, services: RecordServices) -> RelabelCounts
     resources = changed = grants = 0
     for subject_id in subject_ids:
         async with database.transaction() as session:
-            n, c, g = await _relabel_subject(RecordRepository(session), services, subject_id)
+            n, c, g = await relabel_subject(RecordRepository(session), services, subject_id)
         resources, changed, grants = resources + n, changed + c, grants + g
     return RelabelCounts(len(subject_ids), resources, changed, grants)
 
 
-async def _relabel_subject(
+async def relabel_subject(
     repo: RecordRepository, services: RecordServices, subject_id: str
 ) -> tuple[int, int, int]:
     subject = await repo.subject(subject_id)
