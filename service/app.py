@@ -19,10 +19,10 @@ from service.api.refusal_audit import RefusalAuditMiddleware
 from service.api.search_docs import document_searches
 from service.asgi import RequestMiddleware
 from service.audit.events import AuditRecord
-from service.audit.log import start_integrator, stop_integrator
 from service.audit.tally import run_flusher, stop_flusher
 from service.capability import load_capability_statement
 from service.errors import install_error_handlers
+from service.jobs.background import BackgroundWork
 from service.keyring_match import KeyringMismatch, check_and_record
 from service.logging_setup import configure_logging
 from service.ratelimit import RateLimiter, TokenEndpointLimits
@@ -47,7 +47,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             if owned:
                 await close_runtime(app.state.runtime)
             raise KeyringMismatch(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
-        integrator = start_integrator(app.state.runtime)
+        # The audit integrator and the job workers of this process (service.jobs.background).
+        background = BackgroundWork(app.state.runtime, job_workers=settings.job_workers)
+        background.start()
         flusher = start_refusal_flusher(app.state.runtime)
         # What start-up built (the IG, the validator's models, the routes) lives as long as the
         # process: out of the collector's sight, it is not re-scanned by every full collection.
@@ -57,7 +59,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         finally:
             await stop_flusher(flusher)  # writes what is counted so far, through the audit writer
             await app.state.runtime.audit_writer.drain()
-            await stop_integrator(integrator)
+            # In-flight requests are done; a job still running gets the graceful period to finish.
+            await background.stop(settings.graceful_shutdown_seconds)
             if owned:
                 await close_runtime(app.state.runtime)
 

@@ -417,9 +417,80 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """``mhr worker``: the audit integrator and job workers, without the HTTP server, until SIGTERM."""
+    import signal
+
+    from service.jobs.background import BackgroundWork
+    from service.lifecycle import SHUTDOWN
+    from service.runtime import build_runtime, close_runtime, open_keyring
+
+    settings.check_safe_to_start()
+    workers = args.workers if args.workers is not None else max(1, settings.job_workers)
+    if workers < 1:
+        return _fail("--workers must be at least 1")
+    keys = open_keyring(settings)
+    _check_keyring(settings, keys)
+
+    async def run() -> None:
+        runtime = build_runtime(settings, keys=keys)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        background = BackgroundWork(runtime, job_workers=workers)
+        try:
+            background.start()
+            await stop.wait()
+            SHUTDOWN.begin("stopping")
+            log.info("worker stopping", extra={"grace_seconds": settings.graceful_shutdown_seconds})
+            await background.stop(settings.graceful_shutdown_seconds)
+        finally:
+            await close_runtime(runtime)
+        log.info("worker stopped")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    """``mhr jobs list`` and ``mhr jobs retry ID``: background jobs for operators."""
+    from service.jobs import queue
+
+    if args.action == "list":
+
+        async def listing(db: Database) -> Any:
+            async with db.reading() as session:
+                jobs = await queue.list_jobs(session, state=args.state, kind=args.kind, limit=args.limit)
+                return [job.as_json() for job in jobs]
+
+        _emit(_with_db(settings, listing))
+        return 0
+
+    async def retry(db: Database) -> Any:
+        async with db.transaction() as session:
+            job = await queue.retry_dead(session, args.job_id)
+            await _audit_admin(session, "job-retry", Action.update, ("Job", str(job.id)))
+            return job.as_json()
+
+    try:
+        _emit(_with_db(settings, retry))
+    except queue.NotRetryable as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
 def cmd_records(args: argparse.Namespace, settings: Settings) -> int:
     from service.records.relabel import relabel
     from service.runtime import build_runtime, close_runtime
+
+    if args.background:
+        from service.records.relabel_job import enqueue_relabel
+
+        run_id = args.run_id or uuid.uuid4().hex
+        count = _with_db(settings, lambda db: enqueue_relabel(db, run_id))
+        _emit({"run_id": run_id, "jobs": count, "kind": "records.relabel"})
+        return 0
 
     async def run() -> Any:
         runtime = build_runtime(settings)
@@ -494,6 +565,12 @@ def _retain_checkpoint(settings: Settings, out: Path, note: str, verifier: Any) 
     extends = "" if old is None else f", consistent with the one it replaces (size {old.size})"
     print(f"checkpoint of size {new.size} saved to {out}{extends}")
     return 0
+
+
+def _run_id(value: str) -> str:
+    if not (0 < len(value) <= 100) or not value.isascii() or not value.isprintable():
+        raise argparse.ArgumentTypeError("a run id is 1 to 100 printable ASCII characters")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -594,10 +671,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=cmd_audit)
 
     records = sub.add_parser("records", help="stored records").add_subparsers(dest="action", required=True)
-    records.add_parser(
+    relabel = records.add_parser(
         "relabel",
         help="recompute every resource's label token and every migrant's grants under the current rules",
-    ).set_defaults(handler=cmd_records)
+    )
+    relabel.add_argument(
+        "--background", action="store_true", help="enqueue one job per migrant for the workers instead"
+    )
+    relabel.add_argument(
+        "--run-id", type=_run_id, help="with --background: names the run; the same run enqueues once"
+    )
+    relabel.set_defaults(handler=cmd_records)
+
+    worker = sub.add_parser("worker", help="run the background workers and the audit integrator alone")
+    worker.add_argument("--workers", type=int, help="job workers in this process (default MHR_JOB_WORKERS)")
+    worker.set_defaults(handler=cmd_worker)
+
+    jobs = sub.add_parser("jobs", help="background jobs").add_subparsers(dest="action", required=True)
+    jobs_list = jobs.add_parser("list", help="jobs, newest first")
+    jobs_list.add_argument("--state", choices=["queued", "running", "done", "dead"])
+    jobs_list.add_argument("--kind", help="e.g. records.relabel")
+    jobs_list.add_argument("--limit", type=int, default=100)
+    jobs_retry = jobs.add_parser("retry", help="queue a dead job again, its attempts reset")
+    jobs_retry.add_argument("job_id", type=int)
+    for p in jobs.choices.values():
+        p.set_defaults(handler=cmd_jobs)
     return parser
 
 
@@ -606,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # A server takes its settings from its environment alone, never from var/dev.env.
-        settings = load_settings(development_file=args.handler is not cmd_serve)
+        settings = load_settings(development_file=args.handler not in (cmd_serve, cmd_worker))
         configure_logging(settings.log_level)
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
         return handler(args, settings)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -23,5 +23,17 @@ TOKENS = Counter(
     "mhr_tokens_total",
     "Token endpoint outcomes",
     ("outcome",),
+    registry=REGISTRY,
+)
+JOBS = Gauge(
+    "mhr_jobs",
+    "Background jobs by kind and state (done, queued, running, dead), as last counted by this process",
+    ("kind", "state"),
+    registry=REGISTRY,
+)
+JOB_RUNS = Counter(
+    "mhr_job_runs_total",
+    "Job attempts run by this process, by kind and outcome (done, retry, dead, lease_lost)",
+    ("kind", "outcome"),
     registry=REGISTRY,
 )

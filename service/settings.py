@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     # up to graceful_shutdown_seconds. Set drain_seconds to the balancer's time to notice.
     drain_seconds: float = Field(default=5.0, ge=0, le=600)
     graceful_shutdown_seconds: float = Field(default=20.0, ge=1, le=600)
+    # Background work (service.jobs, README "Background work"): job workers in each server
+    # process (0: none there; run `mhr worker` instead), how long a lease lasts before another
+    # worker may take over a job whose worker died, and how often an idle worker looks for work.
+    job_workers: int = Field(default=1, ge=0, le=32)
+    job_lease_seconds: float = Field(default=300.0, ge=1, le=86_400)
+    job_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Modules imported at start-up that register further job kinds (a JSON list in MHR_JOB_MODULES).
+    job_modules: tuple[str, ...] = ()
     # Per-client rate limit, a token bucket in cost units: a write costs more than a search,
     # a search more than a read. Enforced per process (per replica).
     rate_limit_enabled: bool = True

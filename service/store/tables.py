@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -308,3 +309,36 @@ class AuditQuarantine(Base):
     content: Mapped[bytes] = mapped_column(LargeBinary)
     tree_size: Mapped[int] = mapped_column(BigInteger)  # the signed size when it was found
     found_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Job(Base):
+    """Durable background work (service.jobs): written in the transaction of the change that
+    causes it, leased by workers, retried, and kept as ``dead`` with its reason when it gives up.
+
+    The payload carries pseudonymous ids only, never PHI (service.jobs says why); error columns
+    hold an exception type and a message written for operators, never an exception's own text.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    # Unique per kind: enqueuing the same key twice is one job; the handler sees it too.
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, object]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))  # queued, running, done, dead
+    attempts: Mapped[int] = mapped_column(Integer)
+    run_after: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The lease: who holds the job, until when, and the token that fences its completion.
+    leased_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("kind", "idempotency_key"),
+        Index("ix_jobs_due", "state", "run_after"),
+    )

@@ -1,0 +1,88 @@
+"""The background work of one process: the audit integrator, job workers, the job-count metric.
+
+Started by the app's lifespan in every ``mhr serve`` process and by ``mhr worker`` on its own.
+Every replica may run all of it: the integrator's lock and the job leases let one of them act at
+a time. Stopping: workers stop leasing, the job each holds gets ``grace_seconds`` to finish and
+is otherwise cancelled and released; then the integrator stops between two seals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from service.audit.log import start_integrator, stop_integrator
+from service.jobs import queue
+from service.jobs.kinds import load_kinds
+from service.jobs.worker import Worker, worker_name
+from service.metrics import JOBS
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime
+
+log = logging.getLogger("mhr.jobs")
+
+METRICS_INTERVAL_SECONDS = 15.0
+
+
+class BackgroundWork:
+    def __init__(self, runtime: Runtime, *, job_workers: int) -> None:
+        self.runtime = runtime
+        self.registry = load_kinds(runtime.settings.job_modules)
+        self.workers = [Worker(runtime, self.registry, name=worker_name(i)) for i in range(job_workers)]
+        self._worker_tasks: list[asyncio.Task[None]] = []
+        self._integrator: asyncio.Task[None] | None = None
+        self._metrics: asyncio.Task[None] | None = None
+        self._seen: set[tuple[str, str]] = set()
+
+    def start(self) -> None:
+        self._integrator = start_integrator(self.runtime)
+        self._worker_tasks = [
+            asyncio.create_task(worker.run(), name=f"mhr-job-worker-{i}")
+            for i, worker in enumerate(self.workers)
+        ]
+        self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
+        if self.workers:
+            log.info(
+                "job workers started", extra={"workers": len(self.workers), "kinds": self.registry.names()}
+            )
+
+    async def wait(self) -> None:
+        """Until every worker has stopped (``mhr worker`` waits on this)."""
+        await asyncio.gather(*self._worker_tasks, return_exceptions=True)
+
+    async def stop(self, grace_seconds: float) -> None:
+        for worker in self.workers:
+            worker.stopping.set()
+        if self._worker_tasks:
+            _done, late = await asyncio.wait(self._worker_tasks, timeout=grace_seconds)
+            for task in late:
+                task.cancel()  # the job is released (Worker._execute)
+            await asyncio.gather(*self._worker_tasks, return_exceptions=True)
+        if self._metrics is not None:
+            self._metrics.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics
+        if self._integrator is not None:
+            await stop_integrator(self._integrator)
+
+    async def refresh_metrics(self) -> None:
+        async with self.runtime.database.reading() as session:
+            found = await queue.counts(session)
+        for labels in self._seen - found.keys():
+            JOBS.labels(*labels).set(0)
+        for labels, count in found.items():
+            JOBS.labels(*labels).set(count)
+        self._seen |= found.keys()
+
+    async def _count_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_metrics()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not count jobs", extra={"error_type": type(exc).__name__})
+            await asyncio.sleep(METRICS_INTERVAL_SECONDS)
