@@ -450,3 +450,69 @@ def test_relabel_in_the_background_is_one_job_per_migrant_done_by_the_workers(
             assert states == {"done"}
 
     asyncio.run(scenario())
+
+
+# --- inside the server: the app's lifespan runs the workers -----------------------------------
+
+
+def test_the_server_runs_jobs_in_the_background_and_stops_leasing_when_draining(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from service.lifecycle import SHUTDOWN
+
+    with Service.start(
+        settings.database_url, tmp_path, job_modules=TEST_KINDS, job_poll_seconds=0.05, job_workers=2
+    ) as service:
+
+        async def enqueue_one(key: str) -> int:
+            async with running(settings) as runtime, runtime.database.transaction() as session:
+                return await enqueue(session, EFFECT, Effect(), key)
+
+        async def state(job_id: int) -> str:
+            async with running(settings) as runtime:
+                return (await job(runtime, job_id)).state
+
+        first = asyncio.run(enqueue_one("served-1"))
+        _wait_for(lambda: asyncio.run(state(first)) == "done", 30, "the server's workers to run the job")
+        assert service.client.get("/healthz").status_code == 200
+        try:
+            SHUTDOWN.begin("test: draining")
+            time.sleep(0.3)  # an idle worker notices within its poll interval
+            second = asyncio.run(enqueue_one("served-2"))
+            time.sleep(0.5)
+            assert asyncio.run(state(second)) == "queued"  # a draining server leases nothing new
+        finally:
+            SHUTDOWN.reset()
+
+
+def test_a_job_module_that_cannot_be_imported_is_a_clear_settings_error() -> None:
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="MHR_JOB_MODULES: cannot import 'no_such_jobs_module'"):
+        load_kinds(("no_such_jobs_module",))
+
+
+def test_a_job_whose_worker_dies_on_every_attempt_ends_dead_not_in_a_loop(settings: Settings) -> None:
+    async def scenario() -> None:
+        async with running(settings) as runtime:
+            async with runtime.database.transaction() as session:
+                job_id = await enqueue(session, EFFECT, Effect(), "dies-every-time")
+            for attempt in range(1, EFFECT.max_attempts + 1):
+                # A worker leases the job and vanishes: its lease simply runs out.
+                async with runtime.database.transaction() as session:
+                    leased = await queue.lease_one(
+                        session,
+                        [EFFECT.name],
+                        owner=f"doomed-{attempt}",
+                        lease_seconds=0.01,
+                        max_attempts={EFFECT.name: 3},
+                    )
+                assert isinstance(leased, queue.Lease) and leased.attempt == attempt
+                await asyncio.sleep(0.05)
+            assert await worker(runtime).run_one([EFFECT.name]) is True
+            dead = await job(runtime, job_id)
+            assert (dead.state, dead.attempts, dead.error_type) == ("dead", 3, "LeaseExpired")
+            assert await worker(runtime).run_one([EFFECT.name]) is False
+            assert await effects(runtime) == []
+
+    asyncio.run(scenario())

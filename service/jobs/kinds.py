@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.settings import SettingsError
+
 if TYPE_CHECKING:
     from service.runtime import Runtime
 
@@ -108,6 +110,11 @@ def register(kind: JobKind[P]) -> JobKind[P]:
 
 def load_kinds(extra_modules: Iterable[str] = ()) -> JobRegistry:
     """Import the modules that define kinds, so that every kind this process runs is registered."""
-    for module in (*BUILTIN_MODULES, *extra_modules):
+    for module in BUILTIN_MODULES:
         importlib.import_module(module)
+    for module in extra_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SettingsError(f"MHR_JOB_MODULES: cannot import {module!r} ({type(exc).__name__})") from None
     return REGISTRY
