@@ -516,3 +516,23 @@ def test_a_job_whose_worker_dies_on_every_attempt_ends_dead_not_in_a_loop(settin
             assert await effects(runtime) == []
 
     asyncio.run(scenario())
+
+
+def test_mhr_worker_also_runs_the_audit_integrator(
+    settings: Settings, spawn_worker: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.audit import log as audit_log
+
+    _cli_env(monkeypatch, settings)
+    assert cli_main(["orgs", "add", "--name", "Clinic for the integrator", "--kind", "clinic"]) == 0
+    capsys.readouterr()
+
+    async def sealed() -> int:
+        async with running(settings) as runtime, runtime.database.reading() as session:
+            return await audit_log.tree_size(session)
+
+    assert asyncio.run(sealed()) == 0  # the admin action's audit entry is not sealed yet
+    process = spawn_worker()
+    _wait_for(lambda: asyncio.run(sealed()) >= 1, 60, "the worker's integrator to seal the audit log")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
