@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         finally:
             await stop_flusher(flusher)  # writes what is counted so far, through the audit writer
             await app.state.runtime.audit_writer.drain()
-            # In-flight requests are done; a job still running gets the graceful period to finish.
+            # A job still running has had the graceful period since the drain began to finish.
             await background.stop(settings.graceful_shutdown_seconds)
             if owned:
                 await close_runtime(app.state.runtime)

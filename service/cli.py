@@ -443,6 +443,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             background.start()
             await stop.wait()
             SHUTDOWN.begin("stopping")
+            background.begin_stopping()
             log.info("worker stopping", extra={"grace_seconds": settings.graceful_shutdown_seconds})
             await background.stop(settings.graceful_shutdown_seconds)
         finally:

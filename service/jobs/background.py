@@ -2,8 +2,9 @@
 
 Started by the app's lifespan in every ``mhr serve`` process and by ``mhr worker`` on its own.
 Every replica may run all of it: the integrator's lock and the job leases let one of them act at
-a time. Stopping: workers stop leasing, the job each holds gets ``grace_seconds`` to finish and
-is otherwise cancelled and released; then the integrator stops between two seals.
+a time. Stopping (from the start of the drain, in a server): workers stop leasing, the job each
+holds gets ``grace_seconds`` to finish and is otherwise cancelled and released; then the
+integrator stops between two seals.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from service.audit.log import start_integrator, stop_integrator
 from service.jobs import queue
 from service.jobs.kinds import load_kinds
 from service.jobs.worker import Worker, worker_name
+from service.lifecycle import SHUTDOWN
 from service.metrics import JOBS
 
 if TYPE_CHECKING:
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mhr.jobs")
 
 METRICS_INTERVAL_SECONDS = 15.0
+DRAIN_WATCH_SECONDS = 0.2
 
 
 class BackgroundWork:
@@ -36,6 +40,8 @@ class BackgroundWork:
         self._integrator: asyncio.Task[None] | None = None
         self._metrics: asyncio.Task[None] | None = None
         self._seen: set[tuple[str, str]] = set()
+        self._stopping_since: float | None = None
+        self._drain_watch: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._integrator = start_integrator(self.runtime)
@@ -44,29 +50,46 @@ class BackgroundWork:
             for i, worker in enumerate(self.workers)
         ]
         self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
+        self._drain_watch = asyncio.create_task(self._watch_drain(), name="mhr-job-drain-watch")
         if self.workers:
             log.info(
                 "job workers started", extra={"workers": len(self.workers), "kinds": self.registry.names()}
             )
 
-    async def wait(self) -> None:
-        """Until every worker has stopped (``mhr worker`` waits on this)."""
-        await asyncio.gather(*self._worker_tasks, return_exceptions=True)
-
-    async def stop(self, grace_seconds: float) -> None:
+    def begin_stopping(self) -> None:
+        """Stop leasing now; the grace period of the jobs in hand starts here."""
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
         for worker in self.workers:
             worker.stopping.set()
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop: the jobs in hand get ``grace_seconds`` from when stopping began (the drain's
+        start, in a server), so that the whole stop fits in the time the orchestrator allows."""
+        self.begin_stopping()
+        assert self._stopping_since is not None
+        remaining = max(0.0, self._stopping_since + grace_seconds - time.monotonic())
         if self._worker_tasks:
-            _done, late = await asyncio.wait(self._worker_tasks, timeout=grace_seconds)
+            _done, late = await asyncio.wait(self._worker_tasks, timeout=remaining)
             for task in late:
                 task.cancel()  # the job is released (Worker._execute)
             await asyncio.gather(*self._worker_tasks, return_exceptions=True)
+        if self._drain_watch is not None:
+            self._drain_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_watch
         if self._metrics is not None:
             self._metrics.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._metrics
         if self._integrator is not None:
             await stop_integrator(self._integrator)
+
+    async def _watch_drain(self) -> None:
+        """The process's drain (SIGTERM in a server) is a signal handler's flag: look for it."""
+        while not SHUTDOWN.draining:  # noqa: ASYNC110 - set by a signal handler, not an event
+            await asyncio.sleep(DRAIN_WATCH_SECONDS)
+        self.begin_stopping()
 
     async def refresh_metrics(self) -> None:
         async with self.runtime.database.reading() as session:
