@@ -196,3 +196,46 @@ def test_mhr_keys_init_creates_the_keys_in_the_token_once(softhsm: SoftHsm, tmp_
     assert second.returncode == 0, second.stderr
     assert "nothing created" in second.stdout
     assert softhsm.pin not in first.stdout + first.stderr + second.stdout + second.stderr
+
+
+# --- a keyring of an earlier version at start-up ---------------------------------
+
+
+def _without_blind_index(path: Path) -> None:
+    import json
+
+    doc = json.loads(path.read_text())
+    del doc["secrets"]["blind-index"]
+    path.write_text(json.dumps(doc))
+
+
+def test_an_older_keyring_is_completed_in_development_and_refused_elsewhere(tmp_path: Path) -> None:
+    from service.runtime import open_keyring
+    from service.settings import Environment, Settings
+
+    path = tmp_path / "keyring.json"
+    blob = LocalKeyring.create(path).wrap_key(b"k" * 32, AAD)
+    _without_blind_index(path)
+    production = Settings(env=Environment.production, keyring_path=path, public_base_url="https://mhr.test")
+    with pytest.raises(KeyringError, match=r"holds no blind-index key.*mhr keys upgrade"):
+        open_keyring(production)
+    development = Settings(env=Environment.development, keyring_path=path)
+    assert open_keyring(development).unwrap_key(blob, AAD) == b"k" * 32
+    # Added to the file: production starts with it now, the same key.
+    assert open_keyring(production).blind_index_mac(b"m") == open_keyring(development).blind_index_mac(b"m")
+
+
+def test_mhr_keys_upgrade_adds_what_an_older_keyring_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.cli import main
+
+    path = tmp_path / "keyring.json"
+    kid = LocalKeyring.create(path).token_key_id()
+    _without_blind_index(path)
+    monkeypatch.setenv("MHR_ENV", "production")
+    monkeypatch.setenv("MHR_KEYRING_PATH", str(path))
+    assert main(["keys", "upgrade"]) == 0
+    upgraded = LocalKeyring.load(path)
+    assert upgraded.token_key_id() == kid
+    assert main(["keys", "upgrade"]) == 0  # nothing more to add
