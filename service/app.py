@@ -51,7 +51,7 @@ def create_app(
         except KeyringMismatch as exc:
             if owned:
                 await close_runtime(app.state.runtime)
-            raise KeyringMismatch(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
+            raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None
         integrator = start_integrator(app.state.runtime)
         flusher = start_refusal_flusher(app.state.runtime)
         # What start-up built (the IG, the validator's models, the routes) lives as long as the

@@ -121,7 +121,7 @@ def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
     try:
         _with_db(settings, lambda db: check_and_record(db, keys))
     except KeyringMismatch as exc:
-        raise CommandError(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
+        raise CommandError(f"refusing to start: {settings.key_store}: {exc}") from None
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:

@@ -161,6 +161,13 @@ class Settings(BaseSettings):
         return f"{self.base_url}/fhir"
 
     @property
+    def key_store(self) -> str:
+        """Where the keys are, for messages: the keyring file or the token (never its PIN)."""
+        if self.key_provider == "pkcs11":
+            return f"PKCS#11 token {self.pkcs11_token_label!r}"
+        return f"keyring {self.keyring_path}"
+
+    @property
     def token_url(self) -> str:
         return f"{self.base_url}/auth/token"
 

@@ -112,3 +112,24 @@ def test_a_search_page_unwraps_each_migrants_key_once(counted: tuple[Service, Co
     assert len(page.json()["entry"]) > len(subjects) > 1
     assert subjects <= patients
     assert keys.unwraps - before == len(subjects)
+
+
+def test_a_token_is_refused_for_data_written_under_the_keyring(
+    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The database names the keys its data needs: switching providers is not silent."""
+    from conftest import SoftHsm
+
+    from service.keyring_match import KeyringMismatch
+
+    hsm: SoftHsm = request.getfixturevalue("softhsm")
+    with Service.start(database_url, tmp_path) as keyring_service:
+        clinic = keyring_service.register("clinic", "clinic")
+        _patient_id(submit(keyring_service, clinic, load_example(EXAMPLES[0])))
+    with (
+        pytest.raises(
+            KeyringMismatch, match=f"PKCS#11 token '{hsm.token}'.*does not hold the kek key local-"
+        ),
+        Service.start(database_url, tmp_path, **hsm.settings()),  # type: ignore[arg-type]
+    ):
+        pass
