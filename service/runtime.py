@@ -89,7 +89,12 @@ def pkcs11_module(settings: Settings) -> Path:
 def open_token(settings: Settings, *, create_missing: bool = False) -> KeyProvider:
     """The PKCS#11 token the settings name, logged in with its PIN."""
     # python-pkcs11 is the optional `hsm` extra: imported only when a token is used.
-    from security.pkcs11_keys import Pkcs11Keys, read_pin
+    try:
+        from security.pkcs11_keys import Pkcs11Keys, read_pin
+    except ImportError:
+        raise KeyringError(
+            "MHR_KEY_PROVIDER=pkcs11 needs python-pkcs11: install mhr with its `hsm` extra"
+        ) from None
 
     pin = read_pin(
         settings.pkcs11_pin.get_secret_value() if settings.pkcs11_pin else None, settings.pkcs11_pin_file
