@@ -37,9 +37,9 @@ LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet $(LOCK
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
-	printf 'setuptools>=77\npip\n' | $(BIN)/uv pip compile - pyproject.toml --extra test --extra dev \
+	printf 'setuptools>=77\npip\n' | $(BIN)/uv pip compile - pyproject.toml --extra test --extra dev --extra hsm \
 		$(LOCK_FLAGS) -o $(LOCK)
-	printf 'setuptools>=77\npip\n' | $(BIN)/uv pip compile - pyproject.toml -c $(LOCK) \
+	printf 'setuptools>=77\npip\n' | $(BIN)/uv pip compile - pyproject.toml --extra hsm -c $(LOCK) \
 		$(LOCK_FLAGS) -o $(RUNTIME_LOCK)
 
 # The demo server writes the settings it serves with to var/dev.env, which `mhr` commands run in

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import unicodedata
+from collections.abc import Callable
 from typing import Final
 
 __all__ = ["BlindIndexer", "normalise_identifier"]
@@ -107,19 +108,37 @@ def _component(text: str, what: str) -> bytes:
     return text.encode("utf-8")
 
 
+Mac = Callable[[bytes], bytes]
+
+
+def _keyed_mac(key: bytes) -> Mac:
+    if len(key) < _MIN_KEY:
+        raise ValueError("blind index key must be at least 32 bytes")
+    # Keying HMAC once and copying the state saves hashing the padded key on every call.
+    base = hmac.new(bytes(key), digestmod=hashlib.sha256)
+
+    def mac(message: bytes) -> bytes:
+        keyed = base.copy()
+        keyed.update(message)
+        return keyed.digest()
+
+    return mac
+
+
 class BlindIndexer:
-    """Computes blind indexes under one index key (purpose "blind-index")."""
+    """Computes blind indexes under one index key (purpose "blind-index").
 
-    __slots__ = ("_base", "_size")
+    The service gives it the key provider's operation (``KeyProvider.blind_index_mac``,
+    HMAC-SHA256 under a key that may never leave a token); a raw key (tools, tests) is
+    keyed here. Either way the key is not kept as an attribute.
+    """
 
-    def __init__(self, key: bytes, *, size: int = 16) -> None:
-        if len(key) < _MIN_KEY:
-            raise ValueError("blind index key must be at least 32 bytes")
+    __slots__ = ("_mac_of", "_size")
+
+    def __init__(self, key: bytes | Mac, *, size: int = 16) -> None:
         if not _MIN_SIZE <= size <= _MAX_SIZE:
             raise ValueError("blind index size must be between 8 and 32 bytes")
-        # Keying HMAC once and copying the state saves hashing the padded key
-        # on every call; the raw key is not kept as an attribute.
-        self._base = hmac.new(bytes(key), digestmod=hashlib.sha256)
+        self._mac_of = _keyed_mac(key) if isinstance(key, bytes | bytearray) else key
         self._size = size
 
     @property
@@ -130,9 +149,7 @@ class BlindIndexer:
         return f"BlindIndexer(size={self._size})"
 
     def _mac(self, message: bytes) -> bytes:
-        mac = self._base.copy()
-        mac.update(message)
-        return mac.digest()[: self._size]
+        return self._mac_of(message)[: self._size]
 
     def identifier(self, system: str, value: str) -> bytes:
         """Index of an identifier: the system (stripped) and the normalised value."""
@@ -168,6 +185,4 @@ class BlindIndexer:
         """A 32-byte key for ``purpose`` (such as sealing search cursors), derived from the
         index key with HMAC-SHA256 as a PRF under a domain of its own: it equals no index,
         and the index key never leaves this object."""
-        mac = self._base.copy()
-        mac.update(_DERIVE_DOMAIN + purpose.encode("utf-8"))
-        return mac.digest()
+        return self._mac_of(_DERIVE_DOMAIN + purpose.encode("utf-8"))

@@ -1,15 +1,23 @@
-"""Key providers: where the KEK, the HMAC secrets and the audit signing key live.
+"""Key providers: where the KEK, the HMAC keys and the audit signing key live.
 
-Nothing outside ``security`` sees a KEK. Callers ask a :class:`KeyProvider` to
-wrap and unwrap subject keys, and for the named secrets they need:
+A :class:`KeyProvider` performs operations with its keys and never hands one
+out, so that a provider whose keys never leave a hardware token
+(``security.pkcs11_keys``) fits behind the same interface:
 
-* ``"token-hmac"``: HMAC key for API tokens stored as hashes;
-* ``"blind-index"``: HMAC key for blind indexes (``security.blind_index``);
-* ``"audit-log"``: Ed25519 key that signs the tamper-evident audit log.
+* wrap and unwrap a subject key under the KEK (``"kek"``);
+* the blind-index HMAC (``"blind-index"``, ``security.blind_index``);
+* sign and verify the service's access tokens (``"token-hmac"``, HMAC-SHA256);
+* sign audit checkpoints (``"audit-log"``, Ed25519), with its public key.
 
 The default provider is :class:`LocalKeyring`, a JSON file holding the keys in
 base64. It is created with mode 0600, replaced atomically on every change, and
 checked by :func:`keyring_permissions_problem` at start-up.
+
+The file grows with the service: a keyring written by a later version, with key
+purposes this one does not know, is read and rewritten with those keys kept; a
+keyring written by an earlier version, lacking a purpose this one needs, is
+refused with a message naming it unless the caller asks for the missing keys to
+be added (development start-up, ``mhr keys upgrade``).
 
 Wrapped-key blob (version 1)::
 
@@ -38,34 +46,44 @@ import secrets
 import stat
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from security.envelope import IntegrityError
 
 __all__ = [
+    "BLIND_INDEX_PURPOSE",
+    "CHECK_MESSAGE",
     "KEK_PURPOSE",
     "LOG_SIGNING_KEY_NAME",
     "SECRET_PURPOSES",
+    "TOKEN_PURPOSE",
+    "CheckpointSigning",
     "KekRef",
     "KeyCheck",
     "KeyProvider",
     "KeyringError",
     "LocalKeyring",
     "keyring_permissions_problem",
+    "parse_wrapped",
+    "public_key_check_value",
+    "wrap_header",
 ]
 
-SECRET_PURPOSES: Final = ("token-hmac", "blind-index")
+TOKEN_PURPOSE: Final = "token-hmac"  # noqa: S105 - a key's name, not a secret
+BLIND_INDEX_PURPOSE: Final = "blind-index"
+SECRET_PURPOSES: Final = (TOKEN_PURPOSE, BLIND_INDEX_PURPOSE)
 LOG_SIGNING_KEY_NAME: Final = "audit-log"
 KEK_PURPOSE: Final = "kek"
 # The fixed message whose MAC under a key is that key's check value.
-_CHECK_MESSAGE: Final = b"mhr key check value v1"
+CHECK_MESSAGE: Final = b"mhr key check value v1"
 _CHECK_BYTES: Final = 8
 
 _WRAP_FORMAT: Final = 1
@@ -107,11 +125,17 @@ class KeyCheck:
 
 
 def key_check_value(raw_key: bytes) -> str:
-    return hmac.new(raw_key, _CHECK_MESSAGE, hashlib.sha256).digest()[:_CHECK_BYTES].hex()
+    return hmac.new(raw_key, CHECK_MESSAGE, hashlib.sha256).digest()[:_CHECK_BYTES].hex()
+
+
+def public_key_check_value(public_key: Ed25519PublicKey) -> str:
+    """Check value of a key pair whose private half cannot be read (a token's): its public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(CHECK_MESSAGE + raw).digest()[:_CHECK_BYTES].hex()
 
 
 class KeyProvider(Protocol):
-    """What the rest of the service may ask of a key store."""
+    """What the rest of the service may ask of a key store: operations, never key material."""
 
     def current_kek(self) -> KekRef:
         """The KEK version new wraps use."""
@@ -128,32 +152,70 @@ class KeyProvider(Protocol):
         """
         ...
 
-    def secret(self, purpose: str) -> tuple[str, bytes]:
-        """Current ``(kid, 32-byte secret)`` for ``purpose``."""
+    def blind_index_mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 (32 bytes) of ``message`` under the current blind-index key."""
         ...
 
-    def secret_by_kid(self, purpose: str, kid: str) -> bytes | None:
-        """An older or current secret by kid, or None if not held."""
+    def token_key_id(self) -> str:
+        """The kid of the key new access tokens are signed with."""
         ...
 
-    def log_signing_key(self) -> Ed25519PrivateKey:
-        """The Ed25519 key that signs the audit log."""
+    def sign_token(self, kid: str, message: bytes) -> bytes:
+        """HMAC-SHA256 of a token's signing input under key ``kid``; KeyringError if not held."""
+        ...
+
+    def verify_token(self, kid: str, message: bytes, mac: bytes) -> bool:
+        """Whether ``mac`` is the HMAC of ``message`` under key ``kid`` (False if not held).
+
+        Called for every token not yet seen: it must cost microseconds.
+        """
+        ...
+
+    def holds_token_key(self, kid: str) -> bool:
+        """Whether tokens signed under ``kid`` can still verify (the key is held)."""
+        ...
+
+    def sign_checkpoint(self, message: bytes) -> bytes:
+        """The Ed25519 signature of ``message`` under the audit log key."""
+        ...
+
+    def checkpoint_public_key(self) -> Ed25519PublicKey:
+        """The public half of the audit log key, for verifiers."""
         ...
 
     def key_checks(self) -> tuple[KeyCheck, ...]:
         """Every held key (each KEK version, every secret, the log key) by id and check value."""
         ...
 
+    def close(self) -> None:
+        """Release what the provider holds open (a token session); it is not used after."""
+        ...
+
+
+class CheckpointSigning:
+    """The audit log key as ``security.signed_note`` signs with it: a provider's operation."""
+
+    __slots__ = ("_provider",)
+
+    def __init__(self, provider: KeyProvider) -> None:
+        self._provider = provider
+
+    def sign(self, data: bytes) -> bytes:
+        return self._provider.sign_checkpoint(data)
+
+    def public_key(self) -> Ed25519PublicKey:
+        return self._provider.checkpoint_public_key()
+
 
 # --- wrapped-key blob ------------------------------------------------------
 
 
-def _wrap_header(ref: KekRef) -> bytes:
+def wrap_header(ref: KekRef) -> bytes:
     kid = ref.key_id.encode("ascii")
     return bytes((_WRAP_FORMAT, len(kid))) + kid + struct.pack(">I", ref.version)
 
 
-def _parse_wrapped(blob: bytes) -> tuple[KekRef, bytes, bytes, bytes]:
+def parse_wrapped(blob: bytes) -> tuple[KekRef, bytes, bytes, bytes]:
     """Split a blob into (kek, header, nonce, ct||tag); IntegrityError if malformed."""
     if len(blob) < 2 or blob[0] != _WRAP_FORMAT:
         raise IntegrityError
@@ -196,6 +258,21 @@ class _State:
     kek_raw: dict[int, bytes] = field(repr=False)
     secrets: dict[str, _SecretSet] = field(repr=False)
     signing_raw: bytes = field(repr=False)
+    # The document as read: what a later version wrote that this one does not know (other
+    # purposes, other sections) is written back unchanged, never dropped by a rotation here.
+    document: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def replace(self, **changes: Any) -> _State:
+        fields = {
+            "kek_id": self.kek_id,
+            "kek_current": self.kek_current,
+            "keks": self.keks,
+            "kek_raw": self.kek_raw,
+            "secrets": self.secrets,
+            "signing_raw": self.signing_raw,
+            "document": self.document,
+        }
+        return _State(**{**fields, **changes})
 
 
 def _b64e(raw: bytes) -> str:
@@ -214,48 +291,54 @@ def _b64d(text: object, what: str) -> bytes:
     return raw
 
 
-def _new_kid(existing: dict[str, bytes]) -> str:
+def _new_kid(existing: Mapping[str, bytes]) -> str:
     while True:
         kid = secrets.token_hex(4)
         if kid not in existing:
             return kid
 
 
-def _fresh_state() -> _State:
-    raw = os.urandom(_KEY_SIZE)
-    secret_sets = {}
-    for purpose in SECRET_PURPOSES:
-        kid = _new_kid({})
-        secret_sets[purpose] = _SecretSet(kid, {kid: os.urandom(_KEY_SIZE)})
-    signing = Ed25519PrivateKey.generate().private_bytes(
+def _new_secret_set() -> _SecretSet:
+    kid = _new_kid({})
+    return _SecretSet(kid, {kid: os.urandom(_KEY_SIZE)})
+
+
+def _new_signing_key() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.Raw,
         serialization.PrivateFormat.Raw,
         serialization.NoEncryption(),
     )
+
+
+def _fresh_state() -> _State:
+    raw = os.urandom(_KEY_SIZE)
     return _State(
         # A random id tells this deployment's blobs from another's.
         kek_id=f"local-{secrets.token_hex(8)}",
         kek_current=1,
         keks={1: AESGCM(raw)},
         kek_raw={1: raw},
-        secrets=secret_sets,
-        signing_raw=signing,
+        secrets={purpose: _new_secret_set() for purpose in SECRET_PURPOSES},
+        signing_raw=_new_signing_key(),
     )
 
 
 def _to_json(state: _State) -> bytes:
+    known_secrets = {
+        purpose: {"current": s.current, "keys": {k: _b64e(v) for k, v in s.keys.items()}}
+        for purpose, s in state.secrets.items()
+    }
     doc = {
+        **state.document,
         "format": _FILE_FORMAT,
         "kek": {
             "key_id": state.kek_id,
             "current": state.kek_current,
             "versions": {str(v): _b64e(k) for v, k in sorted(state.kek_raw.items())},
         },
-        "secrets": {
-            purpose: {"current": s.current, "keys": {k: _b64e(v) for k, v in s.keys.items()}}
-            for purpose, s in state.secrets.items()
-        },
-        "signing": {LOG_SIGNING_KEY_NAME: _b64e(state.signing_raw)},
+        "secrets": {**state.document.get("secrets", {}), **known_secrets},
+        "signing": {**state.document.get("signing", {}), LOG_SIGNING_KEY_NAME: _b64e(state.signing_raw)},
     }
     return json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
@@ -266,7 +349,22 @@ def _obj(value: object, what: str) -> dict[str, Any]:
     return value
 
 
-def _from_json(data: bytes) -> _State:
+def _secret_set(purpose: str, entry: dict[str, Any]) -> _SecretSet:
+    keys = {
+        kid: _b64d(raw, f"secret {purpose}/{kid}")
+        for kid, raw in _obj(entry.get("keys"), f"secrets.{purpose}.keys").items()
+    }
+    cur = entry.get("current")
+    if not isinstance(cur, str) or cur not in keys:
+        raise KeyringError(f"keyring: secrets.{purpose}.current does not name a held key")
+    return _SecretSet(cur, keys)
+
+
+def _from_json(data: bytes, *, add_missing: bool = False) -> tuple[_State, tuple[str, ...]]:
+    """The keyring in ``data`` and the purposes it lacked (added only with ``add_missing``).
+
+    Without ``add_missing`` a missing purpose raises KeyringError naming it.
+    """
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -288,30 +386,43 @@ def _from_json(data: bytes) -> _State:
     if isinstance(current, bool) or not isinstance(current, int) or current not in kek_raw:
         raise KeyringError("keyring: kek.current does not name a held version")
 
-    secrets_doc = _obj(doc.get("secrets"), "secrets")
+    missing: list[str] = []
+    secrets_doc = _obj(doc.get("secrets", {}), "secrets")
     secret_sets: dict[str, _SecretSet] = {}
     for purpose in SECRET_PURPOSES:
-        entry = _obj(secrets_doc.get(purpose), f"secrets.{purpose}")
-        keys = {
-            kid: _b64d(raw, f"secret {purpose}/{kid}")
-            for kid, raw in _obj(entry.get("keys"), f"secrets.{purpose}.keys").items()
-        }
-        cur = entry.get("current")
-        if not isinstance(cur, str) or cur not in keys:
-            raise KeyringError(f"keyring: secrets.{purpose}.current does not name a held key")
-        secret_sets[purpose] = _SecretSet(cur, keys)
+        if purpose in secrets_doc:
+            secret_sets[purpose] = _secret_set(purpose, _obj(secrets_doc[purpose], f"secrets.{purpose}"))
+        else:
+            missing.append(purpose)
+            secret_sets[purpose] = _new_secret_set()
+    # Purposes of a later version: each must still be well formed, since it is written back.
+    for purpose, entry in secrets_doc.items():
+        if purpose not in SECRET_PURPOSES:
+            _obj(entry, f"secrets.{purpose}")
 
-    signing = _obj(doc.get("signing"), "signing")
-    signing_raw = _b64d(signing.get(LOG_SIGNING_KEY_NAME), f"signing.{LOG_SIGNING_KEY_NAME}")
+    signing = _obj(doc.get("signing", {}), "signing")
+    if LOG_SIGNING_KEY_NAME in signing:
+        signing_raw = _b64d(signing[LOG_SIGNING_KEY_NAME], f"signing.{LOG_SIGNING_KEY_NAME}")
+    else:
+        missing.append(LOG_SIGNING_KEY_NAME)
+        signing_raw = _new_signing_key()
 
-    return _State(
+    if missing and not add_missing:
+        names = ", ".join(missing)
+        raise KeyringError(
+            f"keyring: it holds no {names} key (written by an earlier version of mhr); add the keys "
+            "this version needs with `mhr keys upgrade`, which keeps every key the keyring holds"
+        )
+    state = _State(
         kek_id=kek_id,
         kek_current=current,
         keks={v: AESGCM(k) for v, k in kek_raw.items()},
         kek_raw=kek_raw,
         secrets=secret_sets,
         signing_raw=signing_raw,
+        document=doc,
     )
+    return state, tuple(missing)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -358,14 +469,39 @@ def _publish_new(tmp: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class _Operations:
+    """The keyed objects one snapshot's operations use, built once per snapshot.
+
+    HMAC is keyed once per key and the keyed state copied per message, which
+    saves hashing the padded key each time (a token verify is then ~1 us).
+    """
+
+    __slots__ = ("macs", "signing")
+
+    def __init__(self, state: _State) -> None:
+        self.macs = {
+            purpose: {kid: hmac.new(raw, digestmod=hashlib.sha256) for kid, raw in entry.keys.items()}
+            for purpose, entry in state.secrets.items()
+        }
+        self.signing = Ed25519PrivateKey.from_private_bytes(state.signing_raw)
+
+
 class LocalKeyring(KeyProvider):
     """Keys in a local JSON file (base64), readable by the service user only."""
 
     def __init__(self, path: Path, state: _State) -> None:
         """Use :meth:`create`, :meth:`load` or :meth:`load_or_create`."""
         self._path = path
-        self._state = state
         self._lock = threading.Lock()
+        self._swap(state)
+
+    def _swap(self, state: _State) -> None:
+        # One reference holds both, so an operation never pairs one snapshot's keys with another's.
+        self._current = (state, _Operations(state))
+
+    @property
+    def _state(self) -> _State:
+        return self._current[0]
 
     def __repr__(self) -> str:
         return f"LocalKeyring(path={str(self._path)!r}, kek={self.current_kek()})"
@@ -403,26 +539,54 @@ class LocalKeyring(KeyProvider):
         return cls(path, state)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LocalKeyring:
-        """Read an existing keyring file."""
+    def load(cls, path: str | os.PathLike[str], *, add_missing: bool = False) -> LocalKeyring:
+        """Read an existing keyring file.
+
+        A key purpose this version needs and the file lacks is refused (KeyringError naming
+        it), or with ``add_missing`` generated and written into the file, every other key kept.
+        """
+        return cls.upgrade(path)[0] if add_missing else cls._load(Path(path))
+
+    @classmethod
+    def _load(cls, p: Path) -> LocalKeyring:
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise KeyringError(f"cannot read keyring {p}: {exc.strerror}") from None
+        try:
+            state, _missing = _from_json(data)
+        except KeyringError as exc:
+            raise KeyringError(f"{p}: {exc}") from None
+        return cls(p, state)
+
+    @classmethod
+    def upgrade(cls, path: str | os.PathLike[str]) -> tuple[LocalKeyring, tuple[str, ...]]:
+        """Load the keyring, adding the key purposes it lacks; returns it and what was added."""
         p = Path(path)
         try:
             data = p.read_bytes()
         except OSError as exc:
             raise KeyringError(f"cannot read keyring {p}: {exc.strerror}") from None
-        return cls(p, _from_json(data))
+        try:
+            state, missing = _from_json(data, add_missing=True)
+        except KeyringError as exc:
+            raise KeyringError(f"{p}: {exc}") from None
+        keyring = cls(p, state)
+        if missing:
+            keyring._persist(state)
+        return keyring, missing
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike[str]) -> LocalKeyring:
+    def load_or_create(cls, path: str | os.PathLike[str], *, add_missing: bool = False) -> LocalKeyring:
         """Load the keyring, creating it on first start."""
         p = Path(path)
         if p.exists():
-            return cls.load(p)
+            return cls.load(p, add_missing=add_missing)
         try:
             return cls._create(p)
         except FileExistsError:
             # Another process created it between our check and our link.
-            return cls.load(p)
+            return cls.load(p, add_missing=add_missing)
 
     def _persist(self, state: _State) -> None:
         try:
@@ -436,6 +600,9 @@ class LocalKeyring(KeyProvider):
         except OSError as exc:
             raise KeyringError(f"cannot write keyring {self._path}: {exc.strerror}") from None
 
+    def close(self) -> None:
+        """Nothing is held open: the file is read once, at load."""
+
     # -- KEK -------------------------------------------------------------
 
     def current_kek(self) -> KekRef:
@@ -446,13 +613,13 @@ class LocalKeyring(KeyProvider):
         if not plaintext_key:
             raise ValueError("nothing to wrap")
         state = self._state
-        header = _wrap_header(KekRef(state.kek_id, state.kek_current))
+        header = wrap_header(KekRef(state.kek_id, state.kek_current))
         nonce = os.urandom(_NONCE_SIZE)
         sealed = state.keks[state.kek_current].encrypt(nonce, plaintext_key, header + aad)
         return header + nonce + sealed
 
     def unwrap_key(self, blob: bytes, aad: bytes) -> bytes:
-        ref, header, nonce, sealed = _parse_wrapped(blob)
+        ref, header, nonce, sealed = parse_wrapped(blob)
         state = self._state
         aead = state.keks.get(ref.version)
         if ref.key_id != state.kek_id or aead is None:
@@ -477,33 +644,55 @@ class LocalKeyring(KeyProvider):
             if version > _UINT32_MAX:
                 raise KeyringError("keyring: KEK version space exhausted")
             raw = os.urandom(_KEY_SIZE)
-            new = _State(
-                kek_id=old.kek_id,
+            new = old.replace(
                 kek_current=version,
                 keks={**old.keks, version: AESGCM(raw)},
                 kek_raw={**old.kek_raw, version: raw},
-                secrets=old.secrets,
-                signing_raw=old.signing_raw,
             )
             self._persist(new)
-            self._state = new
+            self._swap(new)
             return KekRef(new.kek_id, version)
 
-    # -- named secrets ---------------------------------------------------
+    # -- HMAC operations -------------------------------------------------
 
     @staticmethod
     def _check_purpose(purpose: str) -> None:
         if purpose not in SECRET_PURPOSES:
             raise KeyringError(f"unknown secret purpose {purpose!r}")
 
-    def secret(self, purpose: str) -> tuple[str, bytes]:
+    def current_kid(self, purpose: str) -> str:
+        """The kid of the current key for ``purpose`` (an id, not the key)."""
         self._check_purpose(purpose)
-        entry = self._state.secrets[purpose]
-        return entry.current, entry.keys[entry.current]
+        return self._state.secrets[purpose].current
 
-    def secret_by_kid(self, purpose: str, kid: str) -> bytes | None:
-        self._check_purpose(purpose)
-        return self._state.secrets[purpose].keys.get(kid)
+    def _mac(self, purpose: str, kid: str, message: bytes) -> bytes | None:
+        keyed = self._current[1].macs[purpose].get(kid)
+        if keyed is None:
+            return None
+        mac = keyed.copy()
+        mac.update(message)
+        return mac.digest()
+
+    def blind_index_mac(self, message: bytes) -> bytes:
+        mac = self._mac(BLIND_INDEX_PURPOSE, self._state.secrets[BLIND_INDEX_PURPOSE].current, message)
+        assert mac is not None  # the current kid is always held
+        return mac
+
+    def token_key_id(self) -> str:
+        return self._state.secrets[TOKEN_PURPOSE].current
+
+    def sign_token(self, kid: str, message: bytes) -> bytes:
+        mac = self._mac(TOKEN_PURPOSE, kid, message)
+        if mac is None:
+            raise KeyringError(f"no {TOKEN_PURPOSE} key {kid!r} is held")
+        return mac
+
+    def verify_token(self, kid: str, message: bytes, mac: bytes) -> bool:
+        expected = self._mac(TOKEN_PURPOSE, kid, message)
+        return expected is not None and hmac.compare_digest(expected, mac)
+
+    def holds_token_key(self, kid: str) -> bool:
+        return kid in self._state.secrets[TOKEN_PURPOSE].keys
 
     def rotate_secret(self, purpose: str) -> str:
         """Add a new current secret for ``purpose`` and return its kid.
@@ -518,25 +707,23 @@ class LocalKeyring(KeyProvider):
             old = self._state
             entry = old.secrets[purpose]
             kid = _new_kid(entry.keys)
-            new = _State(
-                kek_id=old.kek_id,
-                kek_current=old.kek_current,
-                keks=old.keks,
-                kek_raw=old.kek_raw,
+            new = old.replace(
                 secrets={
                     **old.secrets,
                     purpose: _SecretSet(kid, {**entry.keys, kid: os.urandom(_KEY_SIZE)}),
                 },
-                signing_raw=old.signing_raw,
             )
             self._persist(new)
-            self._state = new
+            self._swap(new)
             return kid
 
     # -- audit log signing -----------------------------------------------
 
-    def log_signing_key(self) -> Ed25519PrivateKey:
-        return Ed25519PrivateKey.from_private_bytes(self._state.signing_raw)
+    def sign_checkpoint(self, message: bytes) -> bytes:
+        return self._current[1].signing.sign(message)
+
+    def checkpoint_public_key(self) -> Ed25519PublicKey:
+        return self._current[1].signing.public_key()
 
     # -- identification --------------------------------------------------
 

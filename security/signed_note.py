@@ -16,6 +16,7 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_NOTE_BYTES",
     "MAX_SIGNATURES",
     "Checkpoint",
+    "Ed25519Signing",
     "NoteError",
     "NoteSigner",
     "NoteVerifier",
@@ -150,10 +152,19 @@ class Checkpoint:
 # --- signing -----------------------------------------------------------------
 
 
+class Ed25519Signing(Protocol):
+    """An Ed25519 signing key as something that signs: a private key object, or a key
+    provider's operation whose key never leaves it (``security.keys.CheckpointSigning``)."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def public_key(self) -> Ed25519PublicKey: ...
+
+
 class NoteSigner:
     """Signs note texts with one named Ed25519 key."""
 
-    def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
+    def __init__(self, name: str, private_key: Ed25519Signing) -> None:
         _check_key_name(name)
         self._name = name
         self._key = private_key

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
+from security.keys import KeyProvider
 from service.api import audit, metadata, operations, organizations, records, smart
 from service.api.docs import install_docs
 from service.api.formats import FhirFormats
@@ -32,21 +33,25 @@ from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
 
 
-def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
-    """Build the app. Migrations are applied by ``mhr serve`` before this runs."""
+def create_app(
+    settings: Settings | None = None, *, runtime: Runtime | None = None, keys: KeyProvider | None = None
+) -> FastAPI:
+    """Build the app. Migrations are applied by ``mhr serve`` before this runs.
+
+    ``keys``: a key provider already open, instead of the one the settings name."""
     settings = runtime.settings if runtime is not None else (settings or load_settings())
     settings.check_safe_to_start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None
-        app.state.runtime = runtime or build_runtime(settings)
+        app.state.runtime = runtime or build_runtime(settings, keys=keys)
         try:
             await check_and_record(app.state.runtime.database, app.state.runtime.keys)
         except KeyringMismatch as exc:
             if owned:
                 await close_runtime(app.state.runtime)
-            raise KeyringMismatch(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
+            raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None
         # The audit integrator and the job workers of this process (service.jobs.background).
         background = BackgroundWork(app.state.runtime, job_workers=settings.job_workers)
         background.start()

@@ -23,7 +23,7 @@ from security.jwk import (
     public_jwk,
     sign_client_assertion,
 )
-from security.keys import KeyProvider, KeyringError, LocalKeyring
+from security.keys import CheckpointSigning, KeyProvider, KeyringError, LocalKeyring
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.identity.registry import (
@@ -121,16 +121,51 @@ def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
     try:
         _with_db(settings, lambda db: check_and_record(db, keys))
     except KeyringMismatch as exc:
-        raise CommandError(f"refusing to start: keyring {settings.keyring_path}: {exc}") from None
+        raise CommandError(f"refusing to start: {settings.key_store}: {exc}") from None
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    """``mhr keys init``: the one way a keyring comes to exist outside development."""
+    """``mhr keys init``: the one way keys come to exist outside development;
+    ``mhr keys upgrade``: add what an older keyring lacks, keeping every key it holds."""
+    provider = args.provider or settings.key_provider
+    if provider == "pkcs11":
+        return _init_token(settings)
+    if args.action == "upgrade":
+        try:
+            keyring, added = LocalKeyring.upgrade(settings.keyring_path)
+        except KeyringError as exc:
+            return _fail(str(exc))
+        what = ", ".join(added) if added else "nothing (it holds every key this version needs)"
+        print(f"keyring {keyring.path}: added {what}")
+        return 0
     try:
         keyring = LocalKeyring.create(settings.keyring_path)
     except KeyringError as exc:
         return _fail(f"{exc}; refusing to overwrite it (the data written under it needs those keys)")
     print(f"created keyring {keyring.path} (mode 0600); back it up apart from the database")
+    return 0
+
+
+def _init_token(settings: Settings) -> int:
+    """Create in the PKCS#11 token the keys it lacks (init and upgrade alike; never replaces one)."""
+    from service.runtime import pkcs11_module
+
+    try:
+        from security.pkcs11_keys import Pkcs11Keys, read_pin
+    except ImportError:
+        return _fail("python-pkcs11 is not installed: install mhr with its `hsm` extra")
+    try:
+        pin = read_pin(
+            settings.pkcs11_pin.get_secret_value() if settings.pkcs11_pin else None, settings.pkcs11_pin_file
+        )
+        created = Pkcs11Keys.initialise(pkcs11_module(settings), settings.pkcs11_token_label, pin)
+    except KeyringError as exc:
+        return _fail(str(exc))
+    label = settings.pkcs11_token_label
+    if created:
+        print(f"PKCS#11 token {label!r}: created {', '.join(created)} (non-extractable; they never leave it)")
+    else:
+        print(f"PKCS#11 token {label!r}: holds every key this version needs; nothing created")
     return 0
 
 
@@ -373,7 +408,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "key":
         keys = open_keyring(settings)
-        print(NoteSigner(settings.deployment_name, keys.log_signing_key()).vkey())
+        print(NoteSigner(settings.deployment_name, CheckpointSigning(keys)).vkey())
         return 0
 
     if args.action == "checkpoint":
@@ -393,7 +428,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
             verifier = (
                 NoteVerifier.from_vkey(_read_vkey(args.vkey))
                 if args.vkey
-                else NoteSigner(settings.deployment_name, open_keyring(settings).log_signing_key()).verifier()
+                else NoteVerifier(settings.deployment_name, open_keyring(settings).checkpoint_public_key())
             )
         except (OSError, NoteError) as exc:
             return _fail(f"cannot read the log key: {exc}")
@@ -402,7 +437,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     # seal
     keys = open_keyring(settings)
     _check_keyring(settings, keys)
-    signer = NoteSigner(settings.deployment_name, keys.log_signing_key())
+    signer = NoteSigner(settings.deployment_name, CheckpointSigning(keys))
     from security.merkle import MissingNodeError
 
     try:
@@ -624,7 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_parser = sub.add_parser("keys", help="the keyring").add_subparsers(dest="action", required=True)
     keys_parser.add_parser("init", help="create the keyring (MHR_KEYRING_PATH) once; never overwrites one")
+    keys_parser.add_parser("upgrade", help="add the keys this version needs to an older keyring, keeping all")
     for p in keys_parser.choices.values():
+        p.add_argument(
+            "--provider",
+            choices=("keyring", "pkcs11"),
+            help="where the keys live (default MHR_KEY_PROVIDER); pkcs11 creates them in the token",
+        )
         p.set_defaults(handler=cmd_keys)
 
     token = sub.add_parser("token", help="sign a client assertion and print an access token")

@@ -83,7 +83,7 @@ async def _data_needs_other_keys(session: AsyncSession, keys: KeyProvider) -> bo
     if sample is None:
         return False
     try:
-        SubjectKeys(keys).cipher(sample.id, sample.wrapped_key, sample.key_version)
+        SubjectKeys(keys).cipher(sample.id, sample.wrapped_key, sample.key_version)  # one probe, no request
     except IntegrityError:
         return True
     return False

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from security.access_tokens import AccessTokenCodec
 from security.blind_index import BlindIndexer
-from security.keys import KeyProvider, KeyringError, LocalKeyring
+from security.keys import CheckpointSigning, KeyProvider, KeyringError, LocalKeyring
 from security.signed_note import NoteSigner
 from service.audit.tally import RefusalTally
 from service.audit.writer import AuditWriter
@@ -25,9 +26,6 @@ from service.records.subject_keys import SubjectKeys
 from service.settings import Settings
 from service.store.database import Database
 from service.store.migrate import head_revision
-
-TOKEN_KEY_PURPOSE = "token-hmac"  # noqa: S105 - a key name, not a secret
-INDEX_KEY_PURPOSE = "blind-index"
 
 
 @dataclass
@@ -55,17 +53,22 @@ async def close_runtime(runtime: Runtime) -> None:
     await runtime.audit_writer.drain()
     await runtime.audit_writer.database.dispose()
     await runtime.database.dispose()
+    runtime.keys.close()
 
 
 def open_keyring(settings: Settings) -> KeyProvider:
-    """The keyring file; created on first use in development only.
+    """The key provider the settings choose (``MHR_KEY_PROVIDER``).
 
-    Anywhere else a missing keyring is an error: creating one would silently put
-    new keys in place of those the data was written under (``mhr keys init``
-    creates it, once).
+    The keyring file is created on first use in development only, and the keys a
+    newer version needs are added to it there. Anywhere else a missing keyring,
+    or one lacking a key, is an error: creating one would silently put new keys
+    in place of those the data was written under (``mhr keys init`` creates it,
+    once; ``mhr keys upgrade`` adds what an older keyring lacks).
     """
+    if settings.key_provider == "pkcs11":
+        return open_token(settings, create_missing=settings.is_development)
     if settings.is_development:
-        return LocalKeyring.load_or_create(settings.keyring_path)
+        return LocalKeyring.load_or_create(settings.keyring_path, add_missing=True)
     if not settings.keyring_path.exists():
         raise KeyringError(
             f"keyring {settings.keyring_path} does not exist; outside development no keyring is "
@@ -74,15 +77,37 @@ def open_keyring(settings: Settings) -> KeyProvider:
     return LocalKeyring.load(settings.keyring_path)
 
 
+def pkcs11_module(settings: Settings) -> Path:
+    if settings.pkcs11_module is None:
+        raise KeyringError(
+            "MHR_KEY_PROVIDER=pkcs11 needs MHR_PKCS11_MODULE, the token's PKCS#11 library "
+            "(SoftHSM2 on Debian: /usr/lib/softhsm/libsofthsm2.so)"
+        )
+    return settings.pkcs11_module
+
+
+def open_token(settings: Settings, *, create_missing: bool = False) -> KeyProvider:
+    """The PKCS#11 token the settings name, logged in with its PIN."""
+    # python-pkcs11 is the optional `hsm` extra: imported only when a token is used.
+    try:
+        from security.pkcs11_keys import Pkcs11Keys, read_pin
+    except ImportError:
+        raise KeyringError(
+            "MHR_KEY_PROVIDER=pkcs11 needs python-pkcs11: install mhr with its `hsm` extra"
+        ) from None
+
+    pin = read_pin(
+        settings.pkcs11_pin.get_secret_value() if settings.pkcs11_pin else None, settings.pkcs11_pin_file
+    )
+    return Pkcs11Keys.open(
+        pkcs11_module(settings), settings.pkcs11_token_label, pin, create_missing=create_missing
+    )
+
+
 def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Runtime:
     keys = keys or open_keyring(settings)
     database = Database(settings.database_url)
-    codec = AccessTokenCodec(
-        issuer=settings.base_url,
-        audience=settings.fhir_base_url,
-        current_key=keys.secret(TOKEN_KEY_PURPOSE),
-        key_for=lambda kid: keys.secret_by_kid(TOKEN_KEY_PURPOSE, kid),
-    )
+    codec = AccessTokenCodec(issuer=settings.base_url, audience=settings.fhir_base_url, keys=keys)
     capability: dict[str, Any] = load_capability_statement(settings.ig_dir, settings)
     return Runtime(
         settings=settings,
@@ -102,7 +127,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
         capability_statement=orjson.dumps(capability),
         records=RecordServices(
             keys=SubjectKeys(keys),
-            indexer=BlindIndexer(keys.secret(INDEX_KEY_PURPOSE)[1]),
+            indexer=BlindIndexer(keys.blind_index_mac),
             validator=ProfileValidator.load(settings.ig_dir),
             labeler=SecurityLabeler.load(settings.ig_dir),
             statutory_policies=frozenset(settings.statutory_policies),
@@ -110,7 +135,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
             offload=Offload(settings.body_work_threads),
         ),
         head_revision=head_revision(),
-        log_signer=NoteSigner(settings.deployment_name, keys.log_signing_key()),
+        log_signer=NoteSigner(settings.deployment_name, CheckpointSigning(keys)),
         # Its own connections: reads waiting for their entries hold theirs, and must not be
         # able to leave the writer none.
         audit_writer=AuditWriter(Database(settings.database_url, pool_size=1)),

@@ -24,9 +24,9 @@ import sysconfig
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from security.keys import keyring_permissions_problem
@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite+aiosqlite:///{DEFAULT_VAR_DIR / 'mhr.sqlite3'}"
     public_base_url: str | None = None
     keyring_path: Path = DEFAULT_VAR_DIR / "keyring.json"
+    # Where the keys live: "keyring" (the file above) or "pkcs11" (an HSM, whose keys never
+    # leave it; README "Keys in an HSM"). The token's PIN comes from MHR_PKCS11_PIN or a file.
+    key_provider: Literal["keyring", "pkcs11"] = "keyring"
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str = "mhr"  # noqa: S105 - a token's name, not its PIN
+    pkcs11_pin: SecretStr | None = None
+    pkcs11_pin_file: Path | None = None
     ig_dir: Path = Field(default_factory=default_ig_dir)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -162,6 +169,13 @@ class Settings(BaseSettings):
         return f"{self.base_url}/fhir"
 
     @property
+    def key_store(self) -> str:
+        """Where the keys are, for messages: the keyring file or the token (never its PIN)."""
+        if self.key_provider == "pkcs11":
+            return f"PKCS#11 token {self.pkcs11_token_label!r}"
+        return f"keyring {self.keyring_path}"
+
+    @property
     def token_url(self) -> str:
         return f"{self.base_url}/auth/token"
 
@@ -176,7 +190,7 @@ class Settings(BaseSettings):
                 )
             elif not self.public_base_url.startswith("https://"):
                 problems.append("MHR_PUBLIC_BASE_URL must be an https:// URL outside development")
-            if self.keyring_path.exists():
+            if self.key_provider == "keyring" and self.keyring_path.exists():
                 problem = keyring_permissions_problem(self.keyring_path)
                 if problem:
                     problems.append(f"keyring {self.keyring_path}: {problem}")

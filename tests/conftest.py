@@ -10,10 +10,13 @@ server the PostgreSQL tier is skipped, saying why; with ``MHR_REQUIRE_POSTGRES=1
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,108 @@ def service(database_url: str, tmp_path: Path) -> Iterator[Service]:
     """A running app (in-process) on a fresh database and keyring."""
     with Service.start(database_url, tmp_path) as running:
         yield running
+
+
+# --- a SoftHSM2 token, for the tests that run against both key providers ---------------
+
+SOFTHSM_MODULES = (
+    Path("/usr/lib/softhsm/libsofthsm2.so"),
+    Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"),
+    Path("/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so"),
+)
+HSM_PIN = "4711-test"
+HSM_TOKEN = "mhr-test"
+HSM_EMPTY_TOKEN = "mhr-empty"  # initialised, no keys: for refusals (never given keys in-process)
+
+
+@dataclass(frozen=True)
+class SoftHsm:
+    module: Path
+    config: Path
+    pin: str = HSM_PIN
+    token: str = HSM_TOKEN
+    empty_token: str = HSM_EMPTY_TOKEN
+
+    def settings(self, token: str | None = None) -> dict[str, object]:
+        return {
+            "key_provider": "pkcs11",
+            "pkcs11_module": self.module,
+            "pkcs11_token_label": token or self.token,
+            "pkcs11_pin": self.pin,
+        }
+
+
+def hsm_required() -> bool:
+    """In CI the HSM tests must run: a missing SoftHSM2 or python-pkcs11 fails them."""
+    return os.environ.get("CI") == "true" or os.environ.get("MHR_REQUIRE_POSTGRES") == "1"
+
+
+def init_softhsm_token(config: Path, label: str) -> None:
+    subprocess.run(
+        [
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            HSM_PIN,
+            "--so-pin",
+            "so-" + HSM_PIN,
+        ],
+        env={**os.environ, "SOFTHSM2_CONF": str(config)},
+        check=True,
+        capture_output=True,
+    )
+
+
+def softhsm_config(directory: Path) -> Path:
+    tokens = directory / "tokens"
+    tokens.mkdir(parents=True)
+    config = directory / "softhsm2.conf"
+    config.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    return config
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """SoftHSM2 with a token of its own in a temporary directory, its keys created by the provider.
+
+    SoftHSM2 reads SOFTHSM2_CONF once per process (C_Initialize), so this one configuration
+    serves every in-process test of the run.
+    """
+    problem = None
+    module = next((m for m in SOFTHSM_MODULES if m.is_file()), None)
+    if module is None or shutil.which("softhsm2-util") is None:
+        problem = "SoftHSM2 is not installed (apt-get install softhsm2)"
+    elif importlib.util.find_spec("pkcs11") is None:
+        problem = "python-pkcs11 is not installed (the `hsm` extra)"
+    if problem:
+        if hsm_required():
+            pytest.fail(problem + ", and CI must run the HSM tests")
+        pytest.skip(problem)
+    assert module is not None
+    config = softhsm_config(tmp_path_factory.mktemp("softhsm"))
+    init_softhsm_token(config, HSM_TOKEN)
+    init_softhsm_token(config, HSM_EMPTY_TOKEN)
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(config)
+    try:
+        from security.pkcs11_keys import Pkcs11Keys
+
+        Pkcs11Keys.initialise(module, HSM_TOKEN, HSM_PIN)
+        yield SoftHsm(module, config)
+    finally:
+        if previous is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = previous
+
+
+@pytest.fixture(params=["keyring", "pkcs11"])
+def key_provider_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Settings overrides for each key provider: the keyring file, and a SoftHSM2 token."""
+    if request.param == "keyring":
+        return {}
+    hsm: SoftHsm = request.getfixturevalue("softhsm")
+    return hsm.settings()

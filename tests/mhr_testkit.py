@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 
 from security.jwk import PrivateKey, generate_client_key, public_jwk, sign_client_assertion
+from security.keys import KeyProvider
 from service.app import asgi_app, create_app
 from service.identity.registry import ClientRegistration, add_client, add_organization
 from service.identity.repository import IdentityRepository
@@ -52,7 +53,9 @@ class Service:
 
     @classmethod
     @contextmanager
-    def start(cls, database_url: str, tmp_path: Path, **overrides: Any) -> Iterator[Service]:
+    def start(
+        cls, database_url: str, tmp_path: Path, *, keys: KeyProvider | None = None, **overrides: Any
+    ) -> Iterator[Service]:
         settings = Settings(
             env=Environment.test,
             database_url=database_url,
@@ -61,7 +64,7 @@ class Service:
             client_status_cache_seconds=0,
             **overrides,
         )
-        app = create_app(settings)
+        app = create_app(settings, keys=keys)
         with TestClient(asgi_app(app, settings), base_url=BASE_URL) as client:
             service = cls(client, settings, tmp_path)
             service.fastapi = app  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from mhr_testkit import JWT_BEARER, sync_url
 
 from security.jwk import generate_client_key, public_jwk, sign_client_assertion
-from security.keys import LocalKeyring
+from security.keys import CheckpointSigning, LocalKeyring
 from security.signed_note import NoteSigner
 from service.audit import log as audit_log
 from service.audit.verify import verify_database, verify_service
@@ -125,7 +125,7 @@ def test_concurrent_clients_produce_exactly_n_dense_entries(
     assert statuses == [200] * n
     assert _count(database_url) == n
 
-    signer = NoteSigner(ORIGIN, LocalKeyring.load(keyring_path).log_signing_key())
+    signer = NoteSigner(ORIGIN, CheckpointSigning(LocalKeyring.load(keyring_path)))
 
     async def seal_all() -> int:
         database = Database(database_url)

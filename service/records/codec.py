@@ -8,7 +8,7 @@ from typing import Protocol
 from security.envelope import IntegrityError, resource_aad
 from service.errors import FhirError
 from service.records.repository import VersionRow
-from service.records.subject_keys import SubjectKeys
+from service.records.subject_keys import OpenedKeys
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def integrity_failure(row: VersionRow) -> FhirError:
     return FhirError.single(500, "exception", "stored data failed its integrity check")
 
 
-def open_version(keys: SubjectKeys, subject: WrappedKey | None, row: VersionRow) -> bytes:
+def open_version(keys: OpenedKeys, subject: WrappedKey | None, row: VersionRow) -> bytes:
     """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure."""
     try:
         if subject is None:

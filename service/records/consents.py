@@ -21,6 +21,7 @@ from service.records.context import RecordServices
 from service.records.indexing import labels_token
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
+from service.records.subject_keys import OpenedKeys
 from service.store.tables import Subject
 
 
@@ -30,13 +31,14 @@ async def load_policies(
     subject_id: str,
     fresh: Mapping[str, tuple[int, bytes]] | None = None,
     *,
+    keys: OpenedKeys,
     new_subject: bool = False,
 ) -> list[ConsentPolicy]:
     """The migrant's current Consents as policies.
 
     ``fresh`` holds the (version, body) of Consents written in this transaction. With
     ``new_subject`` (the migrant was created in this transaction) those are all there
-    is, and the store is not asked.
+    is, and the store is not asked. ``keys``: the request's (or job's) opened keys.
     """
     fresh = fresh or {}
     if new_subject:
@@ -50,7 +52,7 @@ async def load_policies(
                 continue
             if subject is None:
                 subject = await repo.subject(subject_id)
-            current.append((row.id, row.version_id, open_version(services.keys, subject, row)))
+            current.append((row.id, row.version_id, open_version(keys, subject, row)))
     if not current:
         return []
     known_orgs = await repo.organization_ids()
@@ -79,6 +81,7 @@ async def refresh_grants(
     subject_id: str,
     fresh: Mapping[str, tuple[int, bytes]],
     *,
+    keys: OpenedKeys,
     new_subject: bool = False,
 ) -> int:
     """Recompute and store every grant of one migrant; returns how many there are.
@@ -86,7 +89,7 @@ async def refresh_grants(
     ``fresh``: (version, body) of the Consents written in this transaction;
     ``new_subject``: the migrant was created in this transaction (no stored Consents or grants).
     """
-    policies = await load_policies(services, repo, subject_id, fresh, new_subject=new_subject)
+    policies = await load_policies(services, repo, subject_id, fresh, keys=keys, new_subject=new_subject)
     grants = materialise_grants(
         subject_id,
         policies,

@@ -29,7 +29,7 @@ from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
 from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import SERVICE_WRITTEN_TYPES, STORED_TYPES
-from service.records.subject_keys import SUBJECT_KEY_VERSION
+from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys
 from service.store.tables import StoredResource, Subject
 
 CLIENT_ID_SYSTEM = "https://mhr.example.org/fhir/sid/client"
@@ -134,11 +134,17 @@ class IntakeResult:
 
 class Intake:
     def __init__(
-        self, services: RecordServices, repo: RecordRepository, identities: IdentityRepository
+        self,
+        services: RecordServices,
+        repo: RecordRepository,
+        identities: IdentityRepository,
+        keys: OpenedKeys | None = None,
     ) -> None:
         self.services = services
         self.repo = repo
         self.identities = identities
+        # The request's subject keys (each unwrapped once); by migrant, the cipher this intake seals with.
+        self.keys = keys or services.keys.opened()
         self._ciphers: dict[str, SubjectCipher] = {}
         # Key rows of migrants already in the store, read with the references that name them.
         self._subjects: dict[str, Subject | None] = {}
@@ -410,7 +416,7 @@ class Intake:
         if not await self.repo.claim_match_keys(actor.organization_id, claims):
             raise PatientRaceLost
         for patient in new_patients:
-            wrapped, cipher = self.services.keys.create(patient.resource_id)
+            wrapped, cipher = self.keys.create(patient.resource_id)
             self._batch.subjects.append(
                 {
                     "id": patient.resource_id,
@@ -455,7 +461,7 @@ class Intake:
         created = {p.resource_id for p in new_patients}
         for subject_id, fresh in consents.items():
             await refresh_grants(
-                self.services, self.repo, subject_id, fresh, new_subject=subject_id in created
+                self.services, self.repo, subject_id, fresh, keys=self.keys, new_subject=subject_id in created
             )
         return result
 
@@ -468,7 +474,7 @@ class Intake:
                 subject = await self.repo.subject(subject_id)
             if subject is None:
                 raise FhirError.single(404, "not-found", "Patient not found")
-            cipher = self.services.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
+            cipher = self.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
             self._ciphers[subject_id] = cipher
         return cipher
 

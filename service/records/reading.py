@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 
 import orjson
 
-from security.envelope import SubjectCipher
 from service.errors import FhirError, not_found
 from service.records.access import TENANCY, Permit, Visibility
 from service.records.codec import WrappedKey, open_version
@@ -22,6 +21,7 @@ from service.records.operation_params import PageParameters
 from service.records.paging import PageCursor, PagePosition
 from service.records.repository import RecordRepository, SearchFilter, VersionRow
 from service.records.search_params import ParsedSearch
+from service.records.subject_keys import OpenedKeys
 
 # value-concept filters decrypted resources: bounded so one search cannot decrypt the world.
 MAX_VALUE_SCAN = 5000
@@ -83,18 +83,23 @@ class SearchResult:
 
 
 class Reader:
-    def __init__(self, services: RecordServices, repo: RecordRepository) -> None:
+    """One request's reads. Its subject keys are the request's own: pass the request's
+    :class:`OpenedKeys` when it has some already, else the reader opens its own."""
+
+    def __init__(
+        self, services: RecordServices, repo: RecordRepository, keys: OpenedKeys | None = None
+    ) -> None:
         self.services = services
         self.repo = repo
+        self.keys = keys or services.keys.opened()
         self._subjects: dict[str, WrappedKey | None] = {}
-        self._ciphers: dict[str, SubjectCipher] = {}
 
     async def _open(self, row: VersionRow) -> ReadResult:
         """Decrypt one version the store already decided the caller may see (never before)."""
         if row.subject_id not in self._subjects:
             found = await self.repo.subject_keys([row.subject_id])
             self._subjects[row.subject_id] = found.get(row.subject_id)
-        body = open_version(self.services.keys, self._subjects[row.subject_id], row)
+        body = open_version(self.keys, self._subjects[row.subject_id], row)
         return ReadResult(row, body, Visibility.permit_of(row))
 
     async def _disclose(self, visibility: Visibility, results: list[ReadResult]) -> list[ReadResult]:

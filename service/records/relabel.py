@@ -25,6 +25,7 @@ from service.records.consents import refresh_grants
 from service.records.context import RecordServices
 from service.records.indexing import labels_token
 from service.records.repository import RecordRepository, version_row
+from service.records.subject_keys import OpenedKeys
 from service.store.database import Database
 from service.store.tables import ResourceVersion, StoredResource, Subject
 
@@ -60,6 +61,18 @@ async def relabel_subject(
     subject = await repo.subject(subject_id)
     if subject is None or subject.wrapped_key is None:
         return 0, 0, 0
+    # This migrant's key, unwrapped once for all their versions and forgotten before the next one.
+    keys = services.keys.opened()
+    try:
+        return await _relabel_versions(repo, services, subject, keys)
+    finally:
+        keys.close()
+
+
+async def _relabel_versions(
+    repo: RecordRepository, services: RecordServices, subject: Subject, keys: OpenedKeys
+) -> tuple[int, int, int]:
+    subject_id = subject.id
     session = repo.session
     # The current rows are locked as a write locks them, so no new version appears meanwhile;
     # every version is relabelled, since consent decides on the version served (vread, history).
@@ -76,7 +89,7 @@ async def relabel_subject(
     seen = changed = 0
     for stored in list(versions):
         row = version_row(stored)
-        resource: Any = orjson.loads(open_version(services.keys, subject, row))
+        resource: Any = orjson.loads(open_version(keys, subject, row))
         token = labels_token(services.indexer, services.labeler.apply(resource))
         seen += 1
         if token != row.labels_token:
@@ -90,5 +103,5 @@ async def relabel_subject(
                 )
                 .values(labels_token=token)
             )
-    grants = await refresh_grants(services, repo, subject_id, {})
+    grants = await refresh_grants(services, repo, subject_id, {}, keys=keys)
     return seen, changed, grants

@@ -32,7 +32,6 @@ from security.keys import LocalKeyring
 from service.api.deps import Principal, requires
 from service.identity.repository import IdentityRepository
 from service.logging_setup import JsonFormatter
-from service.runtime import TOKEN_KEY_PURPOSE
 from service.store.database import Database
 
 FHIR_JSON = "application/fhir+json"
@@ -50,8 +49,7 @@ def codec_for(
     return AccessTokenCodec(
         issuer=issuer or service.settings.base_url,
         audience=audience or service.settings.fhir_base_url,
-        current_key=keyring.secret(TOKEN_KEY_PURPOSE),
-        key_for=lambda kid: keyring.secret_by_kid(TOKEN_KEY_PURPOSE, kid),
+        keys=keyring,
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import stat
@@ -10,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from security.envelope import IntegrityError, new_data_key
 from security.keys import (
@@ -39,6 +41,12 @@ def permissive_umask(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def keyring(tmp_path: Path) -> LocalKeyring:
     return LocalKeyring.create(tmp_path / "keyring.json")
+
+
+def _raw_secret(path: Path, purpose: str, kid: str | None = None) -> bytes:
+    """A secret as the file holds it: only to show that nothing else ever shows it."""
+    entry = json.loads(path.read_text())["secrets"][purpose]
+    return base64.b64decode(entry["keys"][kid or entry["current"]])
 
 
 def _mode(path: Path) -> int:
@@ -112,7 +120,8 @@ def test_load_or_create(tmp_path: Path) -> None:
     assert _mode(path) == 0o600
     loaded = LocalKeyring.load_or_create(path)
     assert loaded.current_kek() == created.current_kek()
-    assert loaded.secret("token-hmac") == created.secret("token-hmac")
+    assert loaded.token_key_id() == created.token_key_id()
+    assert loaded.blind_index_mac(b"m") == created.blind_index_mac(b"m")
 
 
 def test_load_missing_or_corrupt(tmp_path: Path) -> None:
@@ -143,7 +152,7 @@ def _corrupt(path: Path, edit: str) -> Path:
 
 @pytest.mark.parametrize("edit", ["short-kek", "bad-base64", "current-missing", "format", "no-signing"])
 def test_load_rejects_malformed_keyring(keyring: LocalKeyring, edit: str) -> None:
-    secret = keyring.secret("token-hmac")[1]
+    secret = _raw_secret(keyring.path, "token-hmac")
     with pytest.raises(KeyringError) as info:
         LocalKeyring.load(_corrupt(keyring.path, edit))
     # Error messages never carry key material.
@@ -155,25 +164,28 @@ def test_reload_gives_the_same_keys(keyring: LocalKeyring) -> None:
     reloaded = LocalKeyring.load(keyring.path)
     assert reloaded.current_kek() == keyring.current_kek()
     assert reloaded.unwrap_key(blob, AAD) == b"k" * 32
-    for purpose in ("token-hmac", "blind-index"):
-        assert reloaded.secret(purpose) == keyring.secret(purpose)
+    assert reloaded.blind_index_mac(b"m") == keyring.blind_index_mac(b"m")
+    kid = keyring.token_key_id()
+    assert reloaded.token_key_id() == kid
+    assert reloaded.verify_token(kid, b"m", keyring.sign_token(kid, b"m"))
     message = b"audit head"
-    signature = keyring.log_signing_key().sign(message)
-    reloaded.log_signing_key().public_key().verify(signature, message)
+    signature = keyring.sign_checkpoint(message)
+    reloaded.checkpoint_public_key().verify(signature, message)
 
 
 def test_two_keyrings_do_not_share_keys(tmp_path: Path) -> None:
     a = LocalKeyring.create(tmp_path / "a.json")
     b = LocalKeyring.create(tmp_path / "b.json")
     assert a.current_kek().key_id != b.current_kek().key_id
-    assert a.secret("blind-index")[1] != b.secret("blind-index")[1]
+    assert a.blind_index_mac(b"m") != b.blind_index_mac(b"m")
+    assert not b.verify_token(a.token_key_id(), b"m", a.sign_token(a.token_key_id(), b"m"))
     _unwrap_fails(b, a.wrap_key(new_data_key(), AAD))
 
 
 def test_repr_does_not_leak(keyring: LocalKeyring) -> None:
     text = repr(keyring)
     for purpose in ("token-hmac", "blind-index"):
-        assert keyring.secret(purpose)[1].hex() not in text
+        assert _raw_secret(keyring.path, purpose).hex() not in text
 
 
 # --- wrap / unwrap -----------------------------------------------------------
@@ -261,45 +273,55 @@ def test_rotate_kek_keeps_old_versions(keyring: LocalKeyring) -> None:
 
 
 def test_rotate_secret(keyring: LocalKeyring) -> None:
-    old_kid, old_secret = keyring.secret("token-hmac")
-    other = keyring.secret("blind-index")
+    old_kid = keyring.token_key_id()
+    old_mac = keyring.sign_token(old_kid, b"m")
+    index_before = keyring.blind_index_mac(b"m")
     new_kid = keyring.rotate_secret("token-hmac")
     assert new_kid != old_kid
-    kid, secret = keyring.secret("token-hmac")
-    assert kid == new_kid
-    assert len(secret) == 32
-    assert secret != old_secret
-    assert keyring.secret_by_kid("token-hmac", old_kid) == old_secret
-    assert keyring.secret("blind-index") == other
+    assert keyring.token_key_id() == new_kid
+    new_mac = keyring.sign_token(new_kid, b"m")
+    assert new_mac != old_mac
+    # Tokens under the old kid still verify; the other purpose is untouched.
+    assert keyring.verify_token(old_kid, b"m", old_mac)
+    assert keyring.holds_token_key(old_kid) and keyring.holds_token_key(new_kid)
+    assert keyring.blind_index_mac(b"m") == index_before
     reloaded = LocalKeyring.load(keyring.path)
-    assert reloaded.secret("token-hmac") == (new_kid, secret)
-    assert reloaded.secret_by_kid("token-hmac", old_kid) == old_secret
+    assert reloaded.token_key_id() == new_kid
+    assert reloaded.verify_token(old_kid, b"m", old_mac)
+    assert reloaded.verify_token(new_kid, b"m", new_mac)
 
 
-# --- named secrets -----------------------------------------------------------
+# --- operations --------------------------------------------------------------
 
 
-def test_secrets_per_purpose(keyring: LocalKeyring) -> None:
-    tk, token_secret = keyring.secret("token-hmac")
-    bk, index_secret = keyring.secret("blind-index")
-    assert len(token_secret) == len(index_secret) == 32
-    assert token_secret != index_secret
-    assert keyring.secret_by_kid("token-hmac", tk) == token_secret
-    assert keyring.secret_by_kid("blind-index", bk) == index_secret
-    assert keyring.secret_by_kid("token-hmac", "no-such-kid") is None
+def test_hmac_operations_are_hmac_sha256_under_each_purposes_key(keyring: LocalKeyring) -> None:
+    path = keyring.path
+    index_key = _raw_secret(path, "blind-index")
+    token_key = _raw_secret(path, "token-hmac")
+    assert index_key != token_key
+    assert keyring.blind_index_mac(b"m") == hmac.new(index_key, b"m", hashlib.sha256).digest()
+    kid = keyring.token_key_id()
+    assert keyring.sign_token(kid, b"m") == hmac.new(token_key, b"m", hashlib.sha256).digest()
+
+
+def test_token_verify_refuses_what_it_did_not_sign(keyring: LocalKeyring) -> None:
+    kid = keyring.token_key_id()
+    mac = keyring.sign_token(kid, b"m")
+    assert keyring.verify_token(kid, b"m", mac)
+    assert not keyring.verify_token(kid, b"n", mac)
+    assert not keyring.verify_token(kid, b"m", mac[:-1] + bytes([mac[-1] ^ 1]))
+    assert not keyring.verify_token("no-such-kid", b"m", mac)
+    assert not keyring.holds_token_key("no-such-kid")
     with pytest.raises(KeyringError):
-        keyring.secret("audit-log")
-    with pytest.raises(KeyringError):
-        keyring.secret_by_kid("nope", tk)
+        keyring.sign_token("no-such-kid", b"m")
     with pytest.raises(KeyringError):
         keyring.rotate_secret("nope")
 
 
-def test_log_signing_key(keyring: LocalKeyring) -> None:
-    key = keyring.log_signing_key()
-    assert isinstance(key, Ed25519PrivateKey)
-    signature = key.sign(b"m")
-    keyring.log_signing_key().public_key().verify(signature, b"m")
+def test_checkpoint_signing(keyring: LocalKeyring) -> None:
+    signature = keyring.sign_checkpoint(b"m")
+    assert len(signature) == 64
+    keyring.checkpoint_public_key().verify(signature, b"m")
 
 
 def test_local_keyring_is_a_key_provider(keyring: LocalKeyring) -> None:
@@ -321,3 +343,61 @@ def test_key_checks_tell_keys_apart_without_revealing_them(keyring: LocalKeyring
     keyring.rotate_kek()
     after = {(c.purpose, c.key_id) for c in keyring.key_checks()}
     assert {(c.purpose, c.key_id) for c in checks} < after
+
+
+# --- keyrings of other versions ----------------------------------------------
+
+
+def _edit(path: Path, change: object) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(path.read_text())
+    change(doc)  # type: ignore[operator]
+    path.write_text(json.dumps(doc))
+    return doc
+
+
+def test_keyring_of_a_later_version_keeps_what_this_one_does_not_know(keyring: LocalKeyring) -> None:
+    later_purpose = {"current": "k1", "keys": {"k1": base64.b64encode(b"x" * 32).decode()}}
+
+    def add(doc: dict[str, object]) -> None:
+        doc["secrets"]["export-signing"] = later_purpose  # type: ignore[index]
+        doc["signing"]["notifications"] = base64.b64encode(b"y" * 32).decode()  # type: ignore[index]
+        doc["rotation"] = {"min_kek_version": 1}
+
+    _edit(keyring.path, add)
+    blob = keyring.wrap_key(b"k" * 32, AAD)
+    loaded = LocalKeyring.load(keyring.path)
+    assert loaded.unwrap_key(blob, AAD) == b"k" * 32
+    # Rewritten by a rotation here, the file still holds every key and section of the later version.
+    loaded.rotate_kek()
+    loaded.rotate_secret("blind-index")
+    after = json.loads(keyring.path.read_text())
+    assert after["secrets"]["export-signing"] == later_purpose
+    assert after["signing"]["notifications"] == base64.b64encode(b"y" * 32).decode()
+    assert after["rotation"] == {"min_kek_version": 1}
+    assert LocalKeyring.load(keyring.path).unwrap_key(blob, AAD) == b"k" * 32
+
+
+def test_keyring_of_an_earlier_version_is_refused_naming_the_missing_key(keyring: LocalKeyring) -> None:
+    _edit(keyring.path, lambda doc: doc["secrets"].pop("blind-index"))
+    before = keyring.path.read_bytes()
+    with pytest.raises(KeyringError, match=r"holds no blind-index key.*mhr keys upgrade"):
+        LocalKeyring.load(keyring.path)
+    assert keyring.path.read_bytes() == before  # refused: nothing written
+
+
+def test_earlier_keyring_gains_the_missing_key_and_keeps_the_rest(keyring: LocalKeyring) -> None:
+    blob = keyring.wrap_key(b"k" * 32, AAD)
+    kid = keyring.token_key_id()
+    token_mac = keyring.sign_token(kid, b"m")
+    old_index = keyring.blind_index_mac(b"m")
+    _edit(keyring.path, lambda doc: (doc["secrets"].pop("blind-index"), doc.pop("signing")))
+    upgraded, added = LocalKeyring.upgrade(keyring.path)
+    assert added == ("blind-index", "audit-log")
+    assert upgraded.unwrap_key(blob, AAD) == b"k" * 32
+    assert upgraded.verify_token(kid, b"m", token_mac)
+    assert upgraded.blind_index_mac(b"m") != old_index  # a new key: the old one was not in the file
+    assert _mode(keyring.path) == 0o600
+    # Written: a plain load now finds it, the same key.
+    again = LocalKeyring.load(keyring.path)
+    assert again.blind_index_mac(b"m") == upgraded.blind_index_mac(b"m")
+    assert LocalKeyring.upgrade(keyring.path)[1] == ()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -9,13 +11,27 @@ import pytest
 from security.access_tokens import VERIFIED_CACHE_SIZE, AccessTokenCodec, TokenInvalid
 
 
+class DictKeys:
+    """Token key operations (HMAC-SHA256) over a dict the test can retire keys from."""
+
+    def __init__(self, keys: dict[str, bytes]) -> None:
+        self.keys = keys
+
+    def token_key_id(self) -> str:
+        return "k1"
+
+    def sign_token(self, kid: str, message: bytes) -> bytes:
+        return hmac.new(self.keys[kid], message, hashlib.sha256).digest()
+
+    def verify_token(self, kid: str, message: bytes, mac: bytes) -> bool:
+        return kid in self.keys and hmac.compare_digest(self.sign_token(kid, message), mac)
+
+    def holds_token_key(self, kid: str) -> bool:
+        return kid in self.keys
+
+
 def _codec(keys: dict[str, bytes]) -> AccessTokenCodec:
-    return AccessTokenCodec(
-        issuer="https://mhr.test",
-        audience="https://mhr.test/fhir",
-        current_key=("k1", keys["k1"]),
-        key_for=keys.get,
-    )
+    return AccessTokenCodec(issuer="https://mhr.test", audience="https://mhr.test/fhir", keys=DictKeys(keys))
 
 
 def _issue(codec: AccessTokenCodec, lifetime: int = 300) -> str:

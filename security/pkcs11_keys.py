@@ -1,0 +1,390 @@
+"""A key provider whose keys never leave a PKCS#11 token (an HSM; SoftHSM2 in tests).
+
+Every operation of :class:`security.keys.KeyProvider` runs inside the token:
+
+* subject keys are wrapped and unwrapped by ``C_Encrypt``/``C_Decrypt`` with
+  CKM_AES_GCM under an AES-256 KEK. The wrapped blob is the keyring's format
+  (``security.keys``: header naming the KEK and its version, 96-bit random
+  nonce, ciphertext and tag) and the GCM associated data is the same
+  ``header || aad``, so the binding of a wrapped key to its subject is kept;
+* the blind-index HMAC, and signing and verifying access tokens, are
+  CKM_SHA256_HMAC with generic secret keys;
+* audit checkpoints are signed with CKM_EDDSA by an Ed25519 private key.
+
+Every key is created in the token as sensitive and non-extractable, each with
+the one use it has (the KEK encrypts and decrypts, an HMAC key signs and
+verifies, the log key signs). Keys are found by label::
+
+    mhr-kek-v<N>          AES-256, CKA_ID = the KEK id (the same for every version)
+    mhr-<purpose>-v<N>    generic secret, CKA_ID = the key's kid   (token-hmac, blind-index)
+    mhr-audit-log         Ed25519 key pair
+
+The highest ``N`` is the current key of its purpose. Objects of other labels
+(another application's, or a purpose of a later version) are left alone.
+
+One logged-in session is opened and shared; PKCS#11 sessions are not safe for
+concurrent use, so every operation holds a lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import pkcs11
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.exceptions import PKCS11Error
+from pkcs11.mechanisms import GCMParams
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from security.envelope import IntegrityError
+from security.keys import (
+    BLIND_INDEX_PURPOSE,
+    CHECK_MESSAGE,
+    KEK_PURPOSE,
+    LOG_SIGNING_KEY_NAME,
+    SECRET_PURPOSES,
+    TOKEN_PURPOSE,
+    KekRef,
+    KeyCheck,
+    KeyProvider,
+    KeyringError,
+    parse_wrapped,
+    public_key_check_value,
+    wrap_header,
+)
+
+__all__ = ["Pkcs11Keys", "read_pin"]
+
+_ED25519_OID: Final = "1.3.101.112"
+_LABEL: Final = re.compile(r"mhr-(kek|token-hmac|blind-index)-v([1-9][0-9]{0,8})", re.ASCII)
+_LOG_LABEL: Final = f"mhr-{LOG_SIGNING_KEY_NAME}"
+_NONCE_SIZE: Final = 12
+_TAG_BITS: Final = 128
+_CHECK_BYTES: Final = 8
+_NEVER_LEAVES: Final = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.DERIVE: False,
+}
+
+
+@functools.cache
+def _library(module: str) -> Any:
+    # C_Initialize once per process and module: a second one would be refused.
+    return pkcs11.lib(module)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    kek_id: str
+    keks: dict[int, Any]
+    hmac_current: dict[str, str]
+    hmac: dict[str, dict[str, Any]]
+    log_private: Any
+    log_public: Ed25519PublicKey
+    kek_checks: dict[int, str]
+
+
+def _find(session: Any) -> tuple[dict[str, dict[int, Any]], Any, Any]:
+    """Keys by purpose and version, and the log key pair (or None), as the token holds them."""
+    by_purpose: dict[str, dict[int, Any]] = {}
+    for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+        match = _LABEL.fullmatch(key.label or "")
+        if match:
+            by_purpose.setdefault(match[1], {})[int(match[2])] = key
+    private = public = None
+    for key in session.get_objects({Attribute.LABEL: _LOG_LABEL}):
+        if key.object_class == ObjectClass.PRIVATE_KEY:
+            private = key
+        elif key.object_class == ObjectClass.PUBLIC_KEY:
+            public = key
+    return by_purpose, private, public
+
+
+def _raw_public(public: Any) -> Ed25519PublicKey:
+    point = bytes(public[Attribute.EC_POINT])
+    # CKA_EC_POINT is a DER OCTET STRING (04 20 || key) in PKCS#11 2.40; some tokens give the raw key.
+    raw = point[2:] if len(point) == 34 and point[:2] == b"\x04\x20" else point
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _create_missing(session: Any) -> tuple[str, ...]:
+    by_purpose, private, _public = _find(session)
+    created = []
+    if KEK_PURPOSE not in by_purpose:
+        session.generate_key(
+            KeyType.AES,
+            256,
+            id=f"hsm-{secrets.token_hex(8)}".encode("ascii"),
+            label=f"mhr-{KEK_PURPOSE}-v1",
+            store=True,
+            template={
+                **_NEVER_LEAVES,
+                Attribute.ENCRYPT: True,
+                Attribute.DECRYPT: True,
+                Attribute.WRAP: False,
+                Attribute.UNWRAP: False,
+                Attribute.SIGN: False,
+                Attribute.VERIFY: False,
+            },
+        )
+        created.append(KEK_PURPOSE)
+    for purpose in SECRET_PURPOSES:
+        if purpose not in by_purpose:
+            session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                id=secrets.token_hex(4).encode("ascii"),
+                label=f"mhr-{purpose}-v1",
+                store=True,
+                template={
+                    **_NEVER_LEAVES,
+                    Attribute.SIGN: True,
+                    Attribute.VERIFY: True,
+                    Attribute.ENCRYPT: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                },
+            )
+            created.append(purpose)
+    if private is None:
+        session.generate_keypair(
+            KeyType.EC_EDWARDS,
+            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+            id=b"ed25519",
+            label=_LOG_LABEL,
+            store=True,
+            public_template={
+                Attribute.TOKEN: True,
+                Attribute.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID),
+                Attribute.VERIFY: True,
+            },
+            private_template={**_NEVER_LEAVES, Attribute.SIGN: True},
+        )
+        created.append(LOG_SIGNING_KEY_NAME)
+    return tuple(created)
+
+
+class Pkcs11Keys(KeyProvider):
+    """The key provider of one PKCS#11 token; open it with :meth:`open`."""
+
+    def __init__(self, session: Any, keys: _Keys, token_label: str) -> None:
+        self._session = session
+        self._keys = keys
+        self._label = token_label
+        self._lock = threading.Lock()
+        self._checks = self._key_checks()
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Keys(token={self._label!r}, kek={self.current_kek()})"
+
+    @staticmethod
+    def _login(module: Path, token_label: str, pin: str, *, rw: bool) -> Any:
+        where = f"PKCS#11 token {token_label!r} ({module})"
+        if not module.is_file():
+            raise KeyringError(f"PKCS#11 module {module} does not exist")
+        try:
+            token = _library(os.fspath(module)).get_token(token_label=token_label)
+        except pkcs11.NoSuchToken:
+            raise KeyringError(f"{where}: no such token; initialise one (README, Keys in an HSM)") from None
+        except PKCS11Error as exc:
+            raise KeyringError(f"{where}: {type(exc).__name__}") from None
+        try:
+            return token.open(user_pin=pin, rw=rw)
+        except pkcs11.PinIncorrect:
+            raise KeyringError(f"{where}: the token refused the PIN") from None
+        except PKCS11Error as exc:
+            raise KeyringError(f"{where}: cannot log in ({type(exc).__name__})") from None
+
+    @classmethod
+    def initialise(cls, module: Path, token_label: str, pin: str) -> tuple[str, ...]:
+        """Create in the token every key this version needs and it lacks; never replaces one.
+
+        Returns the purposes created (none when the token already holds them all).
+        """
+        session = cls._login(module, token_label, pin, rw=True)
+        try:
+            return _create_missing(session)
+        except PKCS11Error as exc:
+            raise KeyringError(
+                f"PKCS#11 token {token_label!r}: cannot create keys ({type(exc).__name__})"
+            ) from None
+        finally:
+            session.close()
+
+    @classmethod
+    def open(cls, module: Path, token_label: str, pin: str, *, create_missing: bool = False) -> Pkcs11Keys:
+        """Log in to the token and find its keys.
+
+        A purpose the token lacks is refused with a message naming it, unless
+        ``create_missing`` (development) creates it first.
+        """
+        if create_missing:
+            cls.initialise(module, token_label, pin)
+        session = cls._login(module, token_label, pin, rw=False)
+        try:
+            return cls(session, cls._load(session, token_label), token_label)
+        except BaseException:
+            session.close()
+            raise
+
+    @staticmethod
+    def _load(session: Any, token_label: str) -> _Keys:
+        by_purpose, private, public = _find(session)
+        missing = [p for p in (KEK_PURPOSE, *SECRET_PURPOSES) if p not in by_purpose]
+        if private is None or public is None:
+            missing.append(LOG_SIGNING_KEY_NAME)
+        if missing:
+            raise KeyringError(
+                f"PKCS#11 token {token_label!r} holds no {', '.join(missing)} key; create the keys "
+                "this version needs with `mhr keys init --provider pkcs11` (it keeps every key the "
+                "token holds)"
+            )
+        keks = by_purpose[KEK_PURPOSE]
+        kek_ids = {bytes(k.id) for k in keks.values()}
+        if len(kek_ids) != 1:
+            raise KeyringError(f"PKCS#11 token {token_label!r}: its KEK versions disagree on the KEK id")
+        kek_id = kek_ids.pop().decode("ascii")
+        hmac_keys = {
+            purpose: {bytes(k.id).decode("ascii"): k for k in by_purpose[purpose].values()}
+            for purpose in SECRET_PURPOSES
+        }
+        current = {
+            purpose: bytes(by_purpose[purpose][max(by_purpose[purpose])].id).decode("ascii")
+            for purpose in SECRET_PURPOSES
+        }
+        return _Keys(
+            kek_id=kek_id,
+            keks=keks,
+            hmac_current=current,
+            hmac=hmac_keys,
+            log_private=private,
+            log_public=_raw_public(public),
+            # CKA_CHECK_VALUE: the token's own check value of an AES key (PKCS#11 2.40, 3 bytes).
+            kek_checks={v: bytes(k[Attribute.CHECK_VALUE]).hex() for v, k in keks.items()},
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+    # -- KEK -------------------------------------------------------------
+
+    def current_kek(self) -> KekRef:
+        return KekRef(self._keys.kek_id, max(self._keys.keks))
+
+    def wrap_key(self, plaintext_key: bytes, aad: bytes) -> bytes:
+        if not plaintext_key:
+            raise ValueError("nothing to wrap")
+        ref = self.current_kek()
+        header = wrap_header(ref)
+        nonce = os.urandom(_NONCE_SIZE)
+        with self._lock:
+            sealed = self._keys.keks[ref.version].encrypt(
+                plaintext_key,
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(nonce, header + aad, _TAG_BITS),
+            )
+        return header + nonce + bytes(sealed)
+
+    def unwrap_key(self, blob: bytes, aad: bytes) -> bytes:
+        ref, header, nonce, sealed = parse_wrapped(blob)
+        kek = self._keys.keks.get(ref.version)
+        if ref.key_id != self._keys.kek_id or kek is None:
+            raise IntegrityError
+        try:
+            with self._lock:
+                return bytes(
+                    kek.decrypt(
+                        sealed,
+                        mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(nonce, header + aad, _TAG_BITS),
+                    )
+                )
+        except PKCS11Error:  # a failed tag is CKR_ENCRYPTED_DATA_INVALID (or a general error)
+            raise IntegrityError from None
+
+    # -- HMAC operations -------------------------------------------------
+
+    def _hmac(self, purpose: str, kid: str, message: bytes) -> bytes | None:
+        key = self._keys.hmac[purpose].get(kid)
+        if key is None:
+            return None
+        with self._lock:
+            return bytes(key.sign(message, mechanism=Mechanism.SHA256_HMAC))
+
+    def blind_index_mac(self, message: bytes) -> bytes:
+        mac = self._hmac(BLIND_INDEX_PURPOSE, self._keys.hmac_current[BLIND_INDEX_PURPOSE], message)
+        assert mac is not None  # the current kid is always held
+        return mac
+
+    def token_key_id(self) -> str:
+        return self._keys.hmac_current[TOKEN_PURPOSE]
+
+    def sign_token(self, kid: str, message: bytes) -> bytes:
+        mac = self._hmac(TOKEN_PURPOSE, kid, message)
+        if mac is None:
+            raise KeyringError(f"no {TOKEN_PURPOSE} key {kid!r} is held")
+        return mac
+
+    def verify_token(self, kid: str, message: bytes, mac: bytes) -> bool:
+        expected = self._hmac(TOKEN_PURPOSE, kid, message)
+        return expected is not None and hmac.compare_digest(expected, mac)
+
+    def holds_token_key(self, kid: str) -> bool:
+        return kid in self._keys.hmac[TOKEN_PURPOSE]
+
+    # -- audit log signing -----------------------------------------------
+
+    def sign_checkpoint(self, message: bytes) -> bytes:
+        with self._lock:
+            return bytes(self._keys.log_private.sign(message, mechanism=Mechanism.EDDSA))
+
+    def checkpoint_public_key(self) -> Ed25519PublicKey:
+        return self._keys.log_public
+
+    # -- identification --------------------------------------------------
+
+    def _key_checks(self) -> tuple[KeyCheck, ...]:
+        keys = self._keys
+        checks = [
+            KeyCheck(KEK_PURPOSE, f"{keys.kek_id}/v{version}", value)
+            for version, value in sorted(keys.kek_checks.items())
+        ]
+        for purpose in sorted(SECRET_PURPOSES):
+            for kid in sorted(keys.hmac[purpose]):
+                mac = self._hmac(purpose, kid, CHECK_MESSAGE)
+                assert mac is not None
+                checks.append(KeyCheck(purpose, kid, mac[:_CHECK_BYTES].hex()))
+        checks.append(
+            KeyCheck(LOG_SIGNING_KEY_NAME, "ed25519-pkcs11", public_key_check_value(keys.log_public))
+        )
+        return tuple(checks)
+
+    def key_checks(self) -> tuple[KeyCheck, ...]:
+        return self._checks
+
+
+def read_pin(pin: str | None, pin_file: Path | None) -> str:
+    """The token PIN from a setting or from a file (its first line); KeyringError if neither."""
+    if pin:
+        return pin
+    if pin_file is not None:
+        try:
+            return pin_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
+            raise KeyringError(f"cannot read the PKCS#11 PIN from {pin_file}") from None
+    raise KeyringError("the PKCS#11 token needs its PIN: set MHR_PKCS11_PIN or MHR_PKCS11_PIN_FILE")
