@@ -13,7 +13,7 @@ from service.records.fhir_dates import parse_range
 from service.records.indexing import code_token
 from service.records.repository import SearchFilter
 
-_CLINICAL = ("patient", "_lastUpdated", "_id")
+_CLINICAL = ("patient", "_lastUpdated", "_id", "identifier")
 SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "Patient": frozenset({"identifier", "_lastUpdated", "_id"}),
     "Encounter": frozenset({*_CLINICAL, "date", "type"}),
@@ -25,7 +25,7 @@ SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "MedicationAdministration": frozenset({*_CLINICAL, "code"}),
     "DocumentReference": frozenset({*_CLINICAL, "date", "type"}),
     "Consent": frozenset(_CLINICAL),
-    "Provenance": frozenset(_CLINICAL),
+    "Provenance": frozenset({"patient", "_lastUpdated", "_id"}),  # no identifier element in R4
     "Specimen": frozenset(_CLINICAL),
 }
 CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total", "_summary", "_elements"})

@@ -1,0 +1,71 @@
+"""Retry safety: match keys for conditional create on every type, and remembered requests.
+
+``match_keys`` replaces ``patient_keys`` (same rows, with the resource type): an
+``ifNoneExist`` identifier is claimed per (clinic, type, identifier) on every type a
+clinic writes. ``idempotent_requests`` remembers what a write answered, keyed by an
+``Idempotency-Key`` header (per client, for a limited time) or by a transaction's
+``Bundle.identifier`` (per clinic, for good), so that a retry gets the original
+answer. It holds references (type, id, version) and status lines, never resource
+content: a replay re-reads the stored, encrypted versions.
+
+Revision ID: 0005_h_retry
+Revises: 0004
+Create Date: 2026-12-01
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005_h_retry"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "match_keys",
+        sa.Column("organization_id", sa.String(64), nullable=False),
+        sa.Column("resource_type", sa.String(64), nullable=False),
+        sa.Column("identifier_hash", sa.LargeBinary(32), nullable=False),
+        sa.Column("resource_id", sa.String(64), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "organization_id", "resource_type", "identifier_hash", name=op.f("pk_match_keys")
+        ),
+    )
+    op.execute(
+        "INSERT INTO match_keys (organization_id, resource_type, identifier_hash, resource_id) "
+        "SELECT organization_id, 'Patient', identifier_hash, patient_id FROM patient_keys"
+    )
+    op.drop_table("patient_keys")
+    op.create_table(
+        "idempotent_requests",
+        sa.Column("scope", sa.String(80), nullable=False),
+        sa.Column("key_hash", sa.LargeBinary(32), nullable=False),
+        sa.Column("request_hash", sa.LargeBinary(32), nullable=False),
+        sa.Column("outcome", sa.JSON(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("scope", "key_hash", name=op.f("pk_idempotent_requests")),
+    )
+    op.create_index("ix_idempotent_requests_expires_at", "idempotent_requests", ["expires_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_idempotent_requests_expires_at", table_name="idempotent_requests")
+    op.drop_table("idempotent_requests")
+    op.create_table(
+        "patient_keys",
+        sa.Column("organization_id", sa.String(64), nullable=False),
+        sa.Column("identifier_hash", sa.LargeBinary(32), nullable=False),
+        sa.Column("patient_id", sa.String(64), nullable=False),
+        sa.PrimaryKeyConstraint("organization_id", "identifier_hash", name=op.f("pk_patient_keys")),
+    )
+    op.execute(
+        "INSERT INTO patient_keys (organization_id, identifier_hash, patient_id) "
+        "SELECT organization_id, identifier_hash, resource_id FROM match_keys "
+        "WHERE resource_type = 'Patient'"
+    )
+    op.drop_table("match_keys")
