@@ -251,7 +251,7 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
             "update": probe("PUT", f"/fhir/{rtype}/{rid}"),
             "delete": probe("DELETE", f"/fhir/{rtype}/{rid}"),
         }
-        interactions = {i["code"] for i in declared["interaction"]}
+        interactions = {i["code"] for i in declared.get("interaction", [])}
         assert interactions == {name for name, works in actual.items() if works}, rtype
         if "create" in interactions:
             assert declared.get("conditionalCreate", False) == (rtype in CONDITIONAL_CREATE_TYPES), rtype
@@ -274,8 +274,21 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     )
     assert again.status_code == 200, again.text
     observation = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
+    observation["resource"]["identifier"] = [{"system": "urn:probe", "value": "1"}]
     observation["request"]["ifNoneExist"] = "identifier=urn:probe|1"
-    refused = submit(service, clinic, bundle)
+    bundle["identifier"]["value"] += "-probe"  # another exam, not a resubmission
+    assert submit(service, clinic, bundle).status_code == 200
+    provenance = {
+        "resourceType": "Provenance",
+        "target": [{"reference": f"Patient/{ids['Patient'][0]}"}],
+        "recorded": "2025-03-06T10:00:00Z",
+        "agent": [{"who": {"reference": f"Organization/{clinic.organization_id}"}}],
+    }
+    refused = service.client.post(
+        "/fhir/Provenance",
+        content=json.dumps(provenance),
+        headers={**headers, "If-None-Exist": "identifier=urn:probe|1"},
+    )
     assert refused.status_code == 400 and _outcome_code(refused) == "not-supported"
 
     # Sort keys the statement documents are accepted; one it used to document is refused.
@@ -289,6 +302,9 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     # Operations: exactly the $-routes of the app, each with a resolvable definition.
     paths = service.client.get("/openapi.json").json()["paths"]
     routes = {(path.split("/")[2], path.rsplit("$", 1)[1]) for path in paths if "$" in path}
+    # A type-level route for every type that can be created (here: validate).
+    creatable = {t for t, r in claimed.items() if "create" in {i["code"] for i in r.get("interaction", [])}}
+    routes = {(t, op) for rtype, op in routes for t in (creatable if rtype == "{resource_type}" else {rtype})}
     operations = {(t, op["name"]) for t, r in claimed.items() for op in r.get("operation", [])}
     assert operations == routes
     guide = {json.loads(p.read_text())["url"] for p in (REPO / "fhir").glob("OperationDefinition-*.json")}
