@@ -1,4 +1,4 @@
-"""Retry safety: match keys for conditional create on every type, and remembered requests.
+"""Retry safety and stock clients: match keys on every type, remembered requests, default purposes.
 
 ``match_keys`` replaces ``patient_keys`` (same rows, with the resource type): an
 ``ifNoneExist`` identifier is claimed per (clinic, type, identifier) on every type a
@@ -6,7 +6,8 @@ clinic writes. ``idempotent_requests`` remembers what a write answered, keyed by
 ``Idempotency-Key`` header (per client, for a limited time) or by a transaction's
 ``Bundle.identifier`` (per clinic, for good), so that a retry gets the original
 answer. It holds references (type, id, version) and status lines, never resource
-content: a replay re-reads the stored, encrypted versions.
+content: a replay re-reads the stored, encrypted versions. ``clients.default_purpose`` is the purpose of use
+a token carries when the client's assertion names none.
 
 Revision ID: 0005_h_retry
 Revises: 0004
@@ -51,9 +52,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("scope", "key_hash", name=op.f("pk_idempotent_requests")),
     )
     op.create_index("ix_idempotent_requests_expires_at", "idempotent_requests", ["expires_at"])
+    with op.batch_alter_table("clients") as batch:
+        batch.add_column(sa.Column("default_purpose", sa.String(32), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("clients") as batch:
+        batch.drop_column("default_purpose")
     op.drop_index("ix_idempotent_requests_expires_at", table_name="idempotent_requests")
     op.drop_table("idempotent_requests")
     op.create_table(

@@ -197,7 +197,7 @@ async def _authenticate(request: Request, runtime: Runtime) -> Principal:
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def _forbidden(description: str) -> FhirError:
+def forbidden(description: str) -> FhirError:
     challenge = f'Bearer realm="mhr", error="insufficient_scope", error_description="{description}"'
     return FhirError.single(
         403,
@@ -215,9 +215,9 @@ def requires(
     async def check(principal: PrincipalDep, request: Request) -> Principal:
         error = None
         if principal.role not in roles:
-            error = _forbidden("this client's role may not use this interaction")
+            error = forbidden("this client's role may not use this interaction")
         elif not principal.may(resource_type, permission):
-            error = _forbidden(f"the token lacks a scope for {resource_type} ({permission})")
+            error = forbidden(f"the token lacks a scope for {resource_type} ({permission})")
         if error is not None:
             _audit_denial(request, error, principal.claims, permission[:1])
             raise error

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from security.blind_index import BlindIndexer
 from service.api.auditing import audit, audit_read, rest_record
-from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
+from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep, forbidden
 from service.api.fhir_body import read_fhir_json
 from service.api.prefer import Return, http_date, outcome_of_write, return_preference, written_response
 from service.api.responses import FhirResponse, search_url
@@ -75,12 +75,11 @@ KnownType = Annotated[str, Depends(_known_type)]
 
 def _require(principal: Principal, resource_type: str, permission: str, roles: frozenset[str]) -> None:
     """Role and scope for this interaction on this type; a refusal is a 403 on the audit record."""
+    # RFC 6750: the 403 names insufficient_scope, so a client knows to ask for another token.
     if principal.role not in roles:
-        denied = FhirError.single(403, "forbidden", "this client's role may not use this interaction")
+        denied = forbidden("this client's role may not use this interaction")
     elif not principal.may(resource_type, permission):
-        denied = FhirError.single(
-            403, "forbidden", f"the token lacks a scope for {resource_type} ({permission})"
-        )
+        denied = forbidden(f"the token lacks a scope for {resource_type} ({permission})")
     else:
         return
     denied.audit = rest_record(
@@ -219,7 +218,11 @@ async def _write(
     # The request as a whole: a retry repeats method, path, conditions and body.
     conditions = [f"{name}:{request.headers.get(name, '')}" for name in ("if-none-exist", "if-match")]
     fingerprint = b"\n".join(
-        [request.method.encode(), request.url.path.encode(), *(c.encode() for c in conditions)]
+        [
+            request.method.encode(),
+            f"{request.url.path}?{request.url.query}".encode(),
+            *(c.encode() for c in conditions),
+        ]
     )
     key = header_key(
         runtime.records.indexer,
@@ -392,6 +395,14 @@ async def create(
         raise FhirError.single(
             400, "invalid", "the body's resourceType must match the URL", expression="resourceType"
         )
+    if request.query_params:
+        # The condition in the query string, as fhirpy's get_or_create sends it. The header is
+        # better (an identifier in a URL reaches access logs), but a stock client is not changed.
+        if if_none_exist is not None:
+            raise FhirError.single(
+                400, "invalid", "give the create's condition once: If-None-Exist or the query string"
+            )
+        if_none_exist = urlencode(list(request.query_params.multi_items()))
     actor = actor_of(principal)
     result, status = await _write(
         request,

@@ -28,7 +28,11 @@ SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "Provenance": frozenset({"patient", "_lastUpdated", "_id"}),  # no identifier element in R4
     "Specimen": frozenset(_CLINICAL),
 }
-CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total", "_summary", "_elements"})
+# _totalMethod is HAPI's and fhirpy's way to ask for the count (fhirpy's count() sends it):
+# accepted and answered like _total=accurate.
+CONTROL_PARAMETERS = frozenset(
+    {"_count", "_sort", "_offset", "_cursor", "_total", "_summary", "_elements", "_totalMethod"}
+)
 # Parameters of every interaction, answered by the response layer (service.api.formats).
 GENERAL_PARAMETERS = frozenset({"_format", "_pretty"})
 # A migrant's identifiers (a passport number) never go into a URL the service writes: the
@@ -187,6 +191,10 @@ def parse_search(
                 offset = int(value)
             elif base == "_cursor":
                 cursor = value
+            elif base == "_totalMethod":
+                if value not in ("count", "estimate", "none"):
+                    raise _bad("_totalMethod must be count, estimate or none", name)
+                count_total = value != "none"
             elif base == "_total":
                 if value not in ("none", "estimate", "accurate"):
                     raise _bad("_total must be none, estimate or accurate", name)

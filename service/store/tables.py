@@ -81,6 +81,8 @@ class Client(Base):
     jwks_url: Mapped[str | None] = mapped_column(Text)
     scopes: Mapped[str] = mapped_column(Text)
     purposes: Mapped[str] = mapped_column(Text, default="")
+    # The purpose a token carries when the client asks for none (one of ``purposes``).
+    default_purpose: Mapped[str | None] = mapped_column(String(32))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
