@@ -264,7 +264,7 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     assert set(SEARCH_PARAMETERS) <= set(claimed)
     assert {p["name"] for p in rest["searchParam"]} == set(CONTROL_PARAMETERS)
 
-    # Conditional create is claimed where it works and nowhere else.
+    # Conditional create is claimed where it works: on Patient ...
     headers = {**FHIR_HEADERS, **service.headers(clinic)}
     bundle = load_example(EXAMPLES[0])
     patient = bundle["entry"][0]["resource"]
@@ -273,23 +273,18 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
         "/fhir/Patient", content=json.dumps(patient), headers={**headers, "If-None-Exist": match}
     )
     assert again.status_code == 200, again.text
-    observation = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
-    observation["resource"]["identifier"] = [{"system": "urn:probe", "value": "1"}]
-    observation["request"]["ifNoneExist"] = "identifier=urn:probe|1"
-    bundle["identifier"]["value"] += "-probe"  # another exam, not a resubmission
-    assert submit(service, clinic, bundle).status_code == 200
-    provenance = {
-        "resourceType": "Provenance",
-        "target": [{"reference": f"Patient/{ids['Patient'][0]}"}],
-        "recorded": "2025-03-06T10:00:00Z",
-        "agent": [{"who": {"reference": f"Organization/{clinic.organization_id}"}}],
-    }
-    refused = service.client.post(
-        "/fhir/Provenance",
-        content=json.dumps(provenance),
-        headers={**headers, "If-None-Exist": "identifier=urn:probe|1"},
-    )
-    assert refused.status_code == 400 and _outcome_code(refused) == "not-supported"
+    # ... and on every other type a clinic creates: an Observation matched by its identifier.
+    index = next(i for i, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] == "Observation")
+    bundle["entry"][index]["resource"]["identifier"] = [{"system": "urn:probe", "value": "1"}]
+    bundle["entry"][index]["request"]["ifNoneExist"] = "identifier=urn:probe|1"
+    statuses = []
+    for attempt in ("first", "second"):
+        bundle["identifier"]["value"] = f"probe-{attempt}"  # two exams, not a resubmission
+        reply = submit(service, clinic, bundle)
+        assert reply.status_code == 200, reply.text
+        statuses.append(reply.json()["entry"][index]["response"])
+    assert [s["status"] for s in statuses] == ["201 Created", "200 OK"]
+    assert statuses[0]["location"] == statuses[1]["location"]
 
     # Sort keys the statement documents are accepted; one it used to document is refused.
     sort_doc = next(p["documentation"] for p in rest["searchParam"] if p["name"] == "_sort")

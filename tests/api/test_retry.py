@@ -301,21 +301,6 @@ def test_transaction_entries_of_every_type_take_if_none_exist(
     assert _stored(database_url) == stored
 
 
-def test_conditional_create_of_a_type_without_identifier_says_what_to_do(
-    service: Service, clinic: Party
-) -> None:
-    patient = _patient_id(service, clinic)
-    provenance = {
-        "resourceType": "Provenance",
-        "target": [{"reference": f"Patient/{patient}"}],
-        "recorded": "2025-03-06T10:00:00Z",
-        "agent": [{"who": {"reference": f"Organization/{clinic.organization_id}"}}],
-    }
-    response = _post(service, clinic, "/fhir/Provenance", provenance, **{"If-None-Exist": "identifier=a|b"})
-    assert response.status_code == 400
-    assert "Idempotency-Key" in response.json()["issue"][0]["diagnostics"]
-
-
 # --- $validate ---------------------------------------------------------------------------------
 def test_validate_runs_a_writes_checks_and_stores_nothing(
     service: Service, clinic: Party, database_url: str
