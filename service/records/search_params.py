@@ -255,6 +255,10 @@ def parse_search(
         )
     if cursor is not None and hidden:
         raise _bad("a _cursor carries its search's identifiers: follow the next link as given", "_cursor")
+    if value_concepts and hidden:
+        # A value-concept search pages by _offset in its links, which cannot carry the
+        # identifiers hidden from them (and an identifier names one record: no paging needed).
+        raise _bad("identifier and value-concept cannot be combined in one search", "identifier")
     return ParsedSearch(
         flt,
         count,
