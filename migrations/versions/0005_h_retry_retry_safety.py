@@ -10,7 +10,7 @@ content: a replay re-reads the stored, encrypted versions. ``clients.default_pur
 a token carries when the client's assertion names none.
 
 Revision ID: 0005_h_retry
-Revises: 0005_h_newcomer
+Revises: 0005_h_audit
 Create Date: 2026-12-01
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_h_retry"
-down_revision: str | None = "0005_h_newcomer"
+down_revision: str | None = "0005_h_audit"  # chained after those already on main
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -40,7 +40,12 @@ from service.records.paging import CursorScope, PageCursor, decode_cursor, encod
 from service.records.reading import Reader, ReadResult, bundle_bytes, history_position, history_version
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
-from service.records.search_params import IDENTIFYING_PARAMETERS, parse_elements, parse_search
+from service.records.search_params import (
+    GENERAL_PARAMETERS,
+    IDENTIFYING_PARAMETERS,
+    parse_elements,
+    parse_search,
+)
 
 router = APIRouter(tags=["fhir"])
 T = TypeVar("T")
@@ -395,14 +400,17 @@ async def create(
         raise FhirError.single(
             400, "invalid", "the body's resourceType must match the URL", expression="resourceType"
         )
-    if request.query_params:
+    if any(name not in GENERAL_PARAMETERS for name in request.query_params):
         # The condition in the query string, as fhirpy's get_or_create sends it. The header is
         # better (an identifier in a URL reaches access logs), but a stock client is not changed.
         if if_none_exist is not None:
             raise FhirError.single(
                 400, "invalid", "give the create's condition once: If-None-Exist or the query string"
             )
-        if_none_exist = urlencode(list(request.query_params.multi_items()))
+        if_none_exist = (
+            urlencode([(n, v) for n, v in request.query_params.multi_items() if n not in GENERAL_PARAMETERS])
+            or if_none_exist
+        )
     actor = actor_of(principal)
     result, status = await _write(
         request,
