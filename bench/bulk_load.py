@@ -100,7 +100,9 @@ async def _loaded(indexer: Any, repo: RecordRepository, actor: Actor, bundle: di
     """Whether this exam's migrant (by passport, as ``ifNoneExist`` finds it) is already stored."""
     query = bundle["entry"][0]["request"]["ifNoneExist"]
     system, _, value = query.removeprefix("identifier=").partition("|")
-    found = await repo.patients_with_identifier(actor.organization_id, indexer.identifier(system, value))
+    found = await repo.resources_with_identifier(
+        actor.organization_id, "Patient", indexer.identifier(system, value)
+    )
     return bool(found)
 
 

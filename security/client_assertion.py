@@ -20,6 +20,14 @@ _KTY_FOR_ALG = {"ES384": "EC", "RS384": "RSA"}
 # Private JWK members: a JWKS carrying any of them was pasted from the wrong file.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MAX_PERSON_LENGTH = 128
+# The HL7 B2B authorization extension (HL7 UDAP Security IG, "hl7-b2b"): the standard place for
+# a client's purpose of use, as v3-ActReason codes, bare or prefixed with their code system.
+B2B_EXTENSION = "hl7-b2b"
+_ACT_REASON_PREFIXES = (
+    "urn:oid:2.16.840.1.113883.5.8#",
+    "http://terminology.hl7.org/CodeSystem/v3-ActReason#",
+)
+MAX_PURPOSES = 10
 
 
 class AssertionInvalid(Exception):
@@ -36,6 +44,37 @@ class VerifiedAssertion:
     jti: str
     expires_at: int
     person: str | None
+    # extensions.hl7-b2b.purpose_of_use: v3-ActReason codes (prefix removed); others kept whole.
+    purposes: tuple[str, ...] = ()
+
+
+def b2b_purposes(claims: dict[str, Any]) -> tuple[str, ...]:
+    """``extensions.hl7-b2b.purpose_of_use`` of verified assertion claims; raises AssertionInvalid
+    when the extension is there but malformed (a client that sent one meant it)."""
+    extensions = claims.get("extensions")
+    if extensions is None:
+        return ()
+    b2b = extensions.get(B2B_EXTENSION) if isinstance(extensions, dict) else None
+    if b2b is None and isinstance(extensions, dict):
+        return ()
+    if not isinstance(b2b, dict):
+        raise AssertionInvalid("extensions.hl7-b2b malformed")
+    raw = b2b.get("purpose_of_use", [])
+    values = [raw] if isinstance(raw, str) else raw
+    if (
+        not isinstance(values, list)
+        or len(values) > MAX_PURPOSES
+        or not all(isinstance(v, str) and 1 <= len(v) <= 200 for v in values)
+    ):
+        raise AssertionInvalid("extensions.hl7-b2b.purpose_of_use malformed")
+    codes = []
+    for value in values:
+        for prefix in _ACT_REASON_PREFIXES:
+            if value.startswith(prefix):
+                value = value[len(prefix) :]
+                break
+        codes.append(value)
+    return tuple(dict.fromkeys(codes))
 
 
 def unverified_kid_and_issuer(assertion: str) -> tuple[str | None, str | None]:
@@ -150,4 +189,6 @@ def verify_client_assertion(
     person = claims.get("person")
     if person is not None and (not isinstance(person, str) or not 1 <= len(person) <= MAX_PERSON_LENGTH):
         raise AssertionInvalid("person claim malformed")
-    return VerifiedAssertion(client_id=client_id, jti=jti, expires_at=exp, person=person)
+    return VerifiedAssertion(
+        client_id=client_id, jti=jti, expires_at=exp, person=person, purposes=b2b_purposes(claims)
+    )

@@ -76,7 +76,10 @@ def sign_client_assertion(
     person: str | None = None,
     kid: str | None = None,
     now: float | None = None,
+    purposes: tuple[str, ...] = (),
 ) -> str:
+    """A SMART Backend Services client assertion; ``purposes`` go where UDAP's HL7 B2B
+    authorization extension carries them (``extensions.hl7-b2b.purpose_of_use``)."""
     jwk = public_jwk(key)
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {
@@ -89,4 +92,6 @@ def sign_client_assertion(
     }
     if person:
         claims["person"] = person
+    if purposes:
+        claims["extensions"] = {"hl7-b2b": {"version": "1", "purpose_of_use": list(purposes)}}
     return jwt.encode(claims, key, algorithm=jwk["alg"], headers={"kid": kid or jwk["kid"], "typ": "JWT"})

@@ -66,6 +66,23 @@ def parse_scopes(text: str) -> list[Scope]:
     return [Scope.parse(part) for part in text.split()]
 
 
+def grantable_scopes(text: str) -> list[Scope]:
+    """The system scopes of a token request; anything else is dropped, not refused.
+
+    OAuth lets a server grant fewer scopes than asked (RFC 6749 3.3, reported in the token
+    response's ``scope``). Stock clients ask for more than a backend service can hold: the
+    SMART client ``fhirclient`` always adds ``launch/patient``, others ``openid`` or
+    ``offline_access``; refusing the request for them would lock those clients out.
+    """
+    scopes = []
+    for part in text.split():
+        try:
+            scopes.append(Scope.parse(part))
+        except ScopeError:
+            continue
+    return scopes
+
+
 def intersect(requested: list[Scope], allowed: list[Scope]) -> list[Scope]:
     granted = {s for r in requested for a in allowed if (s := r.intersect(a)) is not None}
     # Drop scopes wholly covered by another granted one, so the token stays short.

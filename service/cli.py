@@ -254,6 +254,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                         scopes=" ".join(args.scopes) if args.scopes else None,
                         purposes=tuple(args.purposes or ()),
                         description=args.description,
+                        default_purpose=args.default_purpose,
                     ),
                 )
                 await _audit_admin(session, "client-add", Action.create, ("Client", client.id))
@@ -263,6 +264,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                     "role": client.role,
                     "scopes": client.scopes,
                     "purposes": client.purposes,
+                    "default_purpose": client.default_purpose,
                 }
             if args.action == "disable":
                 if not await repo.disable_client(args.client_id, _now()):
@@ -276,6 +278,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                     "role": c.role,
                     "scopes": c.scopes,
                     "purposes": c.purposes,
+                    "default_purpose": c.default_purpose,
                     "active": c.active,
                     "jwks_url": c.jwks_url,
                     "created_at": c.created_at,
@@ -330,8 +333,14 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         key = load_private_key(Path(args.key).read_bytes())
     except (OSError, ValueError) as exc:
         return _fail(f"cannot load private key: {type(exc).__name__}")
+    # The purpose goes the standard way: the HL7 B2B extension of the assertion.
     assertion = sign_client_assertion(
-        key, client_id=args.client_id, token_url=token_url, person=args.person, kid=args.kid
+        key,
+        client_id=args.client_id,
+        token_url=token_url,
+        person=args.person,
+        kid=args.kid,
+        purposes=(args.purpose,) if args.purpose else (),
     )
     form = {
         "grant_type": "client_credentials",
@@ -339,15 +348,19 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         "client_assertion": assertion,
         "scope": args.scope,
     }
-    if args.purpose:
-        form["purpose_of_use"] = args.purpose
     try:
         response = httpx.post(token_url, data=form, timeout=10)
     except httpx.HTTPError as exc:
         return _fail(f"token endpoint unreachable at {token_url}: {type(exc).__name__}")
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
     if response.status_code != 200:
-        return _fail(f"token refused ({response.status_code}): {body.get('error', 'error')}", 1)
+        # The server's own words say what to change; control characters are not printed.
+        reason = ": ".join(
+            "".join(ch for ch in str(part) if ch.isprintable())
+            for part in (body.get("error", "error"), body.get("error_description"))
+            if part
+        )
+        return _fail(f"token refused ({response.status_code}): {reason}", 1)
     if args.json:
         _emit(body)
     else:
@@ -646,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--jwks-url", help="https URL of the client's JWKS")
     add.add_argument("--scopes", nargs="+", help="SMART system scopes (default: the role's ceiling)")
     add.add_argument("--purposes", nargs="+", help="purposes of use (v3-ActReason), e.g. PUBHLTH TREAT")
+    add.add_argument(
+        "--default-purpose",
+        help="the purpose a token carries when the client names none (for stock clients)",
+    )
     add.add_argument("--description")
     clients.add_parser("list")
     disable = clients.add_parser("disable")

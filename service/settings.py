@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     jwks_fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
     jwks_cache_seconds: int = Field(default=300, ge=0)
     client_status_cache_seconds: float = Field(default=10.0, ge=0, le=60)
+    # How long a write sent with an Idempotency-Key is remembered: a retry within this time gets
+    # the original answer. (A transaction's Bundle.identifier is remembered for good.)
+    idempotency_key_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    # Fault injection for tests of client retries: the process exits, as if killed, right
+    # after its Nth committed request transaction, before that request is answered.
+    # Refused outside development and test.
+    test_exit_after_commits: int = Field(default=0, ge=0)
     log_level: str = "INFO"
     deployment_name: str = "mhr.example.org/dev"
     # Consent.policy URIs that mean "disclosure required by law" (a statutory public-health
@@ -194,6 +201,8 @@ class Settings(BaseSettings):
                 problem = keyring_permissions_problem(self.keyring_path)
                 if problem:
                     problems.append(f"keyring {self.keyring_path}: {problem}")
+            if self.test_exit_after_commits:
+                problems.append("MHR_TEST_EXIT_AFTER_COMMITS is a test fault; unset it outside development")
             if self.deployment_name == "mhr.example.org/dev":
                 problems.append(
                     "MHR_DEPLOYMENT_NAME is the development default; set it to this "

@@ -13,15 +13,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from mhr_testkit import PG_SERVER_URL, Service, create_database, drop_database, sync_url, truncate_postgres
+from softhsm_kit import (
+    HSM_EMPTY_TOKEN,
+    HSM_PIN,
+    HSM_TOKEN,
+    SOFTHSM_MODULES,
+    SoftHsm,
+    hsm_required,
+    init_softhsm_token,
+    softhsm_config,
+)
 from sqlalchemy.engine import make_url
 
 from service.store import migrate
@@ -102,64 +110,6 @@ def service(database_url: str, tmp_path: Path) -> Iterator[Service]:
 
 
 # --- a SoftHSM2 token, for the tests that run against both key providers ---------------
-
-SOFTHSM_MODULES = (
-    Path("/usr/lib/softhsm/libsofthsm2.so"),
-    Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"),
-    Path("/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so"),
-)
-HSM_PIN = "4711-test"
-HSM_TOKEN = "mhr-test"
-HSM_EMPTY_TOKEN = "mhr-empty"  # initialised, no keys: for refusals (never given keys in-process)
-
-
-@dataclass(frozen=True)
-class SoftHsm:
-    module: Path
-    config: Path
-    pin: str = HSM_PIN
-    token: str = HSM_TOKEN
-    empty_token: str = HSM_EMPTY_TOKEN
-
-    def settings(self, token: str | None = None) -> dict[str, object]:
-        return {
-            "key_provider": "pkcs11",
-            "pkcs11_module": self.module,
-            "pkcs11_token_label": token or self.token,
-            "pkcs11_pin": self.pin,
-        }
-
-
-def hsm_required() -> bool:
-    """In CI the HSM tests must run: a missing SoftHSM2 or python-pkcs11 fails them."""
-    return os.environ.get("CI") == "true" or os.environ.get("MHR_REQUIRE_POSTGRES") == "1"
-
-
-def init_softhsm_token(config: Path, label: str) -> None:
-    subprocess.run(
-        [
-            "softhsm2-util",
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            HSM_PIN,
-            "--so-pin",
-            "so-" + HSM_PIN,
-        ],
-        env={**os.environ, "SOFTHSM2_CONF": str(config)},
-        check=True,
-        capture_output=True,
-    )
-
-
-def softhsm_config(directory: Path) -> Path:
-    tokens = directory / "tokens"
-    tokens.mkdir(parents=True)
-    config = directory / "softhsm2.conf"
-    config.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    return config
 
 
 @pytest.fixture(scope="session")

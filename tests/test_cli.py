@@ -349,6 +349,18 @@ def test_token_command_with_the_wrong_key_is_refused(
     assert "token refused (401): invalid_client" in result.err
 
 
+def test_token_command_prints_the_servers_reason(
+    migrated: Mhr, keypair: tuple[Path, Path], app_client: TestClient
+) -> None:
+    _add_org(migrated, "Clinic", "clinic")
+    client_id = _add_clinic_client(migrated, str(keypair[1]))
+    result = migrated(
+        "token", "--client-id", client_id, "--key", str(keypair[0]), "--scope", "launch/patient"
+    )
+    assert result.code == 1
+    assert "token refused (400): invalid_scope: none of the requested scopes may be granted" in result.err
+
+
 def test_token_command_reports_an_unreachable_server(migrated: Mhr, keypair: tuple[Path, Path]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

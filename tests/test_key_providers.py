@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import SoftHsm, init_softhsm_token, softhsm_config
+from softhsm_kit import SoftHsm, init_softhsm_token, softhsm_config
 
 from security.access_tokens import AccessTokenCodec, TokenInvalid
 from security.blind_index import BlindIndexer

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006_h_jobs"
-down_revision: str | None = "0005_h_audit"
+down_revision: str | None = "0005_h_retry"  # after the retry-safety tables
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

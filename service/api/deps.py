@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +48,18 @@ async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
             request_audit.transaction_ended(committed=False)
             raise
         request_audit.transaction_ended(committed=True)
+        _commit_fault(runtime)
+
+
+_commits = itertools.count(1)
+
+
+def _commit_fault(runtime: Runtime) -> None:
+    """The test fault MHR_TEST_EXIT_AFTER_COMMITS: die between commit and answer, like a kill -9."""
+    limit = runtime.settings.test_exit_after_commits
+    if limit and runtime.settings.is_development and next(_commits) >= limit:
+        log.warning("test fault: exiting after a committed request, before answering it")
+        os._exit(70)
 
 
 async def _read_session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
@@ -183,7 +197,7 @@ async def _authenticate(request: Request, runtime: Runtime) -> Principal:
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def _forbidden(description: str) -> FhirError:
+def forbidden(description: str) -> FhirError:
     challenge = f'Bearer realm="mhr", error="insufficient_scope", error_description="{description}"'
     return FhirError.single(
         403,
@@ -201,9 +215,9 @@ def requires(
     async def check(principal: PrincipalDep, request: Request) -> Principal:
         error = None
         if principal.role not in roles:
-            error = _forbidden("this client's role may not use this interaction")
+            error = forbidden("this client's role may not use this interaction")
         elif not principal.may(resource_type, permission):
-            error = _forbidden(f"the token lacks a scope for {resource_type} ({permission})")
+            error = forbidden(f"the token lacks a scope for {resource_type} ({permission})")
         if error is not None:
             _audit_denial(request, error, principal.claims, permission[:1])
             raise error

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from security.blind_index import BlindIndexer
 from service.api.auditing import audit, audit_read, rest_record
-from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
+from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep, forbidden
 from service.api.fhir_body import read_fhir_json
 from service.api.prefer import Return, http_date, outcome_of_write, return_preference, written_response
 from service.api.responses import FhirResponse, search_url
@@ -26,6 +26,8 @@ from service.errors import FHIR_JSON, FhirError
 from service.identity.repository import IdentityRepository
 from service.records.access import Permit, Visibility
 from service.records.context import Actor
+from service.records.idempotency import Idempotency, canonical_json, header_key
+from service.records.idempotency_repository import IdempotencyRepository
 from service.records.intake import (
     Intake,
     IntakeResult,
@@ -38,7 +40,12 @@ from service.records.paging import CursorScope, PageCursor, decode_cursor, encod
 from service.records.reading import Reader, ReadResult, bundle_bytes, history_position, history_version
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
-from service.records.search_params import IDENTIFYING_PARAMETERS, parse_elements, parse_search
+from service.records.search_params import (
+    GENERAL_PARAMETERS,
+    IDENTIFYING_PARAMETERS,
+    parse_elements,
+    parse_search,
+)
 
 router = APIRouter(tags=["fhir"])
 T = TypeVar("T")
@@ -51,6 +58,10 @@ EVERYTHING_PARAMETERS = frozenset({"_count", "_since", "_type", "_cursor", "_sum
 DEFAULT_EVERYTHING_COUNT = 100
 # Clinics read their own submissions; authorities read what consent permits.
 READERS = frozenset({"clinic", "authority"})
+# The audit detail of a write answered from its first attempt.
+REPLAY_DETAIL = "replay"
+# Marks an answer replayed from the first attempt of the same request.
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 def actor_of(principal: Principal) -> Actor:
@@ -69,12 +80,11 @@ KnownType = Annotated[str, Depends(_known_type)]
 
 def _require(principal: Principal, resource_type: str, permission: str, roles: frozenset[str]) -> None:
     """Role and scope for this interaction on this type; a refusal is a 403 on the audit record."""
+    # RFC 6750: the 403 names insufficient_scope, so a client knows to ask for another token.
     if principal.role not in roles:
-        denied = FhirError.single(403, "forbidden", "this client's role may not use this interaction")
+        denied = forbidden("this client's role may not use this interaction")
     elif not principal.may(resource_type, permission):
-        denied = FhirError.single(
-            403, "forbidden", f"the token lacks a scope for {resource_type} ({permission})"
-        )
+        denied = forbidden(f"the token lacks a scope for {resource_type} ({permission})")
     else:
         return
     denied.audit = rest_record(
@@ -160,7 +170,7 @@ async def _store(
     action: Action,
     work: Callable[[Intake], Awaitable[IntakeResult]],
 ) -> IntakeResult:
-    """Run an intake, retrying once if a concurrent submission claimed the same migrant.
+    """Run an intake, retrying once if a concurrent submission claimed the same identifier.
 
     No SAVEPOINT is needed for the retry: an intake that loses the race raises
     PatientRaceLost before it writes anything (see ``Intake._commit``).
@@ -173,64 +183,204 @@ async def _store(
         except PatientRaceLost:
             if attempt == 2:
                 raise FhirError.single(
-                    409, "conflict", "concurrent submissions of the same migrant; retry"
+                    409, "conflict", "concurrent submissions of the same identifier; retry"
                 ) from None
     await audit(
         session,
         rest_record(
-            principal, subtype, action, entities=result.audit_entities(), patient_ids=result.patient_ids()
+            principal,
+            subtype,
+            action,
+            entities=result.audit_entities(),
+            patient_ids=result.patient_ids(),
+            detail=REPLAY_DETAIL if result.replayed else None,
         ),
     )
     return result
+
+
+async def _write(
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    principal: Principal,
+    subtype: str,
+    action: Action,
+    body: object,
+    idempotency_key: str | None,
+    status_of: Callable[[IntakeResult], int],
+    work: Callable[[Intake], Awaitable[IntakeResult]],
+) -> tuple[IntakeResult, int]:
+    """A write, answered from its first attempt when it repeats an ``Idempotency-Key``.
+
+    The key is claimed in this request's transaction before the intake writes anything,
+    and remembers the answer's status and versions when the transaction commits.
+    """
+    if idempotency_key is None:
+        result = await _store(session, runtime, principal, subtype, action, work)
+        return result, status_of(result)
+    now = datetime.now(UTC)
+    # The request as a whole: a retry repeats method, path, conditions and body.
+    conditions = [f"{name}:{request.headers.get(name, '')}" for name in ("if-none-exist", "if-match")]
+    fingerprint = b"\n".join(
+        [
+            request.method.encode(),
+            f"{request.url.path}?{request.url.query}".encode(),
+            *(c.encode() for c in conditions),
+        ]
+    )
+    key = header_key(
+        runtime.records.indexer,
+        principal.client_id,
+        idempotency_key,
+        fingerprint + b"\n" + canonical_json(body),
+        now,
+        runtime.settings.idempotency_key_ttl_seconds,
+    )
+    idempotency = Idempotency(IdempotencyRepository(session))
+    remembered = await idempotency.claim(key, now)
+    if remembered is not None:
+        result = IntakeResult.replay(remembered)
+        await audit(
+            session,
+            rest_record(
+                principal,
+                subtype,
+                action,
+                entities=result.audit_entities(),
+                patient_ids=result.patient_ids(),
+                detail=REPLAY_DETAIL,
+            ),
+        )
+        return result, remembered.status
+    result = await _store(session, runtime, principal, subtype, action, work)
+    status = status_of(result)
+    await idempotency.settle(key, result.remembered(status))
+    return result, status
 
 
 def _location(runtime: RuntimeDep, rtype: str, rid: str, version: int) -> str:
     return f"{runtime.settings.fhir_base_url}/{rtype}/{rid}/_history/{version}"
 
 
-@router.post("/fhir", response_class=FhirResponse, summary="transaction Bundle")
-@router.post("/fhir/", response_class=FhirResponse, include_in_schema=False)
-async def transaction(
-    request: Request, principal: PrincipalDep, session: SessionDep, runtime: RuntimeDep
+def _replay_headers(result: IntakeResult) -> dict[str, str]:
+    return {REPLAYED_HEADER: "true"} if result.replayed else {}
+
+
+async def _transaction_response(
+    request: Request, result: IntakeResult, principal: Principal, session: AsyncSession, runtime: RuntimeDep
 ) -> Response:
-    _require(principal, "Bundle", "c", WRITERS)  # only clinics submit exams
-    bundle = await read_fhir_json(request)
-    for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
-        if isinstance(rtype, str) and rtype in STORED_TYPES:
-            method = (entry.get("request") or {}).get("method")
-            _require(principal, rtype, "u" if method == "PUT" else "c", WRITERS)
-    actor = actor_of(principal)
-    result = await _store(
-        session, runtime, principal, "transaction", Action.create, lambda i: i.transaction(bundle, actor)
-    )
+    """The transaction-response, in the form the client preferred (minimal by default); a retry's
+    names the versions its first attempt wrote, as that attempt would have answered."""
     preference = return_preference(request, Return.minimal)
     reader = Reader(runtime.records, RecordRepository(session))
     entries = []
     for written in result.by_entry:
-        status = "201 Created" if written.body and written.created else "200 OK"
         location = f"{written.resource_type}/{written.resource_id}/_history/{written.version_id}"
         response: dict[str, object] = {
-            "status": status,
+            "status": written.status,
             "location": location,
             "etag": f'W/"{written.version_id}"',
             "lastModified": _instant(written.last_updated),
         }
         answer: dict[str, object] = {}
         if preference is Return.representation:
+            # An ifNoneExist that matched, or a replay: the version this entry names.
             body = (
                 written.body
                 or (
-                    await reader.read(_visibility(principal), written.resource_type, written.resource_id)
+                    await reader.vread(
+                        _visibility(principal), written.resource_type, written.resource_id, written.version_id
+                    )
                 ).body
-            )  # an ifNoneExist that matched: the resource as it stands
+            )
             answer["resource"] = orjson.Fragment(body)
         elif preference is Return.outcome:
-            response["outcome"] = orjson.Fragment(outcome_of_write(f"{status}: {location}"))
+            response["outcome"] = orjson.Fragment(outcome_of_write(f"{written.status}: {location}"))
         answer["response"] = response
         entries.append(answer)
-    return FhirResponse({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+    return FhirResponse(
+        {"resourceType": "Bundle", "type": "transaction-response", "entry": entries},
+        headers=_replay_headers(result),
+    )
+
+
+async def _single_response(
+    request: Request,
+    result: IntakeResult,
+    status: int,
+    what: str,
+    principal: Principal,
+    session: AsyncSession,
+    runtime: RuntimeDep,
+) -> Response:
+    """A create's or update's answer, in the form the client preferred: the version written (or
+    matched, or first written, for a retry), with its Location, ETag and Last-Modified."""
+    written = result.by_entry[0]
+    body = written.body
+    if not body:  # matched by If-None-Exist, or a replay: the stored version, as first answered
+        reader = Reader(runtime.records, RecordRepository(session))
+        stored = await reader.vread(
+            _visibility(principal), written.resource_type, written.resource_id, written.version_id
+        )
+        body = stored.body
+    location = _location(runtime, written.resource_type, written.resource_id, written.version_id)
+    headers = {**_written_headers(location, written), **_replay_headers(result)}
+    return written_response(
+        return_preference(request, Return.representation), body, status=status, what=what, headers=headers
+    )
+
+
+def _transaction_checks(principal: Principal, bundle: object) -> None:
+    _require(principal, "Bundle", "c", WRITERS)  # only clinics submit exams
+    for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if isinstance(rtype, str) and rtype in STORED_TYPES:
+            method = (entry.get("request") or {}).get("method")
+            _require(principal, rtype, "u" if method == "PUT" else "c", WRITERS)
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        description="Any unique string per logical request: a retry with the same key gets the "
+        "original answer (for idempotency_key_ttl_seconds, 24 h by default)."
+    ),
+]
+
+
+@router.post("/fhir", response_class=FhirResponse, summary="transaction Bundle")
+@router.post("/fhir/", response_class=FhirResponse, include_in_schema=False)
+async def transaction(
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    _require(principal, "Bundle", "c", WRITERS)
+    bundle = await read_fhir_json(request)
+    _transaction_checks(principal, bundle)
+    actor = actor_of(principal)
+    result, _ = await _write(
+        request,
+        session,
+        runtime,
+        principal,
+        "transaction",
+        Action.create,
+        bundle,
+        idempotency_key,
+        lambda _: 200,
+        lambda i: i.transaction(bundle, actor),
+    )
+    return await _transaction_response(request, result, principal, session, runtime)
+
+
+def _created_status(result: IntakeResult) -> int:
+    written = result.by_entry[0]
+    return 201 if written.created and written.body else 200
 
 
 @router.post("/fhir/{resource_type}", response_class=FhirResponse, summary="create")
@@ -241,6 +391,7 @@ async def create(
     session: SessionDep,
     runtime: RuntimeDep,
     if_none_exist: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     _require(principal, resource_type, "c", WRITERS)
     refuse_service_written(resource_type)  # before the body: the interaction itself does not exist
@@ -249,35 +400,36 @@ async def create(
         raise FhirError.single(
             400, "invalid", "the body's resourceType must match the URL", expression="resourceType"
         )
+    if any(name not in GENERAL_PARAMETERS for name in request.query_params):
+        # The condition in the query string, as fhirpy's get_or_create sends it. The header is
+        # better (an identifier in a URL reaches access logs), but a stock client is not changed.
+        if if_none_exist is not None:
+            raise FhirError.single(
+                400, "invalid", "give the create's condition once: If-None-Exist or the query string"
+            )
+        if_none_exist = (
+            urlencode([(n, v) for n, v in request.query_params.multi_items() if n not in GENERAL_PARAMETERS])
+            or if_none_exist
+        )
     actor = actor_of(principal)
-    result = await _store(
+    result, status = await _write(
+        request,
         session,
         runtime,
         principal,
         "create",
         Action.create,
+        resource,
+        idempotency_key,
+        _created_status,
         lambda i: i.create(resource, actor, if_none_exist),
     )
-    written = result.by_entry[0]
-    location = _location(runtime, resource_type, written.resource_id, written.version_id)
-    preference = return_preference(request, Return.representation)
-    if not written.body:  # If-None-Exist matched an existing resource
-        reader = Reader(runtime.records, RecordRepository(session))
-        existing = await reader.read(_visibility(principal), resource_type, written.resource_id)
-        return written_response(
-            preference,
-            existing.body,
-            status=200,
-            what=f"an existing {resource_type} matched If-None-Exist: nothing was created",
-            headers={"Location": location, "ETag": existing.etag, "Last-Modified": existing.last_modified},
-        )
-    return written_response(
-        preference,
-        written.body,
-        status=201,
-        what=f"{resource_type} created",
-        headers=_written_headers(location, written),
+    what = (
+        f"{resource_type} created"
+        if status == 201
+        else f"an existing {resource_type} matched If-None-Exist: nothing was created"
     )
+    return await _single_response(request, result, status, what, principal, session, runtime)
 
 
 def _written_headers(location: str, written: WrittenVersion) -> dict[str, str]:
@@ -299,26 +451,129 @@ async def update(
     session: SessionDep,
     runtime: RuntimeDep,
     if_match: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     _require(principal, resource_type, "u", WRITERS)
     resource = await read_fhir_json(request)
     actor = actor_of(principal)
-    result = await _store(
+    result, status = await _write(
+        request,
         session,
         runtime,
         principal,
         "update",
         Action.update,
+        resource,
+        idempotency_key,
+        lambda _: 200,
         lambda i: i.update(resource_type, resource_id, resource, actor, if_match),
     )
     written = result.by_entry[0]
-    return written_response(
-        return_preference(request, Return.representation),
-        written.body,
-        status=200,
-        what=f"{resource_type} updated: version {written.version_id}",
-        headers=_written_headers(_location(runtime, resource_type, resource_id, written.version_id), written),
+    what = f"{resource_type} updated: version {written.version_id}"
+    return await _single_response(request, result, status, what, principal, session, runtime)
+
+
+# --- $validate: a write's checks, nothing stored -------------------------------------------
+async def _dry_run(
+    runtime: RuntimeDep,
+    principal: Principal,
+    resource_type: str,
+    work: Callable[[Intake], Awaitable[IntakeResult]],
+) -> Response:
+    """Run the write in a transaction that is always rolled back: every check a write makes
+    (profiles, references, the migrant, conditional matches, Bundle.identifier) answers the same."""
+    subtype = f"{resource_type}.validate"
+    try:
+        async with runtime.database.sessions() as scratch:
+            await scratch.begin()
+            try:
+                intake = Intake(runtime.records, RecordRepository(scratch), IdentityRepository(scratch))
+                try:
+                    result = await work(intake)
+                except PatientRaceLost:
+                    raise FhirError.single(
+                        409, "conflict", "a concurrent submission holds the same identifier; retry"
+                    ) from None
+            finally:
+                await scratch.rollback()
+    except FhirError as exc:
+        await audit_read(
+            runtime,
+            [
+                rest_record(
+                    principal,
+                    subtype,
+                    Action.execute,
+                    outcome=Outcome.minor_failure,
+                    detail=f"status-{exc.status}",
+                )
+            ],
+        )
+        raise
+    await audit_read(runtime, [rest_record(principal, subtype, Action.execute, detail="valid")])
+    diagnostics = "valid: a write of this content would be accepted; nothing was stored"
+    if result.replayed:
+        diagnostics = (
+            "valid: this Bundle.identifier was already stored from the same content; "
+            "submitting it again returns the original answer; nothing was stored"
+        )
+    return FhirResponse(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational", "diagnostics": diagnostics}],
+        }
     )
+
+
+def _validate_input(body: object, resource_type: str) -> object:
+    """$validate takes the resource itself, or Parameters with ``resource`` (and ``mode=create``)."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        return body
+    resource: object = None
+    for parameter in body.get("parameter", []) if isinstance(body.get("parameter"), list) else []:
+        if not isinstance(parameter, dict):
+            continue
+        if parameter.get("name") == "mode" and parameter.get("valueCode") not in (None, "create"):
+            raise FhirError.single(
+                400, "not-supported", "$validate supports mode=create only", expression="Parameters.parameter"
+            )
+        if parameter.get("name") == "resource":
+            resource = parameter.get("resource")
+    if resource is None:
+        raise FhirError.single(
+            400,
+            "required",
+            f"Parameters needs a resource ({resource_type})",
+            expression="Parameters.parameter",
+        )
+    return resource
+
+
+@router.post("/fhir/Bundle/$validate", response_class=FhirResponse, summary="validate an exam Bundle")
+async def validate_bundle(request: Request, principal: PrincipalDep, runtime: RuntimeDep) -> Response:
+    """The checks of ``POST /fhir`` on this transaction Bundle, with the same OperationOutcome and
+    status when it fails; nothing is stored. For clinic IT testing their mapping."""
+    _require(principal, "Bundle", "c", WRITERS)
+    bundle = _validate_input(await read_fhir_json(request), "Bundle")
+    _transaction_checks(principal, bundle)
+    actor = actor_of(principal)
+    return await _dry_run(runtime, principal, "Bundle", lambda i: i.transaction(bundle, actor))
+
+
+@router.post("/fhir/{resource_type}/$validate", response_class=FhirResponse, summary="validate (create)")
+async def validate(
+    resource_type: KnownType, request: Request, principal: PrincipalDep, runtime: RuntimeDep
+) -> Response:
+    """The checks of a create of this resource, with the same OperationOutcome and status when it
+    fails; nothing is stored."""
+    _require(principal, resource_type, "c", WRITERS)
+    resource = _validate_input(await read_fhir_json(request), resource_type)
+    if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+        raise FhirError.single(
+            400, "invalid", "the resource's resourceType must match the URL", expression="resourceType"
+        )
+    actor = actor_of(principal)
+    return await _dry_run(runtime, principal, resource_type, lambda i: i.create(resource, actor))
 
 
 @router.delete("/fhir/{resource_type}/{resource_id}", response_class=FhirResponse, summary="not supported")

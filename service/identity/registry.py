@@ -34,6 +34,8 @@ class ClientRegistration:
     scopes: str | None = None
     purposes: tuple[str, ...] = ()
     description: str | None = None
+    # The purpose a token carries when the client asks for none; registered with ``purposes``.
+    default_purpose: str | None = None
 
 
 _ORG_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,63}$")
@@ -104,6 +106,13 @@ async def add_client(repo: IdentityRepository, registration: ClientRegistration)
     unknown = set(registration.purposes) - KNOWN_PURPOSES
     if unknown:
         raise RegistrationError(f"unknown purpose of use; known: {', '.join(sorted(KNOWN_PURPOSES))}")
+    purposes = set(registration.purposes)
+    if registration.default_purpose is not None:
+        if registration.default_purpose not in KNOWN_PURPOSES:
+            raise RegistrationError(
+                f"unknown default purpose of use; known: {', '.join(sorted(KNOWN_PURPOSES))}"
+            )
+        purposes.add(registration.default_purpose)  # a default is a registered purpose
     client = Client(
         id=f"{registration.role}-{secrets.token_hex(8)}",
         organization_id=org.id,
@@ -112,7 +121,8 @@ async def add_client(repo: IdentityRepository, registration: ClientRegistration)
         jwks=jwks,
         jwks_url=registration.jwks_url,
         scopes=format_scopes(granted),
-        purposes=" ".join(sorted(set(registration.purposes))),
+        purposes=" ".join(sorted(purposes)),
+        default_purpose=registration.default_purpose,
         active=True,
         created_at=datetime.now(UTC),
     )

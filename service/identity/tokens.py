@@ -14,13 +14,15 @@ from security.client_assertion import (
     unverified_kid_and_issuer,
     verify_client_assertion,
 )
-from security.scopes import ScopeError, format_scopes, intersect, parse_scopes, role_ceiling
+from security.scopes import format_scopes, grantable_scopes, intersect, parse_scopes, role_ceiling
 from service.identity.jwks import JwksCache, JwksUnavailable
 from service.identity.repository import IdentityRepository
 
 log = logging.getLogger(__name__)
 
 CLIENT_CREDENTIALS = "client_credentials"
+# Roles whose every read is a disclosure decided by purpose: a token without one would see nothing.
+PURPOSE_REQUIRED = frozenset({"authority"})
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
@@ -142,23 +144,19 @@ async def issue_token(
         raise _invalid_client("assertion jti replayed")
     await repo.purge_expired_jtis(now)
 
-    try:
-        requested = parse_scopes(requested_scope)
-    except ScopeError as exc:
-        raise OAuthError("invalid_scope", "malformed scope", client_id=client.id) from exc
+    # Grant what may be granted and drop the rest; the response's scope says what was granted.
     allowed = intersect(parse_scopes(client.scopes), role_ceiling(client.role))
-    granted = intersect(requested, allowed)
+    granted = intersect(grantable_scopes(requested_scope), allowed)
     if not granted:
-        raise OAuthError("invalid_scope", "none of the requested scopes may be granted", client_id=client.id)
-
-    registered_purposes = client.purposes.split()
-    purpose = form.get("purpose_of_use") or None
-    if purpose is not None and purpose not in registered_purposes:
         raise OAuthError(
-            "invalid_scope", "purpose_of_use is not registered for this client", client_id=client.id
+            "invalid_scope",
+            "none of the requested scopes may be granted to this client "
+            f"(registered: {format_scopes(allowed)})",
+            client_id=client.id,
         )
-    if purpose is None and len(registered_purposes) == 1:
-        purpose = registered_purposes[0]
+    purpose = _purpose(
+        form, verified.purposes, client.purposes.split(), client.default_purpose, client.role, client.id
+    )
 
     token, claims = codec.issue(
         client_id=client.id,
@@ -171,3 +169,48 @@ async def issue_token(
         lifetime_seconds=policy.lifetime_seconds,
     )
     return TokenGrant(token, claims, policy.lifetime_seconds)
+
+
+def _purpose(
+    form: Mapping[str, str],
+    asserted: tuple[str, ...],
+    registered: list[str],
+    default: str | None,
+    role: str,
+    client_id: str,
+) -> str | None:
+    """The token's one purpose of use: from the assertion's HL7 B2B extension (the standard
+    way), or the ``purpose_of_use`` form parameter (this server's older way), or the client's
+    registered default. Refused with a reason rather than issued to see nothing."""
+    legacy = form.get("purpose_of_use") or None
+    wanted = list(asserted)
+    if legacy is not None and legacy not in wanted:
+        wanted.append(legacy)
+    if len(wanted) > 1:
+        raise OAuthError(
+            "invalid_request",
+            "one purpose of use per token; request one token per purpose",
+            client_id=client_id,
+        )
+    if wanted:
+        if wanted[0] not in registered:
+            raise OAuthError(
+                "invalid_scope",
+                "the purpose of use is not registered for this client "
+                f"(registered: {', '.join(registered) or 'none'})",
+                client_id=client_id,
+            )
+        return wanted[0]
+    if default is not None and default in registered:
+        return default
+    if len(registered) == 1:
+        return registered[0]
+    if role in PURPOSE_REQUIRED:
+        raise OAuthError(
+            "invalid_request",
+            "a purpose of use is required: send it in the client assertion "
+            "(extensions.hl7-b2b.purpose_of_use), or register a default purpose for this client"
+            + (f" (registered: {', '.join(registered)})" if registered else ""),
+            client_id=client_id,
+        )
+    return None

@@ -14,7 +14,7 @@ from typing import Any
 
 from security.blind_index import BlindIndexer
 from service.records.fhir_dates import parse_range
-from service.records.resource_types import CODE_ELEMENTS, DATE_ELEMENTS
+from service.records.resource_types import CODE_ELEMENTS, DATE_ELEMENTS, IDENTIFIED_TYPES
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def code_token(indexer: BlindIndexer, system: str, code: str) -> bytes:
 def index_resource(indexer: BlindIndexer, resource: dict[str, Any]) -> IndexEntries:
     rtype = resource["resourceType"]
     tokens: set[tuple[str, bytes]] = set()
-    if rtype == "Patient":
+    if rtype in IDENTIFIED_TYPES:
         tokens |= {("identifier", t) for t in identifier_tokens(indexer, resource)}
     element = CODE_ELEMENTS.get(rtype)
     if element:

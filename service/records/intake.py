@@ -25,10 +25,12 @@ from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
 from service.records.consents import refresh_grants
 from service.records.context import Actor, RecordServices
+from service.records.idempotency import Idempotency, Remembered, RememberedEntry, exam_key
+from service.records.idempotency_repository import IdempotencyRepository
 from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
 from service.records.repository import RecordRepository, WriteBatch
-from service.records.resource_types import SERVICE_WRITTEN_TYPES, STORED_TYPES
+from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys
 from service.store.tables import StoredResource, Subject
 
@@ -40,16 +42,16 @@ MAX_ENTRIES = 500
 
 
 class PatientRaceLost(Exception):
-    """Another transaction claimed the same migrant identifier first; the caller retries once.
+    """Another transaction claimed the same ``ifNoneExist`` identifier first; the caller retries once.
 
     Raised before the intake has written anything (its own claims are taken back), so the
     caller retries in the same transaction without a SAVEPOINT.
     """
 
 
-# Types whose create (If-None-Exist, or ifNoneExist in a transaction entry) may be conditional;
-# the CapabilityStatement's conditionalCreate is tested against this.
-CONDITIONAL_CREATE_TYPES: Final = frozenset({"Patient"})
+# Types whose create (If-None-Exist, or ifNoneExist in a transaction entry) may be conditional:
+# every type with an identifier; the CapabilityStatement's conditionalCreate is tested against this.
+CONDITIONAL_CREATE_TYPES: Final = IDENTIFIED_TYPES
 
 
 def validation_error(issues: list[Issue]) -> FhirError:
@@ -101,21 +103,51 @@ class WrittenVersion:
     subject_id: str
     created: bool
     body: bytes = b""
+    # The transaction-response entry's status line.
+    status: str = "200 OK"
+
+    def remembered(self) -> RememberedEntry:
+        at = self.last_updated.isoformat().replace("+00:00", "Z")
+        return RememberedEntry(
+            self.resource_type, self.resource_id, self.version_id, self.subject_id, self.status, at
+        )
 
 
 @dataclass
 class IntakeResult:
     written: list[WrittenVersion] = field(default_factory=list)
     by_entry: list[WrittenVersion] = field(default_factory=list)
+    # True when this answers a retry from what the first attempt stored: nothing was written.
+    replayed: bool = False
+
+    def remembered(self, status: int) -> Remembered:
+        return Remembered(status, tuple(w.remembered() for w in self.by_entry))
+
+    @classmethod
+    def replay(cls, remembered: Remembered) -> IntakeResult:
+        entries = [
+            WrittenVersion(
+                e.resource_type,
+                e.resource_id,
+                e.version_id,
+                datetime.fromisoformat(e.last_updated.replace("Z", "+00:00")),
+                "",
+                e.subject_id,
+                created=e.status.startswith("201"),
+                status=e.status,
+            )
+            for e in remembered.entries
+        ]
+        return cls(by_entry=entries, replayed=True)
 
     def audit_entities(self) -> tuple[AuditEntity, ...]:
         return tuple(
-            AuditEntity(w.resource_type, w.resource_id, w.version_id, w.ciphertext_sha256)
-            for w in self.written
+            AuditEntity(w.resource_type, w.resource_id, w.version_id, w.ciphertext_sha256 or None)
+            for w in (self.by_entry if self.replayed else self.written)
         )
 
     def patient_ids(self) -> tuple[str, ...]:
-        return tuple(sorted({w.subject_id for w in self.written}))
+        return tuple(sorted({w.subject_id for w in self.written or self.by_entry}))
 
     def transaction_record(self, actor: Actor, *, detail: str) -> AuditRecord:
         """The audit entry of a transaction submitted in-process (demo seed, bulk load), as the
@@ -151,6 +183,7 @@ class Intake:
         # Current pointers of resources referenced from outside the submission.
         self._referenced: dict[tuple[str, str], StoredResource] = {}
         self._batch = WriteBatch()
+        self.idempotency = Idempotency(IdempotencyRepository(repo.session))
 
     # --- entry points -------------------------------------------------------------
     async def transaction(self, bundle: Any, actor: Actor) -> IntakeResult:
@@ -175,11 +208,20 @@ class Intake:
                     "business-rule",
                     422,
                 )
+        # A resubmitted exam (same Bundle.identifier) is answered from its first submission.
+        key = exam_key(self.services.indexer, actor.organization_id, bundle)
+        if key is not None:
+            remembered = await self.idempotency.claim(key, datetime.now(UTC))
+            if remembered is not None:
+                return IntakeResult.replay(remembered)
         issues = await self.services.offload.run(lambda: self.services.validator.validate_bundle(bundle))
         if any(i.severity in ("error", "fatal") for i in issues):
             raise validation_error(issues)
         planned, aliases = await self._plan(entries, actor)
-        return await self._commit(planned, aliases, actor)
+        result = await self._commit(planned, aliases, actor)
+        if key is not None:
+            await self.idempotency.settle(key, result.remembered(200))
+        return result
 
     async def create(self, resource: Any, actor: Actor, if_none_exist: str | None = None) -> IntakeResult:
         refuse_service_written(resource.get("resourceType") if isinstance(resource, dict) else None)
@@ -299,27 +341,27 @@ class Intake:
     async def _if_none_exist(
         self, rtype: str, query: str, actor: Actor, where: str
     ) -> tuple[str | None, bytes]:
-        """The clinic's existing migrant with this identifier (None if none), and the identifier's index."""
+        """The clinic's existing resource of this type with this identifier (None if none), and the
+        identifier's index."""
         expression = f"{where}.request.ifNoneExist".lstrip(".")
-        params = parse_qsl(query, keep_blank_values=True)
-        if (
-            rtype not in CONDITIONAL_CREATE_TYPES
-            or len(params) != 1
-            or params[0][0] != "identifier"
-            or "|" not in params[0][1]
-        ):
+        if rtype not in CONDITIONAL_CREATE_TYPES:
             raise _invalid(
-                "ifNoneExist supports only Patient identifier=system|value", expression, "not-supported"
+                f"{rtype} has no identifier: retry its create with an Idempotency-Key instead",
+                expression,
+                "not-supported",
             )
+        params = parse_qsl(query, keep_blank_values=True)
+        if len(params) != 1 or params[0][0] != "identifier" or "|" not in params[0][1]:
+            raise _invalid("ifNoneExist supports identifier=system|value", expression, "not-supported")
         system, _, value = params[0][1].partition("|")
         try:
             token = self.services.indexer.identifier(system, value)
         except ValueError:
             raise _invalid("ifNoneExist identifier is empty", expression) from None
-        # Only this clinic's own migrants: matching another clinic's would reveal that it exists.
-        matches = await self.repo.patients_with_identifier(actor.organization_id, token)
+        # Only this clinic's own resources: matching another clinic's would reveal that it exists.
+        matches = await self.repo.resources_with_identifier(actor.organization_id, rtype, token)
         if len(matches) > 1:
-            raise _invalid("ifNoneExist matches more than one migrant", expression, "multiple-matches", 412)
+            raise _invalid("ifNoneExist matches more than one resource", expression, "multiple-matches", 412)
         return (matches[0] if matches else None), token
 
     def _rewrite_references(
@@ -412,7 +454,11 @@ class Intake:
         # share a case number, and a migrant may hold several passports. Claimed
         # before anything is written: a lost race leaves nothing behind to undo. (Two new
         # migrants of one transaction with the same key: the later one holds it, as before.)
-        claims = {p.match_key: p.resource_id for p in new_patients if p.match_key is not None}
+        claims = {
+            (p.resource_type, p.match_key): p.resource_id
+            for p in planned
+            if p.method == "create" and p.match_key is not None
+        }
         if not await self.repo.claim_match_keys(actor.organization_id, claims):
             raise PatientRaceLost
         for patient in new_patients:
@@ -440,6 +486,7 @@ class Intake:
                     "",
                     existing.subject_id,
                     created=False,
+                    status="200 OK",
                 )
                 result.by_entry.append(written)
                 continue
@@ -526,6 +573,7 @@ class Intake:
             item.subject_id,
             created=item.current is None,
             body=body,
+            status="201 Created" if item.current is None else "200 OK",
         )
 
     @staticmethod

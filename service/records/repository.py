@@ -31,8 +31,8 @@ from service.records.paging import PagePosition
 from service.store.tables import (
     Base,
     DisclosureGrant,
+    MatchKey,
     Organization,
-    PatientKey,
     ResourceVersion,
     SearchToken,
     StoredResource,
@@ -309,8 +309,11 @@ class RecordRepository:
         return seen & wanted
 
     # --- patients by identifier (ifNoneExist) --------------------------
-    async def patients_with_identifier(self, organization_id: str, identifier_hash: bytes) -> list[str]:
-        """The clinic's current Patients carrying this identifier (blind index), at most two."""
+    async def resources_with_identifier(
+        self, organization_id: str, resource_type: str, identifier_hash: bytes
+    ) -> list[str]:
+        """The clinic's current resources of this type carrying this identifier (blind index),
+        at most two."""
         result = await self.session.execute(
             select(StoredResource.id)
             .join(
@@ -321,7 +324,7 @@ class RecordRepository:
                 ),
             )
             .where(
-                StoredResource.resource_type == "Patient",
+                StoredResource.resource_type == resource_type,
                 StoredResource.organization_id == organization_id,
                 SearchToken.param == "identifier",
                 SearchToken.value == identifier_hash,
@@ -330,8 +333,8 @@ class RecordRepository:
         )
         return list(result.scalars())
 
-    async def claim_match_keys(self, organization_id: str, claims: Mapping[bytes, str]) -> bool:
-        """Claim ifNoneExist keys (identifier hash -> new migrant's id) in one statement.
+    async def claim_match_keys(self, organization_id: str, claims: Mapping[tuple[str, bytes], str]) -> bool:
+        """Claim ifNoneExist keys ((type, identifier hash) -> new resource's id) in one statement.
 
         False when a concurrent submission holds one of them; this call's own claims are
         then taken back, so that a retry starts from a store this attempt did not touch.
@@ -342,29 +345,44 @@ class RecordRepository:
         if not claims:
             return True
         rows = [
-            {"organization_id": organization_id, "identifier_hash": key, "patient_id": patient_id}
-            for key, patient_id in sorted(claims.items())  # one lock order for every transaction
+            {
+                "organization_id": organization_id,
+                "resource_type": rtype,
+                "identifier_hash": key,
+                "resource_id": resource_id,
+            }
+            for (rtype, key), resource_id in sorted(claims.items())  # one lock order for all
         ]
-        table = _table(PatientKey)
+        table = _table(MatchKey)
         flavour = sqlite.insert if self.session.get_bind().dialect.name == "sqlite" else postgresql.insert
-        statement = flavour(table).values(rows).on_conflict_do_nothing().returning(table.c.identifier_hash)
-        claimed = set((await self.session.execute(statement)).scalars())
+        statement = (
+            flavour(table)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .returning(table.c.resource_type, table.c.identifier_hash)
+        )
+        claimed = {(row[0], row[1]) for row in (await self.session.execute(statement)).all()}
         held = [key for key in claims if key not in claimed]
-        for key in held:
-            if await self.patients_with_identifier(organization_id, key):
-                if claimed:
+        for rtype, key in held:
+            if await self.resources_with_identifier(organization_id, rtype, key):
+                for claimed_type, claimed_key in claimed:
                     await self.session.execute(
-                        delete(PatientKey).where(
-                            PatientKey.organization_id == organization_id,
-                            PatientKey.identifier_hash.in_(sorted(claimed)),
+                        delete(MatchKey).where(
+                            MatchKey.organization_id == organization_id,
+                            MatchKey.resource_type == claimed_type,
+                            MatchKey.identifier_hash == claimed_key,
                         )
                     )
                 return False
-        for key in held:
+        for rtype, key in held:
             await self.session.execute(
-                update(PatientKey)
-                .where(PatientKey.organization_id == organization_id, PatientKey.identifier_hash == key)
-                .values(patient_id=claims[key])
+                update(MatchKey)
+                .where(
+                    MatchKey.organization_id == organization_id,
+                    MatchKey.resource_type == rtype,
+                    MatchKey.identifier_hash == key,
+                )
+                .values(resource_id=claims[(rtype, key)])
             )
         return True
 

@@ -19,6 +19,9 @@ STORED_TYPES = frozenset({"Patient", "Provenance", *SUBJECT_ELEMENT})
 # Written by the service alone (a Provenance per migrant for every write, naming the clinic,
 # its client and the person): a client that could write one could forge who wrote what.
 SERVICE_WRITTEN_TYPES = frozenset({"Provenance"})
+# Types with an ``identifier`` element (R4): searchable by it and conditionally creatable.
+# Provenance has none (and is written by the service alone).
+IDENTIFIED_TYPES = STORED_TYPES - {"Provenance"}
 
 # The element holding the clinical date used by the `date` search parameter.
 DATE_ELEMENTS: dict[str, tuple[str, ...]] = {

@@ -13,7 +13,7 @@ from service.records.fhir_dates import parse_range
 from service.records.indexing import code_token
 from service.records.repository import SearchFilter
 
-_CLINICAL = ("patient", "_lastUpdated", "_id")
+_CLINICAL = ("patient", "_lastUpdated", "_id", "identifier")
 SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "Patient": frozenset({"identifier", "_lastUpdated", "_id"}),
     "Encounter": frozenset({*_CLINICAL, "date", "type"}),
@@ -25,10 +25,14 @@ SEARCH_PARAMETERS: dict[str, frozenset[str]] = {
     "MedicationAdministration": frozenset({*_CLINICAL, "code"}),
     "DocumentReference": frozenset({*_CLINICAL, "date", "type"}),
     "Consent": frozenset(_CLINICAL),
-    "Provenance": frozenset(_CLINICAL),
+    "Provenance": frozenset({"patient", "_lastUpdated", "_id"}),  # no identifier element in R4
     "Specimen": frozenset(_CLINICAL),
 }
-CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_offset", "_cursor", "_total", "_summary", "_elements"})
+# _totalMethod is HAPI's and fhirpy's way to ask for the count (fhirpy's count() sends it):
+# accepted and answered like _total=accurate.
+CONTROL_PARAMETERS = frozenset(
+    {"_count", "_sort", "_offset", "_cursor", "_total", "_summary", "_elements", "_totalMethod"}
+)
 # Parameters of every interaction, answered by the response layer (service.api.formats).
 GENERAL_PARAMETERS = frozenset({"_format", "_pretty"})
 # A migrant's identifiers (a passport number) never go into a URL the service writes: the
@@ -187,6 +191,10 @@ def parse_search(
                 offset = int(value)
             elif base == "_cursor":
                 cursor = value
+            elif base == "_totalMethod":
+                if value not in ("count", "estimate", "none"):
+                    raise _bad("_totalMethod must be count, estimate or none", name)
+                count_total = value != "none"
             elif base == "_total":
                 if value not in ("none", "estimate", "accurate"):
                     raise _bad("_total must be none, estimate or accurate", name)
@@ -247,6 +255,10 @@ def parse_search(
         )
     if cursor is not None and hidden:
         raise _bad("a _cursor carries its search's identifiers: follow the next link as given", "_cursor")
+    if value_concepts and hidden:
+        # A value-concept search pages by _offset in its links, which cannot carry the
+        # identifiers hidden from them (and an identifier names one record: no paging needed).
+        raise _bad("identifier and value-concept cannot be combined in one search", "identifier")
     return ParsedSearch(
         flt,
         count,

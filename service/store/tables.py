@@ -82,6 +82,8 @@ class Client(Base):
     jwks_url: Mapped[str | None] = mapped_column(Text)
     scopes: Mapped[str] = mapped_column(Text)
     purposes: Mapped[str] = mapped_column(Text, default="")
+    # The purpose a token carries when the client asks for none (one of ``purposes``).
+    default_purpose: Mapped[str | None] = mapped_column(String(32))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
@@ -168,14 +170,37 @@ class SearchToken(Base):
     __table_args__ = (Index("ix_search_tokens_lookup", "resource_type", "param", "value"),)
 
 
-class PatientKey(Base):
-    """One row per (clinic, identifier blind index): makes ``ifNoneExist`` safe under concurrency."""
+class MatchKey(Base):
+    """One row per (clinic, type, identifier blind index): makes ``ifNoneExist`` safe under
+    concurrency. The holder is the resource created with that identifier."""
 
-    __tablename__ = "patient_keys"
+    __tablename__ = "match_keys"
 
     organization_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     identifier_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+
+
+class IdempotentRequest(Base):
+    """What a write answered, so that its retry gets the same answer (service.records.idempotency).
+
+    Keyed by a client's ``Idempotency-Key`` (scope ``client:<id>``, expires) or a transaction's
+    ``Bundle.identifier`` (scope ``organization:<id>``, never expires); both keys and the request
+    are HMACs under the index key. ``outcome`` holds status lines and references (type, id,
+    version) only: no resource content, which a replay re-reads from the encrypted versions."""
+
+    __tablename__ = "idempotent_requests"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # NULL while the claiming transaction runs (never visible to another one once committed).
+    outcome: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_idempotent_requests_expires_at", "expires_at"),)
 
 
 # --- audit trail (service/audit) -------------------------------------------------

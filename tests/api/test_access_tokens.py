@@ -324,7 +324,7 @@ def clinic_only_route(service: Service) -> str:
 
 def test_role_is_checked_as_well_as_scope(service: Service, clinic_only_route: str) -> None:
     clinic = service.register("clinic", "clinic")
-    authority = service.register("authority", "authority")
+    authority = service.register("authority", "authority", purposes=("PUBHLTH",))
 
     allowed = service.client.get(clinic_only_route, headers=service.headers(clinic, "system/Patient.rs"))
     assert allowed.status_code == 200

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit, sync_url
 
-CLINICAL_TABLES = ("resource_versions", "resources", "search_tokens", "subjects", "patient_keys")
+CLINICAL_TABLES = ("resource_versions", "resources", "search_tokens", "subjects", "match_keys")
 
 
 @pytest.fixture
@@ -192,6 +192,8 @@ def test_another_clinics_records_are_absent(service: Service, clinic: Party) -> 
 def test_resubmitted_migrant_is_not_duplicated(service: Service, clinic: Party) -> None:
     bundle = load_example(EXAMPLES[0])
     first = submit(service, clinic, bundle)
+    # A second exam of the same migrant (its own exam, so without the first one's identifier).
+    del bundle["identifier"]
     second = submit(service, clinic, bundle)
     assert second.status_code == 200
     assert _first(first, "Patient") == _first(second, "Patient")
@@ -402,6 +404,7 @@ def test_family_members_sharing_a_case_number_are_two_migrants(service: Service,
     assert passport["type"]["coding"][0]["code"] == "PPN" and len(patient["identifier"]) > 1
     passport["value"] = "ZX0000001"  # another passport; the case number stays the same
     sibling["entry"][0]["request"]["ifNoneExist"] = f"identifier={passport['system']}|ZX0000001"
+    sibling["identifier"]["value"] += "-sibling"  # the sibling's exam is another exam
     one, two = submit(service, clinic, first), submit(service, clinic, sibling)
     assert one.status_code == two.status_code == 200, two.text
     assert _first(one, "Patient") != _first(two, "Patient")
@@ -415,6 +418,7 @@ def test_family_members_sharing_a_case_number_are_two_migrants(service: Service,
     # Matching on the shared case number is now ambiguous: 412, nothing stored.
     ambiguous = load_example(EXAMPLES[0])
     ambiguous["entry"][0]["request"]["ifNoneExist"] = f"identifier={case['system']}|{case['value']}"
+    ambiguous["identifier"]["value"] += "-ambiguous"
     refused = submit(service, clinic, ambiguous)
     assert refused.status_code == 412
     assert refused.json()["issue"][0]["code"] == "multiple-matches"

@@ -118,7 +118,7 @@ def test_a_token_is_refused_for_data_written_under_the_keyring(
     database_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The database names the keys its data needs: switching providers is not silent."""
-    from conftest import SoftHsm
+    from softhsm_kit import SoftHsm
 
     from service.keyring_match import KeyringMismatch
 

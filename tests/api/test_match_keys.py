@@ -1,4 +1,4 @@
-"""ifNoneExist keys (``patient_keys``): claimed without a SAVEPOINT, taken over, or lost cleanly."""
+"""ifNoneExist keys (``match_keys``): claimed without a SAVEPOINT, taken over, or lost cleanly."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def _keys(database_url: str) -> list[tuple[str, bytes, str]]:
     engine = sa.create_engine(sync_url(database_url))
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.text("SELECT organization_id, identifier_hash, patient_id FROM patient_keys")
+            sa.text(
+                "SELECT organization_id, identifier_hash, resource_id FROM match_keys "
+                "WHERE resource_type = 'Patient'"
+            )
         ).all()
     engine.dispose()
     return [(r[0], bytes(r[1]), r[2]) for r in rows]
@@ -53,8 +56,11 @@ def test_a_key_whose_migrant_no_longer_carries_the_identifier_is_taken_over(
         f"/fhir/Patient/{first}", content=json.dumps(corrected), headers={**headers, **FHIR_HEADERS}
     )
     assert response.status_code == 200, response.text
-    # The old passport now names nobody: submitting it again makes a new migrant who takes the key.
-    again = submit(service, clinic, load_example(EXAMPLES[0]))
+    # The old passport now names nobody: submitting it again (as a new exam: no Bundle.identifier,
+    # which would replay the first submission) makes a new migrant who takes the key.
+    resubmitted = load_example(EXAMPLES[0])
+    del resubmitted["identifier"]
+    again = submit(service, clinic, resubmitted)
     assert again.status_code == 200, again.text
     second = _patient(again)
     assert second != first
@@ -71,7 +77,9 @@ def test_a_lost_claim_leaves_nothing_behind(service: Service, clinic: Party, dat
         try:
             async with database.transaction() as session:
                 repo = RecordRepository(session)
-                return await repo.claim_match_keys(org, {fresh: "new-a", held: "new-b"})
+                return await repo.claim_match_keys(
+                    org, {("Patient", fresh): "new-a", ("Patient", held): "new-b"}
+                )
         finally:
             await database.dispose()
 
@@ -86,7 +94,9 @@ def test_claiming_free_keys(service: Service, clinic: Party, database_url: str) 
         try:
             async with database.transaction() as session:
                 repo = RecordRepository(session)
-                return await repo.claim_match_keys("org-x", {b"\x01" * 32: "p1", b"\x02" * 32: "p2"})
+                return await repo.claim_match_keys(
+                    "org-x", {("Patient", b"\x01" * 32): "p1", ("Patient", b"\x02" * 32): "p2"}
+                )
         finally:
             await database.dispose()
 

@@ -221,7 +221,8 @@ def test_v1_scope_spelling_is_granted_as_v2(service: Service, requested: str, gr
 def test_granted_scopes_are_within_requested_and_registered(
     service: Service, kind: str, registered: str | None, requested: str, granted: str
 ) -> None:
-    party = service.register(kind, kind, scopes=registered)
+    purposes = ("PUBHLTH",) if kind == "authority" else ()  # an authority's token needs one
+    party = service.register(kind, kind, scopes=registered, purposes=purposes)
     response = service.request_token(party, requested)
     assert response.status_code == 200, response.text
     assert response.json()["scope"] == granted
@@ -300,11 +301,14 @@ def test_single_registered_purpose_is_the_default(service: Service) -> None:
     assert granted_claims(service, response.json()["access_token"]).purpose == "PUBHLTH"
 
 
-def test_no_default_purpose_when_several_are_registered(service: Service) -> None:
+def test_no_purpose_when_several_are_registered_is_refused_with_the_reason(service: Service) -> None:
+    # A token without a purpose would let the authority see nothing, silently: refused instead.
     authority = service.register("authority", "authority", purposes=("PUBHLTH", "TREAT"))
     response = service.request_token(authority, "system/*.rs")
-    assert response.status_code == 200
-    assert granted_claims(service, response.json()["access_token"]).purpose is None
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert "hl7-b2b" in response.json()["error_description"]
+    assert "PUBHLTH, TREAT" in response.json()["error_description"]
 
 
 # --- the authentication-failure matrix ------------------------------------------------
@@ -699,7 +703,7 @@ class _Clock:
 def test_jwks_url_client_gets_a_token_and_the_jwks_is_cached(
     service: Service, jwks_server: JwksServer
 ) -> None:
-    authority = service.register("authority", "authority", jwks_url=jwks_server.url)
+    authority = service.register("authority", "authority", jwks_url=jwks_server.url, purposes=("PUBHLTH",))
     jwks_server.serve(authority.key)
 
     assert service.request_token(authority, "system/*.rs").status_code == 200
@@ -708,7 +712,9 @@ def test_jwks_url_client_gets_a_token_and_the_jwks_is_cached(
 
 
 def test_jwks_url_rsa_key(service: Service, jwks_server: JwksServer) -> None:
-    authority = service.register("authority", "authority", jwks_url=jwks_server.url, key_kind="RSA")
+    authority = service.register(
+        "authority", "authority", jwks_url=jwks_server.url, key_kind="RSA", purposes=("PUBHLTH",)
+    )
     jwks_server.serve(authority.key)
     assert service.request_token(authority, "system/*.rs").status_code == 200
 
@@ -718,7 +724,7 @@ def test_key_rotation_at_the_url_is_picked_up_on_kid_miss(
 ) -> None:
     clock = _Clock()
     monkeypatch.setattr(jwks_module, "time", clock)
-    authority = service.register("authority", "authority", jwks_url=jwks_server.url)
+    authority = service.register("authority", "authority", jwks_url=jwks_server.url, purposes=("PUBHLTH",))
     jwks_server.serve(authority.key)
     assert service.request_token(authority, "system/*.rs").status_code == 200
     assert jwks_server.hits == 1
@@ -760,7 +766,7 @@ def test_unreachable_jwks_url_is_invalid_client(service: Service) -> None:
 def test_bad_jwks_at_the_url_is_invalid_client(
     service: Service, jwks_server: JwksServer, problem: str
 ) -> None:
-    authority = service.register("authority", "authority", jwks_url=jwks_server.url)
+    authority = service.register("authority", "authority", jwks_url=jwks_server.url, purposes=("PUBHLTH",))
     jwks_server.serve(authority.key)
     if problem == "http 500":
         jwks_server.status = 500
@@ -775,7 +781,9 @@ def test_bad_jwks_at_the_url_is_invalid_client(
 
 def test_slow_jwks_url_times_out(database_url: str, tmp_path: Path, jwks_server: JwksServer) -> None:
     with Service.start(database_url, tmp_path, jwks_fetch_timeout_seconds=0.5) as service:
-        authority = service.register("authority", "authority", jwks_url=jwks_server.url)
+        authority = service.register(
+            "authority", "authority", jwks_url=jwks_server.url, purposes=("PUBHLTH",)
+        )
         jwks_server.serve(authority.key)
         jwks_server.delay = 5.0
         started = time.monotonic()

@@ -35,6 +35,8 @@ def unique_bundle(
     for old, new in (replace or {}).items():
         raw = raw.replace(old, new)
     bundle: dict[str, Any] = json.loads(raw)
+    if "identifier" in bundle:  # a new exam has its own Bundle.identifier (else it is a resubmission)
+        bundle["identifier"]["value"] = f"exam-{uuid.uuid4()}"
     # The other identifiers (UNHCR, IOM, case numbers) must be unique too: a clinic's second
     # migrant with the same UNHCR number is refused as a conflict.
     for entry in bundle["entry"]:

@@ -180,6 +180,7 @@ def test_capability_statement() -> None:
         "_total",
         "_summary",
         "_elements",
+        "_totalMethod",
     }
 
 

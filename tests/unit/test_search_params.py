@@ -14,11 +14,22 @@ INDEXER = BlindIndexer(os.urandom(32))
 PASSPORT = "http://hl7.org/fhir/sid/passport-SYR"
 
 
-def test_no_type_pages_an_identifier_search_by_offset() -> None:
+def test_no_search_pages_an_identifier_search_by_offset() -> None:
     # value-concept searches page by _offset in their links, which cannot carry hidden
-    # parameters: a type that had both would have to write identifiers into a URL.
+    # parameters: a search with both would have to write identifiers into a URL, so it is refused.
     for rtype, params in SEARCH_PARAMETERS.items():
-        assert not ("value-concept" in params and params & IDENTIFYING_PARAMETERS), rtype
+        if "value-concept" in params and params & IDENTIFYING_PARAMETERS:
+            with pytest.raises(FhirError) as refused:
+                parse_search(
+                    rtype,
+                    [
+                        ("identifier", f"{PASSPORT}|N014782936"),
+                        ("value-concept", "http://loinc.org|LA6576-8"),
+                    ],
+                    INDEXER,
+                    lenient=True,
+                )
+            assert refused.value.status == 400, rtype
 
 
 def test_identifiers_are_kept_out_of_the_linkable_parameters() -> None:
