@@ -22,7 +22,7 @@ from service.asgi import RequestMiddleware
 from service.audit.events import AuditRecord
 from service.audit.tally import run_flusher, stop_flusher
 from service.capability import load_capability_statement
-from service.errors import install_error_handlers
+from service.errors import FHIR_JSON, install_error_handlers
 from service.jobs.background import BackgroundWork
 from service.keyring_match import KeyringMismatch, check_and_record
 from service.logging_setup import configure_logging
@@ -188,9 +188,11 @@ def _document_api(app: FastAPI, settings: Settings) -> None:
         for path, by_method in paths.items():
             for method, operation in by_method.items():
                 for response in operation.get("responses", {}).values():
-                    fhir = response.get("content", {}).get("application/fhir+json")
-                    if fhir is not None and fhir.get("schema") in (None, {}, {"type": "string"}):
-                        fhir["schema"] = {"type": "object"}  # FHIR JSON, not a string
+                    # Routes answer FhirResponse (FHIR_JSON, with its charset); FastAPI calls it a string.
+                    for media_type in ("application/fhir+json", FHIR_JSON):
+                        fhir = response.get("content", {}).get(media_type)
+                        if fhir is not None and fhir.get("schema") in (None, {}, {"type": "string"}):
+                            fhir["schema"] = {"type": "object"}  # FHIR JSON, not a string
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
                 if (method, path) in PUBLIC_OPERATIONS:
