@@ -154,6 +154,7 @@ _ERRORS = {
     "403": "the token's role or scopes do not allow this interaction",
     "404": "not found, or not visible to this client",
     "405": "method not allowed",
+    "406": "only FHIR JSON is answered (_format or Accept asked for another format)",
     "408": "the request body arrived too slowly",
     "409": "conflict",
     "412": "precondition failed",
@@ -201,7 +202,9 @@ def _document_api(app: FastAPI, settings: Settings) -> None:
                     operation["security"] = [{"bearer": []}]
                 if method in ("post", "put") and "requestBody" not in operation:
                     body = _FORM_BODY if path.endswith("/_search") or path == "/auth/token" else _FHIR_BODY
-                    operation["requestBody"] = {"required": True, "content": body}
+                    # $everything takes its parameters in the query or a Parameters body, or none.
+                    required = not path.endswith("/$everything")
+                    operation["requestBody"] = {"required": required, "content": body}
                 if method in ("post", "put") and path.startswith("/fhir/{resource_type}"):
                     responses.setdefault("201", {"description": "created", "content": _FHIR_BODY})
                 for status, text in _ERRORS.items():

@@ -60,7 +60,8 @@ class FhirFormats:
         # Most requests name neither: their query string is not parsed a second time here.
         asked = b"_format" in raw or b"_pretty" in raw
         query = parse_qsl(raw.decode("latin-1"), keep_blank_values=True) if asked else []
-        formats = [v for k, v in query if k == "_format"]
+        # An empty _format names no format: the default (JSON) answers, as if it were absent.
+        formats = [v for k, v in query if k == "_format" and v.strip()]
         accept = next((bytes(v).decode("latin-1") for k, v in scope.get("headers", ()) if k == b"accept"), "")
         if (formats and not all(format_acceptable(f) for f in formats)) or (
             not formats and accept.strip() and not accept_acceptable(accept)

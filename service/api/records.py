@@ -590,7 +590,11 @@ async def delete(resource_type: str, resource_id: str, principal: PrincipalDep) 
 @router.get(
     "/fhir/Patient/{patient_id}/$everything", response_class=FhirResponse, summary="Patient $everything"
 )
-@router.post("/fhir/Patient/{patient_id}/$everything", response_class=FhirResponse, include_in_schema=False)
+@router.post(
+    "/fhir/Patient/{patient_id}/$everything",
+    response_class=FhirResponse,
+    summary="Patient $everything (parameters in a Parameters body)",
+)
 async def everything(
     patient_id: str, request: Request, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
