@@ -54,6 +54,19 @@ def test_tokens_and_checkpoints_survive_a_rotation_and_a_restart(
         before.token(clinic)
         first = _seal(before)
         assert first > 0
+        # Never rotated: the one key, for every size, the same as /audit/key.
+        single = before.client.get("/audit/keys", headers=old_headers).json()["keys"]
+        vkey = before.client.get("/audit/key", headers=old_headers).text.strip()
+        assert single == [
+            {
+                "vkey": vkey,
+                "key_hash": vkey.split("+")[1],
+                "first_size": 0,
+                "last_size": None,
+                "status": "current",
+            }
+        ]
+        assert before.client.get("/audit/keys", headers=before.headers(clinic)).status_code == 403
 
         # `mhr keys rotate-token` and `mhr audit rotate-key`, in a process of their own.
         operator_keys = LocalKeyring.load(before.settings.keyring_path)
