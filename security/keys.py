@@ -175,6 +175,18 @@ class KeyProvider(Protocol):
         """Whether tokens signed under ``kid`` can still verify (the key is held)."""
         ...
 
+    def rotate_secret(self, purpose: str) -> str:
+        """Make a new key current for ``purpose`` (its kid returned); older ones stay held."""
+        ...
+
+    def retire_secret(self, purpose: str, kid: str) -> None:
+        """Destroy a non-current key of ``purpose``; KeyringError for the current or an unknown kid."""
+        ...
+
+    def rotate_checkpoint_key(self) -> Ed25519PublicKey:
+        """Replace the audit log key with a new one (its public key returned); the old is destroyed."""
+        ...
+
     def sign_checkpoint(self, message: bytes) -> bytes:
         """The Ed25519 signature of ``message`` under the audit log key."""
         ...
@@ -717,7 +729,35 @@ class LocalKeyring(KeyProvider):
             self._swap(new)
             return kid
 
+    def retire_secret(self, purpose: str, kid: str) -> None:
+        """Drop a superseded secret: tokens carrying its kid no longer verify.
+
+        The caller decides when that is safe (``service.keys.secret_rotation``
+        waits out the token lifetime); the current key is never dropped here.
+        """
+        self._check_purpose(purpose)
+        with self._lock:
+            old = self._state
+            entry = old.secrets[purpose]
+            if kid == entry.current:
+                raise KeyringError(f"{purpose} key {kid!r} is the current one; rotate before retiring it")
+            if kid not in entry.keys:
+                raise KeyringError(f"no {purpose} key {kid!r} is held")
+            kept = {k: v for k, v in entry.keys.items() if k != kid}
+            new = old.replace(secrets={**old.secrets, purpose: _SecretSet(entry.current, kept)})
+            self._persist(new)
+            self._swap(new)
+
     # -- audit log signing -----------------------------------------------
+
+    def rotate_checkpoint_key(self) -> Ed25519PublicKey:
+        """A new audit log key replaces the old, which is not kept: checkpoints it signed stay
+        verifiable by its public key (``service.keys.log_key_rotation`` records it)."""
+        with self._lock:
+            new = self._state.replace(signing_raw=_new_signing_key())
+            self._persist(new)
+            self._swap(new)
+            return self._current[1].signing.public_key()
 
     def sign_checkpoint(self, message: bytes) -> bytes:
         return self._current[1].signing.sign(message)

@@ -17,9 +17,11 @@ verifies, the log key signs). Keys are found by label::
 
     mhr-kek-v<N>          AES-256, CKA_ID = the KEK id (the same for every version)
     mhr-<purpose>-v<N>    generic secret, CKA_ID = the key's kid   (token-hmac, blind-index)
-    mhr-audit-log         Ed25519 key pair
+    mhr-audit-log         Ed25519 key pair (the first one; version 1)
+    mhr-audit-log-v<N>    Ed25519 key pair after a rotation (older pairs are destroyed)
 
-The highest ``N`` is the current key of its purpose. Objects of other labels
+The highest ``N`` is the current key of its purpose. Rotating and retiring keys
+need a read-write session: open the provider with ``writable=True``. Objects of other labels
 (another application's, or a purpose of a later version) are left alone.
 
 One logged-in session is opened and shared; PKCS#11 sessions are not safe for
@@ -67,6 +69,7 @@ __all__ = ["Pkcs11Keys", "read_pin"]
 _ED25519_OID: Final = "1.3.101.112"
 _LABEL: Final = re.compile(r"mhr-(kek|token-hmac|blind-index)-v([1-9][0-9]{0,8})", re.ASCII)
 _LOG_LABEL: Final = f"mhr-{LOG_SIGNING_KEY_NAME}"
+_LOG_VERSIONED: Final = re.compile(rf"{_LOG_LABEL}(?:-v([1-9][0-9]{{0,8}}))?", re.ASCII)
 _NONCE_SIZE: Final = 12
 _TAG_BITS: Final = 128
 _CHECK_BYTES: Final = 8
@@ -97,20 +100,62 @@ class _Keys:
     kek_checks: dict[int, str]
 
 
+def _log_pairs(session: Any) -> dict[int, dict[ObjectClass, Any]]:
+    """The audit log key pairs by version (``mhr-audit-log`` is version 1)."""
+    pairs: dict[int, dict[ObjectClass, Any]] = {}
+    for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        for key in session.get_objects({Attribute.CLASS: cls}):
+            match = _LOG_VERSIONED.fullmatch(key.label or "")
+            if match:
+                pairs.setdefault(int(match[1] or 1), {})[cls] = key
+    return pairs
+
+
 def _find(session: Any) -> tuple[dict[str, dict[int, Any]], Any, Any]:
-    """Keys by purpose and version, and the log key pair (or None), as the token holds them."""
+    """Keys by purpose and version, and the current log key pair (or None), as the token holds them."""
     by_purpose: dict[str, dict[int, Any]] = {}
     for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
         match = _LABEL.fullmatch(key.label or "")
         if match:
             by_purpose.setdefault(match[1], {})[int(match[2])] = key
-    private = public = None
-    for key in session.get_objects({Attribute.LABEL: _LOG_LABEL}):
-        if key.object_class == ObjectClass.PRIVATE_KEY:
-            private = key
-        elif key.object_class == ObjectClass.PUBLIC_KEY:
-            public = key
-    return by_purpose, private, public
+    pairs = _log_pairs(session)
+    current = pairs[max(pairs)] if pairs else {}
+    return by_purpose, current.get(ObjectClass.PRIVATE_KEY), current.get(ObjectClass.PUBLIC_KEY)
+
+
+def _generate_secret(session: Any, purpose: str, version: int, kid: str) -> None:
+    session.generate_key(
+        KeyType.GENERIC_SECRET,
+        256,
+        id=kid.encode("ascii"),
+        label=f"mhr-{purpose}-v{version}",
+        store=True,
+        template={
+            **_NEVER_LEAVES,
+            Attribute.SIGN: True,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+        },
+    )
+
+
+def _generate_log_pair(session: Any, label: str) -> None:
+    session.generate_keypair(
+        KeyType.EC_EDWARDS,
+        mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+        id=b"ed25519",
+        label=label,
+        store=True,
+        public_template={
+            Attribute.TOKEN: True,
+            Attribute.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID),
+            Attribute.VERIFY: True,
+        },
+        private_template={**_NEVER_LEAVES, Attribute.SIGN: True},
+    )
 
 
 def _raw_public(public: Any) -> Ed25519PublicKey:
@@ -143,37 +188,10 @@ def _create_missing(session: Any) -> tuple[str, ...]:
         created.append(KEK_PURPOSE)
     for purpose in SECRET_PURPOSES:
         if purpose not in by_purpose:
-            session.generate_key(
-                KeyType.GENERIC_SECRET,
-                256,
-                id=secrets.token_hex(4).encode("ascii"),
-                label=f"mhr-{purpose}-v1",
-                store=True,
-                template={
-                    **_NEVER_LEAVES,
-                    Attribute.SIGN: True,
-                    Attribute.VERIFY: True,
-                    Attribute.ENCRYPT: False,
-                    Attribute.DECRYPT: False,
-                    Attribute.WRAP: False,
-                    Attribute.UNWRAP: False,
-                },
-            )
+            _generate_secret(session, purpose, 1, secrets.token_hex(4))
             created.append(purpose)
     if private is None:
-        session.generate_keypair(
-            KeyType.EC_EDWARDS,
-            mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-            id=b"ed25519",
-            label=_LOG_LABEL,
-            store=True,
-            public_template={
-                Attribute.TOKEN: True,
-                Attribute.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID),
-                Attribute.VERIFY: True,
-            },
-            private_template={**_NEVER_LEAVES, Attribute.SIGN: True},
-        )
+        _generate_log_pair(session, _LOG_LABEL)
         created.append(LOG_SIGNING_KEY_NAME)
     return tuple(created)
 
@@ -181,8 +199,9 @@ def _create_missing(session: Any) -> tuple[str, ...]:
 class Pkcs11Keys(KeyProvider):
     """The key provider of one PKCS#11 token; open it with :meth:`open`."""
 
-    def __init__(self, session: Any, keys: _Keys, token_label: str) -> None:
+    def __init__(self, session: Any, keys: _Keys, token_label: str, *, writable: bool = False) -> None:
         self._session = session
+        self._writable = writable
         self._keys = keys
         self._label = token_label
         self._lock = threading.Lock()
@@ -226,17 +245,26 @@ class Pkcs11Keys(KeyProvider):
             session.close()
 
     @classmethod
-    def open(cls, module: Path, token_label: str, pin: str, *, create_missing: bool = False) -> Pkcs11Keys:
+    def open(
+        cls,
+        module: Path,
+        token_label: str,
+        pin: str,
+        *,
+        create_missing: bool = False,
+        writable: bool = False,
+    ) -> Pkcs11Keys:
         """Log in to the token and find its keys.
 
         A purpose the token lacks is refused with a message naming it, unless
-        ``create_missing`` (development) creates it first.
+        ``create_missing`` (development) creates it first. ``writable`` opens a
+        read-write session, which rotating and retiring keys need.
         """
         if create_missing:
             cls.initialise(module, token_label, pin)
-        session = cls._login(module, token_label, pin, rw=False)
+        session = cls._login(module, token_label, pin, rw=writable)
         try:
-            return cls(session, cls._load(session, token_label), token_label)
+            return cls(session, cls._load(session, token_label), token_label, writable=writable)
         except BaseException:
             session.close()
             raise
@@ -346,6 +374,70 @@ class Pkcs11Keys(KeyProvider):
 
     def holds_token_key(self, kid: str) -> bool:
         return kid in self._keys.hmac[TOKEN_PURPOSE]
+
+    # -- rotation ----------------------------------------------------------
+
+    def _changing(self, what: str) -> None:
+        if not self._writable:
+            raise KeyringError(f"PKCS#11 token {self._label!r}: {what} needs a read-write session")
+
+    def _reload(self) -> None:
+        self._keys = self._load(self._session, self._label)
+        self._checks = self._key_checks()
+
+    def rotate_secret(self, purpose: str) -> str:
+        if purpose not in SECRET_PURPOSES:
+            raise KeyringError(f"unknown secret purpose {purpose!r}")
+        self._changing(f"rotating the {purpose} key")
+        with self._lock:
+            by_purpose, _private, _public = _find(self._session)
+            held = {bytes(k.id).decode("ascii") for k in by_purpose[purpose].values()}
+            kid = secrets.token_hex(4)
+            while kid in held:
+                kid = secrets.token_hex(4)
+            try:
+                _generate_secret(self._session, purpose, max(by_purpose[purpose]) + 1, kid)
+            except PKCS11Error as exc:
+                raise KeyringError(
+                    f"PKCS#11 token {self._label!r}: cannot create a key ({type(exc).__name__})"
+                ) from None
+        self._reload()
+        return kid
+
+    def retire_secret(self, purpose: str, kid: str) -> None:
+        if purpose not in SECRET_PURPOSES:
+            raise KeyringError(f"unknown secret purpose {purpose!r}")
+        self._changing(f"retiring a {purpose} key")
+        if kid == self._keys.hmac_current[purpose]:
+            raise KeyringError(f"{purpose} key {kid!r} is the current one; rotate before retiring it")
+        key = self._keys.hmac[purpose].get(kid)
+        if key is None:
+            raise KeyringError(f"no {purpose} key {kid!r} is held")
+        with self._lock:
+            try:
+                key.destroy()
+            except PKCS11Error as exc:
+                raise KeyringError(
+                    f"PKCS#11 token {self._label!r}: cannot destroy a key ({type(exc).__name__})"
+                ) from None
+        self._reload()
+
+    def rotate_checkpoint_key(self) -> Ed25519PublicKey:
+        self._changing("rotating the audit log key")
+        with self._lock:
+            pairs = _log_pairs(self._session)
+            try:
+                _generate_log_pair(self._session, f"{_LOG_LABEL}-v{max(pairs, default=0) + 1}")
+                # The new pair is in the token before the old one goes: a failure leaves a key.
+                for pair in pairs.values():
+                    for key in pair.values():
+                        key.destroy()
+            except PKCS11Error as exc:
+                raise KeyringError(
+                    f"PKCS#11 token {self._label!r}: cannot rotate the log key ({type(exc).__name__})"
+                ) from None
+        self._reload()
+        return self._keys.log_public
 
     # -- audit log signing -----------------------------------------------
 

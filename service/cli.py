@@ -377,19 +377,29 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from security.signed_note import NoteError, NoteSigner, NoteVerifier
     from service.audit import log as audit_log
     from service.audit.disclosures import disclosures_for_patient
+    from service.audit.log_keys import LogKeys
     from service.audit.verify import verify_database, verify_service
     from service.runtime import open_keyring
 
     if args.action == "verify":
         try:
-            verifier = NoteVerifier.from_vkey(_read_vkey(args.vkey)) if args.vkey else None
+            verifier: NoteVerifier | LogKeys | None = (
+                LogKeys.from_json(Path(args.keys).read_text())
+                if args.keys
+                else NoteVerifier.from_vkey(_read_vkey(args.vkey))
+                if args.vkey
+                else None
+            )
             trusted = Path(args.checkpoint).read_text() if args.checkpoint else None
         except (OSError, NoteError) as exc:
             return _fail(f"cannot read the trust anchor: {exc}")
         if verifier is None:
             # Without the key not one checkpoint signature can be checked: refuse rather than
             # report a verification that did not happen.
-            return _fail("give --vkey (the log's public key, `mhr audit key`): checkpoint signatures need it")
+            return _fail(
+                "give --vkey (the log's public key, `mhr audit key`) or --keys (`mhr audit keys`): "
+                "checkpoint signatures need it"
+            )
         if args.url:
             if not args.token:
                 return _fail("--url needs --token (an auditor access token)")
@@ -684,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="where the keys live (default MHR_KEY_PROVIDER); pkcs11 creates them in the token",
         )
         p.set_defaults(handler=cmd_keys)
+    from service.cli_key_rotation import add_key_rotation_commands, add_log_key_commands
+
+    add_key_rotation_commands(keys_parser)
 
     token = sub.add_parser("token", help="sign a client assertion and print an access token")
     token.add_argument("--client-id", required=True)
@@ -716,7 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--database-url", help="read the database directly (default MHR_DATABASE_URL)")
     source.add_argument("--url", help="base URL of a running service (with --token)")
     verify.add_argument("--token", help="an auditor access token for --url")
-    verify.add_argument("--vkey", help="the log's verifier key, or a file holding it (required)")
+    verify.add_argument("--vkey", help="the log's verifier key, or a file holding it (or give --keys)")
+    verify.add_argument(
+        "--keys",
+        help="a file with the log's keys over time (GET /audit/keys, `mhr audit keys`): needed "
+        "once the log key has been rotated",
+    )
     verify.add_argument(
         "--checkpoint",
         help="a checkpoint retained outside the database (`mhr audit checkpoint --out FILE`): "
@@ -728,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     disclosures.add_argument("--patient", required=True, help="the Patient id (pseudonym)")
     for p in audit.choices.values():
         p.set_defaults(handler=cmd_audit)
+    add_log_key_commands(audit)
 
     records = sub.add_parser("records", help="stored records").add_subparsers(dest="action", required=True)
     relabel = records.add_parser(

@@ -56,17 +56,18 @@ async def close_runtime(runtime: Runtime) -> None:
     runtime.keys.close()
 
 
-def open_keyring(settings: Settings) -> KeyProvider:
+def open_keyring(settings: Settings, *, writable: bool = False) -> KeyProvider:
     """The key provider the settings choose (``MHR_KEY_PROVIDER``).
 
     The keyring file is created on first use in development only, and the keys a
     newer version needs are added to it there. Anywhere else a missing keyring,
     or one lacking a key, is an error: creating one would silently put new keys
     in place of those the data was written under (``mhr keys init`` creates it,
-    once; ``mhr keys upgrade`` adds what an older keyring lacks).
+    once; ``mhr keys upgrade`` adds what an older keyring lacks). ``writable`` opens a
+    token read-write, for rotating its keys (a keyring file is always writable).
     """
     if settings.key_provider == "pkcs11":
-        return open_token(settings, create_missing=settings.is_development)
+        return open_token(settings, create_missing=settings.is_development, writable=writable)
     if settings.is_development:
         return LocalKeyring.load_or_create(settings.keyring_path, add_missing=True)
     if not settings.keyring_path.exists():
@@ -86,7 +87,7 @@ def pkcs11_module(settings: Settings) -> Path:
     return settings.pkcs11_module
 
 
-def open_token(settings: Settings, *, create_missing: bool = False) -> KeyProvider:
+def open_token(settings: Settings, *, create_missing: bool = False, writable: bool = False) -> KeyProvider:
     """The PKCS#11 token the settings name, logged in with its PIN."""
     # python-pkcs11 is the optional `hsm` extra: imported only when a token is used.
     try:
@@ -100,7 +101,11 @@ def open_token(settings: Settings, *, create_missing: bool = False) -> KeyProvid
         settings.pkcs11_pin.get_secret_value() if settings.pkcs11_pin else None, settings.pkcs11_pin_file
     )
     return Pkcs11Keys.open(
-        pkcs11_module(settings), settings.pkcs11_token_label, pin, create_missing=create_missing
+        pkcs11_module(settings),
+        settings.pkcs11_token_label,
+        pin,
+        create_missing=create_missing,
+        writable=writable,
     )
 
 

@@ -23,6 +23,7 @@ from mhr_testkit import PG_SERVER_URL, Service, create_database, drop_database, 
 from softhsm_kit import (
     HSM_EMPTY_TOKEN,
     HSM_PIN,
+    HSM_ROTATION_TOKEN,
     HSM_TOKEN,
     SOFTHSM_MODULES,
     SoftHsm,
@@ -133,6 +134,7 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     config = softhsm_config(tmp_path_factory.mktemp("softhsm"))
     init_softhsm_token(config, HSM_TOKEN)
     init_softhsm_token(config, HSM_EMPTY_TOKEN)
+    init_softhsm_token(config, HSM_ROTATION_TOKEN)  # tokens made after C_Initialize are not seen
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(config)
     try:

@@ -16,6 +16,7 @@ SOFTHSM_MODULES = (
 HSM_PIN = "4711-test"
 HSM_TOKEN = "mhr-test"
 HSM_EMPTY_TOKEN = "mhr-empty"  # initialised, no keys: for refusals (never given keys in-process)
+HSM_ROTATION_TOKEN = "mhr-rotation"  # its keys are rotated by tests: never assume them fresh
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SoftHsm:
     pin: str = HSM_PIN
     token: str = HSM_TOKEN
     empty_token: str = HSM_EMPTY_TOKEN
+    rotation_token: str = HSM_ROTATION_TOKEN
 
     def settings(self, token: str | None = None) -> dict[str, object]:
         return {

@@ -23,6 +23,7 @@ from service.api.responses import FhirResponse, search_url, searchset
 from service.audit import log as audit_log
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.fhir import TYPE_SEARCH, audit_event
+from service.audit.log_keys import log_keys
 from service.audit.recorder import record_audit
 from service.audit.search import (
     AuditQuery,
@@ -299,6 +300,16 @@ async def latest_checkpoint(_principal: AuditReader, session: SessionDep) -> Res
 async def log_key(_principal: AuditReader, runtime: RuntimeDep) -> Response:
     """The log's verifier key (``<name>+<id>+<key>``) for `mhr audit verify --vkey`."""
     return _text(runtime.log_signer.vkey() + "\n")
+
+
+@router.get("/audit/keys", tags=["audit"])
+async def log_keys_listing(_principal: AuditReader, runtime: RuntimeDep, session: SessionDep) -> Response:
+    """Every log key with the checkpoint sizes it signs (``first_size``..``last_size``, the current
+    one open-ended), for `mhr audit verify --keys`: verification across key rotations."""
+    listing = await log_keys(session, runtime.log_signer.verifier())
+    return Response(
+        orjson.dumps(listing.as_json()), media_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 @router.get("/audit/checkpoints", tags=["audit"])

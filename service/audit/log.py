@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from security import merkle
 from security.signed_note import Checkpoint, NoteSigner
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
+from service.audit.log_keys import LogKeySuperseded, check_signer_current
 from service.audit.recorder import PendingEntry, insert_entries
 from service.request_context import SOURCE
 from service.store.database import Database
@@ -135,6 +136,12 @@ async def _take_lock(session: AsyncSession, *, wait: bool) -> bool:
     return bool(got.scalar_one())
 
 
+async def take_seal_lock(session: AsyncSession) -> None:
+    """Wait for the integrator's lock in ``session``'s transaction (a key rotation needs no seal
+    to be half-way)."""
+    await _take_lock(session, wait=True)
+
+
 async def seal(
     database: Database,
     signer: NoteSigner,
@@ -158,6 +165,9 @@ async def _seal(
     async with database.transaction() as session:
         if not await _take_lock(session, wait=wait):
             return None, False
+        # A process still holding a rotated-out log key must not sign: its checkpoints would
+        # fall outside that key's range and fail verification.
+        await check_signer_current(session, signer.key_id)
         size = await tree_size(session)
         await _quarantine_past_tree(session, size)
         pending = (
@@ -301,6 +311,11 @@ async def run_integrator(
                 continue  # a backlog: go again at once
         except asyncio.CancelledError:
             raise
+        except LogKeySuperseded:
+            log.critical(
+                "audit log key rotated: this process holds the previous key and does not seal; "
+                "restart it to load the current key"
+            )
         except merkle.MissingNodeError:
             # The latest checkpoint names a tree its stored nodes cannot rebuild: a checkpoint
             # row or nodes were forged or removed. Nothing can be appended to it safely.

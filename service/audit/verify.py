@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from security import merkle
 from security.signed_note import Checkpoint, NoteError, NoteVerifier
 from service.audit import log as audit_log
+from service.audit.log_keys import LogKeys
 from service.audit.recorder import derived_columns, derived_refs
 from service.store.database import Database
 from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode, AuditQuarantine, AuditRef
@@ -151,8 +152,18 @@ class Report:
         return gaps
 
 
-def _open_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
-    return Checkpoint.parse(verifier.verify(note))
+def _open_checkpoint(note: str, keys: LogKeys, size: int | None = None) -> Checkpoint:
+    """The checkpoint, verified by the key its note names, which must be trusted for its size.
+
+    ``size`` is the tree size the checkpoint is stored under; a retained checkpoint has none, so
+    the size its body claims is the one its key must cover (the body is then verified as well).
+    """
+    if size is None:
+        split = note.rfind("\n\n")
+        if split < 0:
+            raise NoteError("note has no blank line before its signatures")
+        size = Checkpoint.parse(note[: split + 1]).size
+    return Checkpoint.parse(keys.verify(note, size))
 
 
 def _derived_mismatch(leaf: Leaf) -> str | None:
@@ -188,24 +199,27 @@ def _derived_mismatch(leaf: Leaf) -> str | None:
 async def verify_log(
     source: LogSource,
     *,
-    verifier: NoteVerifier,
+    verifier: NoteVerifier | LogKeys,
     trusted_note: str | None = None,
     origin: str | None = None,
 ) -> Report:
-    """Verify the log against the log's public key (``verifier``) and, when given, a retained
-    checkpoint. Without the key no checkpoint signature can be checked: there is no such mode."""
+    """Verify the log against the log's public key (``verifier``), or its keys over time
+    (``LogKeys``, from ``/audit/keys``: each checkpoint by the key it names, inside that key's
+    range of sizes), and when given a retained checkpoint. Without a key no checkpoint
+    signature can be checked: there is no such mode."""
+    keys = verifier if isinstance(verifier, LogKeys) else LogKeys.single(verifier)
     report = Report(columns_checked=source.has_stored_hashes)
     fail = report.failures.append
 
     trusted: Checkpoint | None = None
     if trusted_note is not None:
         try:
-            trusted = _open_checkpoint(trusted_note, verifier)
+            trusted = _open_checkpoint(trusted_note, keys)
         except NoteError as exc:
             fail(Failure((-1, 2), "trusted checkpoint", f"does not verify ({exc})"))
             return report
         report.trusted_size = trusted.size
-    expected_origin = origin or (trusted.origin if trusted else None) or verifier.name
+    expected_origin = origin or (trusted.origin if trusted else None) or keys.name
     if trusted is not None and trusted.origin != expected_origin:
         fail(Failure((-1, 2), "trusted checkpoint", f"origin {trusted.origin!r} is not {expected_origin!r}"))
 
@@ -215,7 +229,7 @@ async def verify_log(
         report.checkpoints += 1
         where = (size - 1, 1)
         try:
-            checkpoint = _open_checkpoint(note, verifier)
+            checkpoint = _open_checkpoint(note, keys, size)
         except NoteError as exc:
             fail(Failure(where, f"checkpoint {size}", f"signature or format invalid ({exc})"))
             continue
@@ -569,7 +583,11 @@ class HttpSource:
 
 
 async def verify_database(
-    database_url: str, *, verifier: NoteVerifier, trusted_note: str | None, origin: str | None = None
+    database_url: str,
+    *,
+    verifier: NoteVerifier | LogKeys,
+    trusted_note: str | None,
+    origin: str | None = None,
 ) -> Report:
     database = Database(database_url)
     try:
@@ -584,7 +602,7 @@ async def verify_service(
     base_url: str,
     token: str,
     *,
-    verifier: NoteVerifier,
+    verifier: NoteVerifier | LogKeys,
     trusted_note: str | None,
     origin: str | None = None,
     transport: httpx.AsyncBaseTransport | None = None,

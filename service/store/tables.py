@@ -367,3 +367,26 @@ class Job(Base):
         UniqueConstraint("kind", "idempotency_key"),
         Index("ix_jobs_due", "state", "run_after"),
     )
+
+
+class KeyRotation(Base):
+    """When each access-token and audit log key came into use and left it; never key material.
+
+    A token key may be retired only once every token signed under it has
+    expired (``superseded_at`` + token lifetime). An audit log key row carries
+    its verifier key and the checkpoint sizes it may sign (``first_size`` to
+    ``last_size``, open-ended for the current key): a checkpoint outside its
+    key's range is refused by ``mhr audit verify``, so a leaked old key cannot
+    sign new checkpoints.
+    """
+
+    __tablename__ = "key_rotations"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    active_from: Mapped[datetime] = mapped_column(UtcDateTime())
+    superseded_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    vkey: Mapped[str | None] = mapped_column(Text, nullable=True)
+    first_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

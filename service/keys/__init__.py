@@ -1,0 +1,1 @@
+"""Key lifecycle use-cases: rotating and retiring the service's keys."""
