@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from security.keys import KeyProvider
-from service.api import audit, metadata, operations, organizations, records, smart
+from service.api import audit, erasures, metadata, operations, organizations, records, smart
 from service.api.docs import install_docs
 from service.api.formats import FhirFormats
 from service.api.refusal_audit import RefusalAuditMiddleware
@@ -90,7 +90,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(FhirFormats)  # _format, Accept (406 for XML) and _pretty on every /fhir route
     # The generic /fhir/{type} routes come last so that specific ones win.
-    for module in (smart, metadata, organizations, operations, audit, records):
+    for module in (smart, metadata, organizations, operations, audit, erasures, records):
         app.include_router(module.router)
     install_docs(app, title=f"{app.title}: API docs")
     _document_api(app, settings)

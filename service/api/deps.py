@@ -229,3 +229,20 @@ def requires(
 ALL_ROLES = frozenset({"clinic", "authority", "auditor", "admin"})
 OrganizationReader = Annotated[Principal, Depends(requires("Organization", "r", roles=ALL_ROLES))]
 OrganizationSearcher = Annotated[Principal, Depends(requires("Organization", "s", roles=ALL_ROLES))]
+
+
+def requires_role(roles: frozenset[str]) -> Callable[..., Awaitable[Principal]]:
+    """A dependency admitting only these roles, for operations outside FHIR resource scopes
+    (an admin's erasure approvals act on no resource type a SMART scope could name)."""
+
+    async def check(principal: PrincipalDep, request: Request) -> Principal:
+        if principal.role not in roles:
+            error = _forbidden("this client's role may not use this interaction")
+            _audit_denial(request, error, principal.claims, None)
+            raise error
+        return principal
+
+    return check
+
+
+AdminPrincipal = Annotated[Principal, Depends(requires_role(frozenset({"admin"})))]

@@ -8,7 +8,7 @@ from typing import Protocol
 from security.envelope import IntegrityError, resource_aad
 from service.errors import FhirError
 from service.records.repository import VersionRow
-from service.records.subject_keys import OpenedKeys
+from service.records.subject_keys import OpenedKeys, SubjectErased
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,14 @@ def integrity_failure(row: VersionRow) -> FhirError:
     return FhirError.single(500, "exception", "stored data failed its integrity check")
 
 
+def erased(resource_type: str) -> FhirError:
+    """The answer to the clinic that submitted an erased migrant's data (everyone else: 404)."""
+    return FhirError.single(410, "deleted", f"{resource_type} was erased at the migrant's request")
+
+
 def open_version(keys: OpenedKeys, subject: WrappedKey | None, row: VersionRow) -> bytes:
-    """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure."""
+    """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure
+    and FhirError(410) for an erased migrant (its key destroyed on purpose)."""
     try:
         if subject is None:
             raise IntegrityError
@@ -49,5 +55,7 @@ def open_version(keys: OpenedKeys, subject: WrappedKey | None, row: VersionRow) 
         return cipher.open(
             row.ciphertext, resource_aad(row.resource_type, row.id, row.version_id, row.subject_id)
         )
+    except SubjectErased:
+        raise erased(row.resource_type) from None
     except IntegrityError:
         raise integrity_failure(row) from None

@@ -8,11 +8,12 @@ the columns of the ``resource_versions`` row being served (its subject, type
 and label set), never on the current pointer, so that an older version is
 judged by what it contains.
 
-- A clinic (tenancy): exactly the versions its own organization wrote.
+- A clinic (tenancy): exactly the versions its own organization wrote, of migrants not
+  erased (the submitting clinic is then told 410 Gone by the read paths, not served).
 - An authority: a disclosure grant (materialised from the migrant's Consents
   by ``security.consent_grants``) for this organization and purpose, in force
   now, for the version's resource type and *exact* label set. A version
-  without a label token matches nothing (fails closed).
+  without a label token matches nothing (fails closed). An erased migrant has no grants.
 - Anyone else: nothing.
 
 The parameters of a grant are bound by name (``grant_org``, ``grant_purpose``,
@@ -39,9 +40,10 @@ from sqlalchemy import (
     select,
 )
 
-from service.store.tables import DisclosureGrant, UtcDateTime
+from service.store.tables import DisclosureGrant, Subject, UtcDateTime
 
 GRANTS = cast(Table, DisclosureGrant.__table__)
+SUBJECTS = cast(Table, Subject.__table__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,11 @@ def visible(version: FromClause, audience: Audience) -> ColumnElement[bool]:
     if audience.grant is not None:
         return exists().where(_grant_conditions(GRANTS.alias("grant_match"), version))
     if audience.organization_id is not None:
-        return version.c.organization_id == bindparam("tenant_org")
+        erased = SUBJECTS.alias("erased_subject")
+        return and_(
+            version.c.organization_id == bindparam("tenant_org"),
+            ~exists().where(erased.c.id == version.c.subject_id, erased.c.erased_at.is_not(None)),
+        )
     return false()
 
 

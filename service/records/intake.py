@@ -23,6 +23,7 @@ from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, E
 from service.errors import FhirError, OutcomeIssue
 from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
+from service.records.codec import erased
 from service.records.consents import refresh_grants
 from service.records.context import Actor, RecordServices
 from service.records.idempotency import Idempotency, Remembered, RememberedEntry, exam_key
@@ -31,7 +32,7 @@ from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
 from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
-from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys
+from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased
 from service.store.tables import StoredResource, Subject
 
 CLIENT_ID_SYSTEM = "https://mhr.example.org/fhir/sid/client"
@@ -521,7 +522,11 @@ class Intake:
                 subject = await self.repo.subject(subject_id)
             if subject is None:
                 raise FhirError.single(404, "not-found", "Patient not found")
-            cipher = self.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
+            try:
+                cipher = self.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
+            except SubjectErased:
+                # Nothing is written for an erased migrant: a new exam starts a new record.
+                raise erased("Patient") from None
             self._ciphers[subject_id] = cipher
         return cipher
 

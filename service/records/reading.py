@@ -14,7 +14,7 @@ import orjson
 
 from service.errors import FhirError, not_found
 from service.records.access import TENANCY, Permit, Visibility
-from service.records.codec import WrappedKey, open_version
+from service.records.codec import WrappedKey, erased, open_version
 from service.records.context import RecordServices
 from service.records.masking import ReferenceMask
 from service.records.operation_params import PageParameters
@@ -111,10 +111,21 @@ class Reader:
             r if body is r.body else replace(r, body=body) for r, body in zip(results, bodies, strict=True)
         ]
 
+    async def _absent(self, visibility: Visibility, resource_type: str, resource_id: str) -> FhirError:
+        """404 for what the caller may not see; 410 Gone to the clinic that submitted a resource of
+        a migrant since erased. The check runs on every clinic miss alike, so its cost tells
+        another clinic nothing; authorities and everyone else get 404 (no existence oracle)."""
+        organization_id = visibility.audience.organization_id
+        if organization_id is not None and await self.repo.erased_resource(
+            resource_type, resource_id, organization_id
+        ):
+            return erased(resource_type)
+        return not_found(resource_type)
+
     async def _read_one(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
         found = await self.repo.current_for_read(resource_type, resource_id, visibility.audience)
         if found is None:  # absent and withheld alike: nothing decrypted, nothing unwrapped
-            raise not_found(resource_type)
+            raise await self._absent(visibility, resource_type, resource_id)
         self._subjects[found.row.subject_id] = found.subject
         return await self._open(found.row)
 
@@ -129,7 +140,7 @@ class Reader:
         version answers exactly like one that does not exist."""
         found = await self.repo.version_for_read(resource_type, resource_id, version_id, visibility.audience)
         if found is None:
-            raise not_found(resource_type)
+            raise await self._absent(visibility, resource_type, resource_id)
         self._subjects[found.row.subject_id] = found.subject
         return (await self._disclose(visibility, [await self._open(found.row)]))[0]
 
@@ -162,7 +173,7 @@ class Reader:
                 else ([], 0)
             )
             if not unfiltered[0]:
-                raise not_found(resource_type)
+                raise await self._absent(visibility, resource_type, resource_id)
         opened = [await self._open(r) for r in rows[:wanted]]
         has_next = not page.total_only and len(rows) > wanted
         return HistoryResult(await self._disclose(visibility, opened), total, has_next)

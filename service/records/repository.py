@@ -242,6 +242,22 @@ class RecordRepository:
         )
         return VisibleRead(_visible_row(m), subject)
 
+    async def erased_resource(self, resource_type: str, resource_id: str, organization_id: str) -> bool:
+        """Did this organization submit this resource, of a migrant since erased?"""
+        r, s = _RESOURCES, _SUBJECTS
+        connection = await self.session.connection()
+        found = await connection.execute(
+            select(r.c.id)
+            .select_from(r.join(s, s.c.id == r.c.subject_id))
+            .where(
+                r.c.resource_type == resource_type,
+                r.c.id == resource_id,
+                r.c.organization_id == organization_id,
+                s.c.erased_at.is_not(None),
+            )
+        )
+        return found.first() is not None
+
     async def refusal_facts(
         self, resource_type: str, resource_id: str, audience: Audience, version_id: int | None = None
     ) -> RefusalFacts:

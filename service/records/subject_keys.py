@@ -9,10 +9,15 @@ is over. There is no cache of plaintext keys beyond that.
 
 from __future__ import annotations
 
-from security.envelope import IntegrityError, SubjectCipher, new_data_key
+from security.envelope import SubjectCipher, new_data_key
 from security.keys import KeyProvider
 
 SUBJECT_KEY_VERSION = 1
+
+
+class SubjectErased(Exception):
+    """The migrant was erased: their key is destroyed on purpose. Not an integrity failure:
+    callers answer 410 Gone (to the clinic that submitted the data) or 404, never 500."""
 
 
 def _wrap_aad(subject_id: str) -> bytes:
@@ -32,8 +37,7 @@ class SubjectKeys:
     def cipher(self, subject_id: str, wrapped: bytes | None, key_version: int) -> SubjectCipher:
         """Unwrap (every call: use-cases go through :meth:`opened` instead)."""
         if wrapped is None:
-            # Erased: the data is unreadable by design. Same error as tampering.
-            raise IntegrityError
+            raise SubjectErased  # erased: unreadable by design, and said so (not tampering)
         return SubjectCipher(self._keys.unwrap_key(wrapped, _wrap_aad(subject_id)), key_version)
 
     def opened(self) -> OpenedKeys:
@@ -64,7 +68,7 @@ class OpenedKeys:
 
     def cipher(self, subject_id: str, wrapped: bytes | None, key_version: int) -> SubjectCipher:
         if wrapped is None:
-            raise IntegrityError
+            raise SubjectErased
         slot = (subject_id, key_version, wrapped)
         cipher = self._ciphers.get(slot)
         if cipher is None:

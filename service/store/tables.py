@@ -390,3 +390,40 @@ class KeyRotation(Base):
     vkey: Mapped[str | None] = mapped_column(Text, nullable=True)
     first_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ErasureRequest(Base):
+    """A request to erase one migrant (GDPR Art. 17): asked by one admin, approved by another.
+
+    ``organization_id`` is the clinic that submitted the migrant's record: the one that may
+    fetch the signed ``receipt`` once the erasure is done. Pseudonymous ids only.
+    """
+
+    __tablename__ = "erasure_requests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # requested, erased, cancelled
+    requested_by: Mapped[str] = mapped_column(String(64))
+    requested_by_person: Mapped[str | None] = mapped_column(String(200))
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    approved_by: Mapped[str | None] = mapped_column(String(64))
+    approved_by_person: Mapped[str | None] = mapped_column(String(200))
+    approved_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The C2SP signed note handed to the clinic (signed with the audit checkpoint key).
+    receipt: Mapped[str | None] = mapped_column(Text)
+
+
+class RetentionHold(Base):
+    """A statutory retention obligation set by an admin: while in force, erasure is refused."""
+
+    __tablename__ = "retention_holds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    legal_basis: Mapped[str] = mapped_column(String(200))
+    set_by: Mapped[str] = mapped_column(String(64))
+    set_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    released_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
