@@ -1,10 +1,10 @@
 """Erasure endpoints: admins request and approve (two-person rule); the clinic fetches its receipt.
 
 - ``POST /admin/erasures`` ``{"patient": "<id>", "reason": "gdpr-art17-1b"}``: request (admin);
-- ``POST /admin/erasures/{id}/$approve``: a second admin approves, which erases at once;
+- ``POST /admin/erasures/{id}/approve``: a second admin approves, which erases at once;
 - ``GET /admin/erasures/{id}``: status, and the signed receipt once erased (admin);
 - ``POST /admin/retention-holds`` ``{"patient": "<id>", "legalBasis": "..."}`` and
-  ``POST /admin/retention-holds/{id}/$release``: statutory holds that block erasure (admin);
+  ``POST /admin/retention-holds/{id}/release``: statutory holds that block erasure (admin);
 - ``GET /fhir/Patient/{id}/$erasure-receipt``: the receipt, for the clinic that submitted the
   migrant's record (everyone else: 404).
 
@@ -122,7 +122,7 @@ async def request(
     return _json(_status(made), 201, {"Location": location})
 
 
-@router.post("/admin/erasures/{request_id}/$approve", summary="approve an erasure (a second admin)")
+@router.post("/admin/erasures/{request_id}/approve", summary="approve an erasure (a second admin)")
 async def approve(
     request_id: str, principal: AdminPrincipal, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
@@ -169,7 +169,7 @@ async def hold(request: Request, principal: AdminPrincipal, session: SessionDep)
     return _json(_hold(made), 201)
 
 
-@router.post("/admin/retention-holds/{hold_id}/$release", summary="release a retention hold (admin)")
+@router.post("/admin/retention-holds/{hold_id}/release", summary="release a retention hold (admin)")
 async def release(hold_id: int, principal: AdminPrincipal, session: SessionDep) -> Response:
     released = await release_hold(session, hold_id, datetime.now(UTC))
     await audit(

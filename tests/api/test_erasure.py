@@ -46,7 +46,7 @@ def _request(w: World, admin: Party, reason: str = "gdpr-art17-1b") -> Any:
 def _erase(w: World, admins: tuple[Party, Party]) -> dict[str, Any]:
     asked = _request(w, admins[0])
     assert asked.status_code == 201, asked.text
-    done = _post(w.service, admins[1], f"/admin/erasures/{asked.json()['id']}/$approve")
+    done = _post(w.service, admins[1], f"/admin/erasures/{asked.json()['id']}/approve")
     assert done.status_code == 200, done.text
     body: dict[str, Any] = done.json()
     return body
@@ -77,7 +77,7 @@ def test_the_requesting_admin_cannot_approve_their_own_erasure(
 ) -> None:
     asked = _request(world, admins[0])
     assert asked.status_code == 201, asked.text
-    own = _post(world.service, admins[0], f"/admin/erasures/{asked.json()['id']}/$approve")
+    own = _post(world.service, admins[0], f"/admin/erasures/{asked.json()['id']}/approve")
     assert own.status_code == 403 and "two-person rule" in _issue(own)
     # Nothing was erased: the clinic still reads the record.
     assert _get(world, world.clinic, f"/fhir/Patient/{world.patient}").status_code == 200
@@ -118,7 +118,7 @@ def test_the_same_person_through_another_admin_client_cannot_approve(
         },
     ).json()["access_token"]
     same_person = service.client.post(
-        f"/admin/erasures/{asked.json()['id']}/$approve", headers={"Authorization": f"Bearer {token_b}"}
+        f"/admin/erasures/{asked.json()['id']}/approve", headers={"Authorization": f"Bearer {token_b}"}
     )
     assert same_person.status_code == 403 and "two-person rule" in _issue(same_person)
 
@@ -140,7 +140,7 @@ def test_bad_erasure_requests_are_clear_outcomes(world: World, admins: tuple[Par
     assert unknown.status_code == 404
     no_patient = _post(world.service, admins[0], "/admin/erasures", {"reason": "gdpr-art17-1b"})
     assert no_patient.status_code == 400
-    missing = _post(world.service, admins[1], "/admin/erasures/nope/$approve")
+    missing = _post(world.service, admins[1], "/admin/erasures/nope/approve")
     assert missing.status_code == 404
 
 
@@ -204,7 +204,7 @@ def test_two_admins_erase_and_each_caller_sees_what_it_should(
     # Erasing twice is a clear refusal, not a second effect.
     again = _request(w, admins[0])
     assert again.status_code == 410 and "already erased" in _issue(again)
-    twice = _post(w.service, admins[0], f"/admin/erasures/{done['id']}/$approve")
+    twice = _post(w.service, admins[0], f"/admin/erasures/{done['id']}/approve")
     assert twice.status_code == 410
 
 
@@ -343,7 +343,7 @@ def test_a_retention_hold_blocks_erasure_naming_its_legal_basis(
     assert blocked.json()["issue"][0]["code"] == "business-rule"
     assert f"retention hold {held.json()['id']}" in _issue(blocked) and basis in _issue(blocked)
 
-    released = _post(w.service, admins[1], f"/admin/retention-holds/{held.json()['id']}/$release")
+    released = _post(w.service, admins[1], f"/admin/retention-holds/{held.json()['id']}/release")
     assert released.status_code == 200 and "releasedAt" in released.json()
     _erase(w, admins)
     assert _get(w, w.clinic, f"/fhir/Patient/{w.patient}").status_code == 410
@@ -358,7 +358,7 @@ def test_a_statutory_consent_blocks_erasure_at_request_and_at_approval(
     statutory = consent(w.patient, w.authority.organization_id)
     statutory["policy"] = [{"uri": STATUTORY}]
     consent_id = w.post_consent(statutory)
-    blocked = _post(w.service, admins[1], f"/admin/erasures/{asked.json()['id']}/$approve")
+    blocked = _post(w.service, admins[1], f"/admin/erasures/{asked.json()['id']}/approve")
     assert blocked.status_code == 409, blocked.text
     assert f"Consent/{consent_id}" in _issue(blocked) and "statutory" in _issue(blocked)
     assert _get(w, w.clinic, f"/fhir/Patient/{w.patient}").status_code == 200
