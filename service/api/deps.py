@@ -237,7 +237,7 @@ def requires_role(roles: frozenset[str]) -> Callable[..., Awaitable[Principal]]:
 
     async def check(principal: PrincipalDep, request: Request) -> Principal:
         if principal.role not in roles:
-            error = _forbidden("this client's role may not use this interaction")
+            error = forbidden("this client's role may not use this interaction")
             _audit_denial(request, error, principal.claims, None)
             raise error
         return principal

@@ -2,7 +2,8 @@
 
 Destroyed: the wrapped subject key (so every version, in the database and in any backup
 taken after the next KEK epoch, is unreadable), the blind-index search tokens of their
-resources, their patient match keys (identifier hashes), their disclosure grants, the
+resources, their match keys (identifier hashes for ``ifNoneExist``), the remembered answers
+of writes naming them (Idempotency-Key, Bundle.identifier), their disclosure grants, the
 label-set tokens of their versions and the clinical dates kept in clear for search.
 
 Kept, on purpose: the pseudonymous resource rows and their ciphertexts. Without the key
@@ -39,6 +40,7 @@ class Destroyed:
     subject_keys: int
     search_tokens: int
     match_keys: int
+    remembered_writes: int
     disclosure_grants: int
     label_tokens: int
     clinical_dates: int
@@ -48,7 +50,8 @@ class Destroyed:
         return [
             f"destroyed subject-key {self.subject_keys}",
             f"destroyed search-tokens {self.search_tokens}",
-            f"destroyed patient-match-keys {self.match_keys}",
+            f"destroyed match-keys {self.match_keys}",
+            f"destroyed remembered-writes {self.remembered_writes}",
             f"destroyed disclosure-grants {self.disclosure_grants}",
             f"destroyed label-tokens {self.label_tokens}",
             f"destroyed clinical-dates {self.clinical_dates}",
@@ -56,14 +59,21 @@ class Destroyed:
         ]
 
 
-async def erase_subject(session: AsyncSession, subject_id: str, *, at: datetime) -> Destroyed:
-    """Destroy what decrypts or links this migrant; raise AlreadyErased / NoSuchSubject."""
+async def erase_subject(
+    session: AsyncSession, subject_id: str, *, organization_id: str | None, at: datetime
+) -> Destroyed:
+    """Destroy what decrypts or links this migrant; raise AlreadyErased / NoSuchSubject.
+
+    ``organization_id``: the submitting clinic, whose remembered write answers are searched
+    (None: the clinic that submitted the migrant's Patient resource)."""
     repo = ErasureRepository(session)
     subject = await repo.subject_for_update(subject_id)
     if subject is None:
         raise NoSuchSubject
     if subject.erased_at is not None or subject.wrapped_key is None:
         raise AlreadyErased
+    clinic = organization_id or await repo.submitting_organization(subject_id)
+    remembered = await repo.delete_remembered_writes(subject_id, clinic) if clinic is not None else 0
     search_tokens = await repo.delete_search_tokens(subject_id)
     match_keys = await repo.delete_match_keys(subject_id)
     grants = await repo.delete_grants(subject_id)
@@ -74,4 +84,4 @@ async def erase_subject(session: AsyncSession, subject_id: str, *, at: datetime)
         raise AlreadyErased
     # The ORM's copy of the row is stale now: nothing in this session may read the old key.
     session.expire(subject)
-    return Destroyed(keys, search_tokens, match_keys, grants, label_tokens, dates, kept)
+    return Destroyed(keys, search_tokens, match_keys, remembered, grants, label_tokens, dates, kept)

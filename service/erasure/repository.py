@@ -9,10 +9,13 @@ from sqlalchemy import CursorResult, and_, delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.consent import PERMIT_STATUTORY
+from service.records.idempotency import Remembered
 from service.store.tables import (
+    Client,
     DisclosureGrant,
     ErasureRequest,
-    PatientKey,
+    IdempotentRequest,
+    MatchKey,
     ResourceVersion,
     RetentionHold,
     SearchToken,
@@ -53,9 +56,41 @@ class ErasureRepository:
         return _count(await self.session.execute(delete(SearchToken).where(mine)))
 
     async def delete_match_keys(self, subject_id: str) -> int:
-        return _count(
-            await self.session.execute(delete(PatientKey).where(PatientKey.patient_id == subject_id))
+        """The identifier hashes (``ifNoneExist``) held by any of the migrant's resources."""
+        mine = exists().where(
+            StoredResource.resource_type == MatchKey.resource_type,
+            StoredResource.id == MatchKey.resource_id,
+            StoredResource.subject_id == subject_id,
         )
+        return _count(await self.session.execute(delete(MatchKey).where(mine)))
+
+    async def delete_remembered_writes(self, subject_id: str, organization_id: str) -> int:
+        """Remembered answers of writes (Idempotency-Key, Bundle.identifier) naming the migrant.
+
+        Their keys are HMACs of the clinic's exam identifiers and its clients' keys: kept, they
+        would link those to the migrant. Only the submitting clinic and its clients write for a
+        migrant, so only their scopes are read; the outcome names each entry's subject."""
+        clients = await self.session.execute(
+            select(Client.id).where(Client.organization_id == organization_id)
+        )
+        scopes = [f"organization:{organization_id}", *(f"client:{c}" for c in clients.scalars())]
+        rows = await self.session.execute(
+            select(IdempotentRequest.scope, IdempotentRequest.key_hash, IdempotentRequest.outcome).where(
+                IdempotentRequest.scope.in_(scopes), IdempotentRequest.outcome.is_not(None)
+            )
+        )
+        doomed = [
+            (row.scope, row.key_hash)
+            for row in rows
+            if any(e.subject_id == subject_id for e in Remembered.from_json(row.outcome).entries)
+        ]
+        for scope, key_hash in doomed:
+            await self.session.execute(
+                delete(IdempotentRequest).where(
+                    IdempotentRequest.scope == scope, IdempotentRequest.key_hash == key_hash
+                )
+            )
+        return len(doomed)
 
     async def delete_grants(self, subject_id: str) -> int:
         statement = delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id)

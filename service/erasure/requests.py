@@ -129,7 +129,9 @@ async def approve_erasure(
     await _subject_to_erase(repo, request.subject_id)
     await _check_holds(repo, request.subject_id, now)
     try:
-        destroyed = await erase_subject(session, request.subject_id, at=now)
+        destroyed = await erase_subject(
+            session, request.subject_id, organization_id=request.organization_id, at=now
+        )
     except (AlreadyErased, NoSuchSubject):
         raise FhirError.single(410, "deleted", "this migrant was already erased") from None
     request.approved_by = admin.client_id
