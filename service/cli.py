@@ -632,6 +632,92 @@ def _run_id(value: str) -> str:
     return value
 
 
+def cmd_erasure(args: argparse.Namespace, settings: Settings) -> int:
+    """``mhr erasure request|approve|status``: the admin API's erasure, for operators at a shell.
+
+    The operator is the OS account (client ``mhr-cli:<account>``): the two-person rule then
+    needs another account, or an admin client over the API, to approve."""
+    import getpass
+
+    from service.erasure.repository import ErasureRepository
+    from service.erasure.requests import Admin, approve_erasure, request_erasure
+    from service.errors import FhirError
+    from service.request_context import SOURCE
+    from service.runtime import build_runtime, close_runtime
+
+    account = getpass.getuser()
+    admin = Admin(f"mhr-cli:{account}", account)
+
+    def entry(subtype: str, action: Action, patient_id: str, ok: bool, detail: str) -> AuditRecord:
+        return AuditRecord(
+            event_type=EventType.admin,
+            subtype=subtype,
+            action=action,
+            outcome=Outcome.success if ok else Outcome.minor_failure,
+            agent=AuditAgent(admin.client_id, None, "admin", account),
+            entities=(AuditEntity("Patient", patient_id),),
+            patient_ids=(patient_id,),
+            detail=detail,
+        )
+
+    async def run() -> Any:
+        runtime = build_runtime(settings)
+        request_id = f"cli-{uuid.uuid4().hex}"
+        try:
+            if args.action == "status":
+                async with runtime.database.reading() as session:
+                    found = await ErasureRepository(session).request(args.request_id)
+                    if found is None:
+                        raise CommandError("erasure request not found")
+                    return {
+                        "id": found.id,
+                        "patient": f"Patient/{found.subject_id}",
+                        "state": found.state,
+                        "reason": found.reason,
+                        "receipt": found.receipt,
+                    }
+            subtype = "erasure-request" if args.action == "request" else "erasure-approve"
+            action = Action.create if args.action == "request" else Action.delete
+            patient_id = args.patient if args.action == "request" else ""
+            try:
+                async with runtime.database.transaction() as session:
+                    if args.action == "request":
+                        made = await request_erasure(session, admin, args.patient, args.reason, _now())
+                    else:
+                        pending = await ErasureRepository(session).request(args.request_id)
+                        patient_id = pending.subject_id if pending is not None else ""
+                        made = await approve_erasure(
+                            session, admin, args.request_id, runtime.log_signer, _now()
+                        )
+                    await record_audit(
+                        session,
+                        entry(subtype, action, made.subject_id, True, made.state),
+                        request_id=request_id,
+                        source=SOURCE,
+                    )
+                    return {
+                        "id": made.id,
+                        "patient": f"Patient/{made.subject_id}",
+                        "state": made.state,
+                        "receipt": made.receipt,
+                    }
+            except FhirError as exc:
+                if patient_id:
+                    async with runtime.database.transaction() as session:
+                        await record_audit(
+                            session,
+                            entry(subtype, action, patient_id, False, f"status-{exc.status}"),
+                            request_id=request_id,
+                            source=SOURCE,
+                        )
+                raise CommandError(exc.issues[0].diagnostics) from None
+        finally:
+            await close_runtime(runtime)
+
+    _emit(asyncio.run(run()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -774,6 +860,21 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_retry.add_argument("job_id", type=int)
     for p in jobs.choices.values():
         p.set_defaults(handler=cmd_jobs)
+
+    erasure = sub.add_parser("erasure", help="erase a migrant (two admins)").add_subparsers(
+        dest="action", required=True
+    )
+    erase_request = erasure.add_parser("request", help="request an erasure (GDPR Art. 17)")
+    erase_request.add_argument("--patient", required=True, help="the pseudonymous Patient id")
+    erase_request.add_argument("--reason", required=True, help="gdpr-art17-1a ... gdpr-art17-1e")
+    for name, text in (
+        ("approve", "approve another admin's request: erases at once"),
+        ("status", "status and receipt"),
+    ):
+        one = erasure.add_parser(name, help=text)
+        one.add_argument("request_id")
+    for p in erasure.choices.values():
+        p.set_defaults(handler=cmd_erasure)
     return parser
 
 

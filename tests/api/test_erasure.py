@@ -405,3 +405,30 @@ def test_a_destroyed_subject_key_reads_as_gone_not_as_tampering(world: World) ->
         if answer.status_code == 200:
             assert "entry" not in answer.json()
     assert _get(w, w.authority, f"/fhir/Patient/{w.patient}").status_code == 404
+
+
+def test_operators_approve_and_read_status_from_the_shell(
+    world: World, admins: tuple[Party, Party], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    w = world
+    settings = w.service.settings
+    monkeypatch.setenv("MHR_ENV", "test")
+    monkeypatch.setenv("MHR_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MHR_KEYRING_PATH", str(settings.keyring_path))
+    monkeypatch.setenv("MHR_PUBLIC_BASE_URL", settings.public_base_url)
+    asked = _request(w, admins[0])
+    assert asked.status_code == 201
+    capsys.readouterr()
+    # The shell's operator is another admin than the API client that asked: the approval erases.
+    assert cli_main(["erasure", "approve", asked.json()["id"]]) == 0
+    approved = json.loads(capsys.readouterr().out)
+    assert approved["state"] == "erased"
+    assert cli_main(["erasure", "status", asked.json()["id"]]) == 0
+    status = json.loads(capsys.readouterr().out)
+    auditor = w.service.register("auditor", "auditor")
+    vkey = w.service.client.get("/audit/key", headers=w.service.headers(auditor)).text.strip()
+    assert "erased " in NoteVerifier.from_vkey(vkey).verify(status["receipt"])
+    assert _get(w, w.clinic, f"/fhir/Patient/{w.patient}").status_code == 410
+    # Asking again from the shell is a clear refusal, not a traceback.
+    assert cli_main(["erasure", "request", "--patient", w.patient, "--reason", "gdpr-art17-1b"]) == 2
+    assert "already erased" in capsys.readouterr().err
