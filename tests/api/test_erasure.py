@@ -247,6 +247,16 @@ def _routes(w: World) -> list[tuple[str, str, dict[str, Any] | None]]:
         ("GET", f"/fhir/Patient?_id={p}", None),
         ("PUT", f"/fhir/Observation/{o}", {**observation, "id": o}),
         ("POST", "/fhir/Observation", observation),
+        ("POST", "/fhir/Observation/$validate", observation),
+        (
+            "POST",
+            "/fhir",
+            {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [{"resource": observation, "request": {"method": "POST", "url": "Observation"}}],
+            },
+        ),
         ("POST", "/fhir/Consent", consent(p, w.authority.organization_id)),
         ("DELETE", f"/fhir/Patient/{p}", None),
     ]
@@ -263,6 +273,11 @@ def test_no_route_answers_500_for_an_erased_migrant(world: World, admins: tuple[
                 method, path, content=json.dumps(body) if body is not None else None, headers=headers
             )
             assert response.status_code < 500, (party.role, method, path, response.text)
+            read = method in ("GET", "PUT") and "?" not in path
+            write = method == "POST" and path != "/fhir"
+            if party.role == "clinic" and (read or write):
+                # Its own reads, and writes for the erased migrant: Gone (nothing written).
+                assert response.status_code == 410, (method, path, response.status_code)
             assert response.json()["resourceType"] in ("OperationOutcome", "Bundle", "Parameters"), path
             if response.status_code == 200 and response.json()["resourceType"] == "Bundle":
                 assert "entry" not in response.json(), (party.role, method, path)  # searches skip them
