@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ import sqlalchemy as sa
 from mhr_testkit import FHIR_HEADERS, Party, Service, sync_url
 from test_audit_api import seal
 from test_disclosure import World, consent, make_world
+from test_key_operations import _open as open_keys
 
 from security.signed_note import NoteVerifier
 from service.cli import main as cli_main
@@ -447,3 +450,27 @@ def test_operators_approve_and_read_status_from_the_shell(
     # Asking again from the shell is a clear refusal, not a traceback.
     assert cli_main(["erasure", "request", "--patient", w.patient, "--reason", "gdpr-art17-1b"]) == 2
     assert "already erased" in capsys.readouterr().err
+
+
+@pytest.fixture
+def any_keys_service(
+    database_url: str, tmp_path: Path, key_provider_settings: dict[str, object]
+) -> Iterator[Service]:
+    """The service under the keyring file and under a PKCS#11 token (SoftHSM2)."""
+    keys = open_keys(key_provider_settings, tmp_path)
+    with Service.start(database_url, tmp_path, keys=keys, **key_provider_settings) as running:  # type: ignore[arg-type]
+        yield running
+
+
+def test_erasure_and_its_receipt_under_each_key_provider(any_keys_service: Service) -> None:
+    """The key is destroyed and the receipt signed by whichever provider holds the keys
+    (in a token the log key signs inside it); the clinic's read is then Gone, not 500."""
+    service = any_keys_service
+    w = make_world(service)
+    admins = (service.register("admin A", "admin"), service.register("admin B", "admin"))
+    done = _erase(w, admins)
+    auditor = service.register("auditor", "auditor")
+    vkey = service.client.get("/audit/key", headers=service.headers(auditor)).text.strip()
+    assert "destroyed subject-key 1" in NoteVerifier.from_vkey(vkey).verify(done["receipt"]).splitlines()
+    assert _get(w, w.clinic, f"/fhir/Observation/{w.observation}").status_code == 410
+    assert _get(w, w.authority, f"/fhir/Observation/{w.observation}").status_code == 404
