@@ -1,7 +1,7 @@
 """Erasure: two-person erasure requests with their signed receipts, and retention holds.
 
-Revision ID: 0007_h_erase
-Revises: 0006_h_jobs
+Revision ID: 0008_h_erase
+Revises: 0007_h_otherkeys
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007_h_erase"
-down_revision: str | None = "0006_h_jobs"
+revision: str = "0008_h_erase"
+down_revision: str | None = "0007_h_otherkeys"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
