@@ -49,7 +49,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -66,7 +66,9 @@ __all__ = [
     "SECRET_PURPOSES",
     "TOKEN_PURPOSE",
     "CheckpointSigning",
+    "KekLifecycle",
     "KekRef",
+    "KekRetired",
     "KeyCheck",
     "KeyProvider",
     "KeyringError",
@@ -92,6 +94,15 @@ _NONCE_SIZE: Final = 12
 _TAG_SIZE: Final = 16
 _UINT32_MAX: Final = 0xFFFF_FFFF
 _FILE_FORMAT: Final = 1
+
+
+class KekRetired(IntegrityError):
+    """The blob names a KEK version below the minimum decryption version: retired, refused.
+
+    An integrity-class failure (callers that treat every IntegrityError alike stay safe), told
+    apart so that data still wrapped under a retired version is reported as such, never passed
+    off as tampering.
+    """
 
 
 class KeyringError(Exception):
@@ -204,6 +215,35 @@ class KeyProvider(Protocol):
         ...
 
 
+@runtime_checkable
+class KekLifecycle(Protocol):
+    """What rotating and retiring the KEK asks of a provider (operators' commands, the rewrap job)."""
+
+    def rotate_kek(self) -> KekRef:
+        """Create the next KEK version and make it the one new wraps use."""
+        ...
+
+    def kek_versions(self) -> tuple[int, ...]:
+        """The KEK versions held (that can unwrap), ascending."""
+        ...
+
+    def min_decrypt_version(self) -> int:
+        """The lowest KEK version an unwrap accepts; a blob naming a lower one is KekRetired."""
+        ...
+
+    def retire_kek_below(self, version: int) -> tuple[int, ...]:
+        """Destroy every KEK version below ``version`` (never the current); returns those destroyed.
+
+        After it an unwrap under a destroyed version raises KekRetired. Irreversible: the
+        caller checks first that nothing it still needs is wrapped under them.
+        """
+        ...
+
+    def reload(self) -> None:
+        """Pick up KEK versions another process added or retired (the file or the token changed)."""
+        ...
+
+
 class CheckpointSigning:
     """The audit log key as ``security.signed_note`` signs with it: a provider's operation."""
 
@@ -270,6 +310,8 @@ class _State:
     kek_raw: dict[int, bytes] = field(repr=False)
     secrets: dict[str, _SecretSet] = field(repr=False)
     signing_raw: bytes = field(repr=False)
+    # The minimum decryption version: versions below it were destroyed by a retirement.
+    kek_retired_below: int = 1
     # The document as read: what a later version wrote that this one does not know (other
     # purposes, other sections) is written back unchanged, never dropped by a rotation here.
     document: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -282,6 +324,7 @@ class _State:
             "kek_raw": self.kek_raw,
             "secrets": self.secrets,
             "signing_raw": self.signing_raw,
+            "kek_retired_below": self.kek_retired_below,
             "document": self.document,
         }
         return _State(**{**fields, **changes})
@@ -347,6 +390,7 @@ def _to_json(state: _State) -> bytes:
         "kek": {
             "key_id": state.kek_id,
             "current": state.kek_current,
+            "retired_below": state.kek_retired_below,
             "versions": {str(v): _b64e(k) for v, k in sorted(state.kek_raw.items())},
         },
         "secrets": {**state.document.get("secrets", {}), **known_secrets},
@@ -397,6 +441,14 @@ def _from_json(data: bytes, *, add_missing: bool = False) -> tuple[_State, tuple
     current = kek.get("current")
     if isinstance(current, bool) or not isinstance(current, int) or current not in kek_raw:
         raise KeyringError("keyring: kek.current does not name a held version")
+    retired_below = kek.get("retired_below", 1)
+    if (
+        isinstance(retired_below, bool)
+        or not isinstance(retired_below, int)
+        or not 0 < retired_below <= current
+        or any(v < retired_below for v in kek_raw)
+    ):
+        raise KeyringError("keyring: kek.retired_below must be 1..current and above every held version")
 
     missing: list[str] = []
     secrets_doc = _obj(doc.get("secrets", {}), "secrets")
@@ -432,6 +484,7 @@ def _from_json(data: bytes, *, add_missing: bool = False) -> tuple[_State, tuple
         kek_raw=kek_raw,
         secrets=secret_sets,
         signing_raw=signing_raw,
+        kek_retired_below=retired_below,
         document=doc,
     )
     return state, tuple(missing)
@@ -505,7 +558,26 @@ class LocalKeyring(KeyProvider):
         """Use :meth:`create`, :meth:`load` or :meth:`load_or_create`."""
         self._path = path
         self._lock = threading.Lock()
+        self._file_stamp = self._stamp()
         self._swap(state)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _follow_file(self) -> None:
+        """Take up a KEK rotated or retired by another process (``mhr keys rotate``): one stat.
+
+        Called before every wrap, so new subject keys are wrapped under the version current in
+        the file, not the one this process loaded; and on a blob naming a version not held.
+        """
+        if self._stamp() != self._file_stamp:
+            with self._lock:
+                if self._stamp() != self._file_stamp:
+                    self._reload_locked()
 
     def _swap(self, state: _State) -> None:
         # One reference holds both, so an operation never pairs one snapshot's keys with another's.
@@ -609,6 +681,7 @@ class LocalKeyring(KeyProvider):
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(self._path.parent)
+            self._file_stamp = self._stamp()
         except OSError as exc:
             raise KeyringError(f"cannot write keyring {self._path}: {exc.strerror}") from None
 
@@ -624,6 +697,7 @@ class LocalKeyring(KeyProvider):
     def wrap_key(self, plaintext_key: bytes, aad: bytes) -> bytes:
         if not plaintext_key:
             raise ValueError("nothing to wrap")
+        self._follow_file()
         state = self._state
         header = wrap_header(KekRef(state.kek_id, state.kek_current))
         nonce = os.urandom(_NONCE_SIZE)
@@ -633,7 +707,14 @@ class LocalKeyring(KeyProvider):
     def unwrap_key(self, blob: bytes, aad: bytes) -> bytes:
         ref, header, nonce, sealed = parse_wrapped(blob)
         state = self._state
+        if ref.key_id == state.kek_id and ref.version != state.kek_current:
+            # A newer version another process took up, or an older one it may have retired: a
+            # retirement reaches this process before it unwraps under that version again.
+            self._follow_file()
+            state = self._state
         aead = state.keks.get(ref.version)
+        if ref.key_id == state.kek_id and ref.version < state.kek_retired_below:
+            raise KekRetired
         if ref.key_id != state.kek_id or aead is None:
             raise IntegrityError
         try:
@@ -644,13 +725,15 @@ class LocalKeyring(KeyProvider):
     def rotate_kek(self) -> KekRef:
         """Add a new current KEK version; older versions stay for unwrapping.
 
-        Subject keys wrapped under older versions must be re-wrapped by the
-        caller (then old versions can be retired by a later tool). Another
-        process using this file keeps wrapping under the version it loaded
-        until it reloads; its blobs remain unwrappable since no version is
-        dropped here.
+        Subject keys wrapped under older versions are re-wrapped by ``mhr keys
+        rewrap`` (service.keys), then old versions retired with
+        :meth:`retire_kek_below`. Another process using this file keeps
+        wrapping under the version it loaded until it reloads; its blobs remain
+        unwrappable since no version is dropped here.
         """
         with self._lock:
+            # Start from the file, not memory: another process may have rotated since we loaded.
+            self._reload_locked()
             old = self._state
             version = max(old.kek_raw) + 1
             if version > _UINT32_MAX:
@@ -664,6 +747,51 @@ class LocalKeyring(KeyProvider):
             self._persist(new)
             self._swap(new)
             return KekRef(new.kek_id, version)
+
+    def kek_versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._state.kek_raw))
+
+    def min_decrypt_version(self) -> int:
+        return self._state.kek_retired_below
+
+    def retire_kek_below(self, version: int) -> tuple[int, ...]:
+        with self._lock:
+            self._reload_locked()
+            old = self._state
+            if not 0 < version <= old.kek_current:
+                raise KeyringError(
+                    f"keyring: cannot retire below v{version}: the current KEK is v{old.kek_current}"
+                )
+            destroyed = tuple(v for v in sorted(old.kek_raw) if v < version)
+            new = old.replace(
+                keks={v: k for v, k in old.keks.items() if v >= version},
+                kek_raw={v: k for v, k in old.kek_raw.items() if v >= version},
+                kek_retired_below=max(version, old.kek_retired_below),
+            )
+            # The file is replaced whole (rename): the old versions' bytes leave the live file at
+            # once. Copies of the keyring (its backups) still hold them: SECURITY.md, KEK epochs.
+            self._persist(new)
+            self._swap(new)
+            return destroyed
+
+    def reload(self) -> None:
+        with self._lock:
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
+        try:
+            data = self._path.read_bytes()
+        except OSError as exc:
+            raise KeyringError(f"cannot read keyring {self._path}: {exc.strerror}") from None
+        try:
+            state, _missing = _from_json(data, add_missing=False)
+        except KeyringError as exc:
+            raise KeyringError(f"{self._path}: {exc}") from None
+        if state.kek_id != self._state.kek_id:
+            # Another deployment's keyring put in this one's place: never taken up while running.
+            raise KeyringError(f"{self._path}: the file now holds another KEK ({state.kek_id}); not taken up")
+        self._file_stamp = self._stamp()
+        self._swap(state)
 
     # -- HMAC operations -------------------------------------------------
 

@@ -15,7 +15,8 @@ Every key is created in the token as sensitive and non-extractable, each with
 the one use it has (the KEK encrypts and decrypts, an HMAC key signs and
 verifies, the log key signs). Keys are found by label::
 
-    mhr-kek-v<N>          AES-256, CKA_ID = the KEK id (the same for every version)
+    mhr-kek-v<N>          AES-256, CKA_ID = the KEK id (the same for every version); ``rotate_kek``
+                          adds v<N+1>, ``retire_kek_below`` destroys the objects of lower versions
     mhr-<purpose>-v<N>    generic secret, CKA_ID = the key's kid   (token-hmac, blind-index)
     mhr-audit-log         Ed25519 key pair (the first one; version 1)
     mhr-audit-log-v<N>    Ed25519 key pair after a rotation (older pairs are destroyed)
@@ -43,7 +44,7 @@ from typing import Any, Final
 import pkcs11
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import PKCS11Error
+from pkcs11.exceptions import PKCS11Error, UserAlreadyLoggedIn
 from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -55,7 +56,9 @@ from security.keys import (
     LOG_SIGNING_KEY_NAME,
     SECRET_PURPOSES,
     TOKEN_PURPOSE,
+    KekLifecycle,
     KekRef,
+    KekRetired,
     KeyCheck,
     KeyProvider,
     KeyringError,
@@ -165,26 +168,30 @@ def _raw_public(public: Any) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
+def _generate_kek(session: Any, kek_id: str, version: int) -> None:
+    session.generate_key(
+        KeyType.AES,
+        256,
+        id=kek_id.encode("ascii"),
+        label=f"mhr-{KEK_PURPOSE}-v{version}",
+        store=True,
+        template={
+            **_NEVER_LEAVES,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+        },
+    )
+
+
 def _create_missing(session: Any) -> tuple[str, ...]:
     by_purpose, private, _public = _find(session)
     created = []
     if KEK_PURPOSE not in by_purpose:
-        session.generate_key(
-            KeyType.AES,
-            256,
-            id=f"hsm-{secrets.token_hex(8)}".encode("ascii"),
-            label=f"mhr-{KEK_PURPOSE}-v1",
-            store=True,
-            template={
-                **_NEVER_LEAVES,
-                Attribute.ENCRYPT: True,
-                Attribute.DECRYPT: True,
-                Attribute.WRAP: False,
-                Attribute.UNWRAP: False,
-                Attribute.SIGN: False,
-                Attribute.VERIFY: False,
-            },
-        )
+        _generate_kek(session, f"hsm-{secrets.token_hex(8)}", 1)
         created.append(KEK_PURPOSE)
     for purpose in SECRET_PURPOSES:
         if purpose not in by_purpose:
@@ -196,7 +203,7 @@ def _create_missing(session: Any) -> tuple[str, ...]:
     return tuple(created)
 
 
-class Pkcs11Keys(KeyProvider):
+class Pkcs11Keys(KeyProvider, KekLifecycle):
     """The key provider of one PKCS#11 token; open it with :meth:`open`."""
 
     def __init__(self, session: Any, keys: _Keys, token_label: str, *, writable: bool = False) -> None:
@@ -223,6 +230,10 @@ class Pkcs11Keys(KeyProvider):
             raise KeyringError(f"{where}: {type(exc).__name__}") from None
         try:
             return token.open(user_pin=pin, rw=rw)
+        except UserAlreadyLoggedIn:
+            # Login is per application, not per session: this process proved the PIN when it
+            # logged in; a new session shares that login (the token checks no PIN again).
+            return token.open(rw=rw)
         except pkcs11.PinIncorrect:
             raise KeyringError(f"{where}: the token refused the PIN") from None
         except PKCS11Error as exc:
@@ -262,6 +273,8 @@ class Pkcs11Keys(KeyProvider):
         """
         if create_missing:
             cls.initialise(module, token_label, pin)
+        # A second provider in a process already logged in (an operator's command run beside a
+        # serving one, in tests) shares the login: PKCS#11 logs in per application, not session.
         session = cls._login(module, token_label, pin, rw=writable)
         try:
             return cls(session, cls._load(session, token_label), token_label, writable=writable)
@@ -317,6 +330,7 @@ class Pkcs11Keys(KeyProvider):
     def wrap_key(self, plaintext_key: bytes, aad: bytes) -> bytes:
         if not plaintext_key:
             raise ValueError("nothing to wrap")
+        self._follow_token()
         ref = self.current_kek()
         header = wrap_header(ref)
         nonce = os.urandom(_NONCE_SIZE)
@@ -330,8 +344,13 @@ class Pkcs11Keys(KeyProvider):
 
     def unwrap_key(self, blob: bytes, aad: bytes) -> bytes:
         ref, header, nonce, sealed = parse_wrapped(blob)
-        kek = self._keys.keks.get(ref.version)
-        if ref.key_id != self._keys.kek_id or kek is None:
+        if ref.key_id == self._keys.kek_id and ref.version > max(self._keys.keks):
+            self.reload()  # wrapped by a process that had already taken up a newer version
+        keys = self._keys
+        kek = keys.keks.get(ref.version)
+        if ref.key_id == keys.kek_id and ref.version < min(keys.keks):
+            raise KekRetired
+        if ref.key_id != keys.kek_id or kek is None:
             raise IntegrityError
         try:
             with self._lock:
@@ -343,7 +362,71 @@ class Pkcs11Keys(KeyProvider):
                     )
                 )
         except PKCS11Error:  # a failed tag is CKR_ENCRYPTED_DATA_INVALID (or a general error)
+            if ref.version != max(keys.keks):
+                # Another process may have destroyed this version (retired it): the handle is stale.
+                self.reload()
+                if ref.version < min(self._keys.keks):
+                    raise KekRetired from None
             raise IntegrityError from None
+
+    def kek_versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._keys.keks))
+
+    def min_decrypt_version(self) -> int:
+        # Retired versions are destroyed in the token: the lowest held one is the minimum.
+        return min(self._keys.keks)
+
+    def rotate_kek(self) -> KekRef:
+        """Generate the next KEK version in the token (non-extractable, like every key here)."""
+        self._changing("rotating the KEK")
+        with self._lock:
+            try:
+                by_purpose, _private, _public = _find(self._session)
+                version = max(by_purpose[KEK_PURPOSE]) + 1
+                _generate_kek(self._session, self._keys.kek_id, version)
+            except PKCS11Error as exc:
+                raise KeyringError(
+                    f"PKCS#11 token {self._label!r}: cannot create a KEK ({type(exc).__name__})"
+                ) from None
+        self.reload()
+        return KekRef(self._keys.kek_id, version)
+
+    def retire_kek_below(self, version: int) -> tuple[int, ...]:
+        """Destroy (C_DestroyObject) the token's KEK objects below ``version``."""
+        self._changing("retiring KEK versions")
+        with self._lock:
+            try:
+                keks = _find(self._session)[0][KEK_PURPOSE]
+                if not 0 < version <= max(keks):
+                    raise KeyringError(
+                        f"PKCS#11 token {self._label!r}: cannot retire below v{version}: "
+                        f"the current KEK is v{max(keks)}"
+                    )
+                destroyed = tuple(sorted(v for v in keks if v < version))
+                for v in destroyed:
+                    keks[v].destroy()
+            except PKCS11Error as exc:
+                raise KeyringError(
+                    f"PKCS#11 token {self._label!r}: cannot destroy a KEK ({type(exc).__name__})"
+                ) from None
+        self.reload()
+        return destroyed
+
+    def _follow_token(self) -> None:
+        """Take up a KEK version another process generated (``mhr keys rotate``): one object search."""
+        label = f"mhr-{KEK_PURPOSE}-v{max(self._keys.keks) + 1}"
+        with self._lock:
+            # Drained inside the lock: a search left open (C_FindObjectsFinal not yet called) would
+            # make the session's next operation, another thread's unwrap, fail as "operation active".
+            newer = bool(list(self._session.get_objects({Attribute.LABEL: label})))
+        if newer:
+            self.reload()
+
+    def reload(self) -> None:
+        with self._lock:
+            keys = self._load(self._session, self._label)
+            self._keys = keys
+        self._checks = self._key_checks()
 
     # -- HMAC operations -------------------------------------------------
 

@@ -126,7 +126,16 @@ def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr keys init``: the one way keys come to exist outside development;
-    ``mhr keys upgrade``: add what an older keyring lacks, keeping every key it holds."""
+    ``mhr keys upgrade``: add what an older keyring lacks, keeping every key it holds;
+    ``rotate``, ``rewrap``, ``status``, ``retire``: the KEK's lifecycle (service.keys)."""
+    from service.keys import commands as key_commands
+
+    if args.action in key_commands.ACTIONS:
+        return key_commands.run(
+            args,
+            settings,
+            lambda session, subtype, entity: _audit_admin(session, subtype, Action.update, entity),
+        )
     provider = args.provider or settings.key_provider
     if provider == "pkcs11":
         return _init_token(settings)
@@ -773,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_parser = sub.add_parser("keys", help="the keyring").add_subparsers(dest="action", required=True)
     keys_parser.add_parser("init", help="create the keyring (MHR_KEYRING_PATH) once; never overwrites one")
     keys_parser.add_parser("upgrade", help="add the keys this version needs to an older keyring, keeping all")
-    for p in keys_parser.choices.values():
+    for p in keys_parser.choices.values():  # init and upgrade
         p.add_argument(
             "--provider",
             choices=("keyring", "pkcs11"),
@@ -783,6 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli_key_rotation import add_key_rotation_commands, add_log_key_commands
 
     add_key_rotation_commands(keys_parser)
+    from service.keys.commands import add_arguments as add_key_lifecycle_arguments
+
+    add_key_lifecycle_arguments(keys_parser)
+    for action in ("rotate", "rewrap", "status", "retire"):
+        keys_parser.choices[action].set_defaults(handler=cmd_keys)
 
     token = sub.add_parser("token", help="sign a client assertion and print an access token")
     token.add_argument("--client-id", required=True)

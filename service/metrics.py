@@ -37,3 +37,9 @@ JOB_RUNS = Counter(
     ("kind", "outcome"),
     registry=REGISTRY,
 )
+SUBJECT_KEYS = Gauge(
+    "mhr_subject_keys",
+    "Live subject keys by the KEK version that wraps them, as last counted by this process",
+    ("kek_version",),
+    registry=REGISTRY,
+)

@@ -23,6 +23,7 @@ from mhr_testkit import PG_SERVER_URL, Service, create_database, drop_database, 
 from softhsm_kit import (
     HSM_EMPTY_TOKEN,
     HSM_PIN,
+    HSM_ROTATE_TOKEN,
     HSM_ROTATION_TOKEN,
     HSM_TOKEN,
     SOFTHSM_MODULES,
@@ -135,12 +136,14 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     init_softhsm_token(config, HSM_TOKEN)
     init_softhsm_token(config, HSM_EMPTY_TOKEN)
     init_softhsm_token(config, HSM_ROTATION_TOKEN)  # tokens made after C_Initialize are not seen
+    init_softhsm_token(config, HSM_ROTATE_TOKEN)
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(config)
     try:
         from security.pkcs11_keys import Pkcs11Keys
 
         Pkcs11Keys.initialise(module, HSM_TOKEN, HSM_PIN)
+        Pkcs11Keys.initialise(module, HSM_ROTATE_TOKEN, HSM_PIN)
         yield SoftHsm(module, config)
     finally:
         if previous is None:

@@ -17,6 +17,7 @@ HSM_PIN = "4711-test"
 HSM_TOKEN = "mhr-test"
 HSM_EMPTY_TOKEN = "mhr-empty"  # initialised, no keys: for refusals (never given keys in-process)
 HSM_ROTATION_TOKEN = "mhr-rotation"  # its keys are rotated by tests: never assume them fresh
+HSM_ROTATE_TOKEN = "mhr-rotate"  # its KEKs are rotated and destroyed by the rotation tests only
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class SoftHsm:
     token: str = HSM_TOKEN
     empty_token: str = HSM_EMPTY_TOKEN
     rotation_token: str = HSM_ROTATION_TOKEN
+    rotate_token: str = HSM_ROTATE_TOKEN
 
     def settings(self, token: str | None = None) -> dict[str, object]:
         return {

@@ -19,6 +19,7 @@ from service.audit.log import start_integrator, stop_integrator
 from service.jobs import queue
 from service.jobs.kinds import load_kinds
 from service.jobs.worker import Worker, worker_name
+from service.keys.status import refresh_subject_key_metric
 from service.lifecycle import SHUTDOWN
 from service.metrics import JOBS
 
@@ -94,6 +95,7 @@ class BackgroundWork:
     async def refresh_metrics(self) -> None:
         async with self.runtime.database.reading() as session:
             found = await queue.counts(session)
+            await refresh_subject_key_metric(session)
         for labels in self._seen - found.keys():
             JOBS.labels(*labels).set(0)
         for labels, count in found.items():

@@ -6,6 +6,7 @@ import logging
 from typing import Protocol
 
 from security.envelope import IntegrityError, resource_aad
+from security.keys import KekRetired
 from service.errors import FhirError
 from service.records.repository import VersionRow
 from service.records.subject_keys import OpenedKeys, SubjectErased
@@ -45,6 +46,26 @@ def erased(resource_type: str) -> FhirError:
     return FhirError.single(410, "deleted", f"{resource_type} was erased at the migrant's request")
 
 
+def retired_key_refusal(row: VersionRow) -> FhirError:
+    # Not tampering: the KEK version that wraps this migrant's key was retired before it was
+    # re-wrapped (`mhr keys status` counts these). Logged as its own integrity-class event.
+    log.error(
+        "stored resource is under a retired KEK version",
+        extra={
+            "event": "kek-retired",
+            "resource_type": row.resource_type,
+            "resource_id": row.id,
+            "version_id": row.version_id,
+        },
+    )
+    return FhirError.single(
+        503,
+        "exception",
+        "this record's key is wrapped under a retired key-encryption key; an operator can see "
+        "such records with `mhr keys status`",
+    )
+
+
 def open_version(keys: OpenedKeys, subject: WrappedKey | None, row: VersionRow) -> bytes:
     """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure
     and FhirError(410) for an erased migrant (its key destroyed on purpose)."""
@@ -57,5 +78,7 @@ def open_version(keys: OpenedKeys, subject: WrappedKey | None, row: VersionRow) 
         )
     except SubjectErased:
         raise erased(row.resource_type) from None
+    except KekRetired:
+        raise retired_key_refusal(row) from None
     except IntegrityError:
         raise integrity_failure(row) from None

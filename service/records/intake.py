@@ -32,7 +32,7 @@ from service.records.indexing import index_resource, labels_token
 from service.records.references import iter_references, parse_relative, rewrite_references, subject_reference
 from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
-from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased
+from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased, kek_version_of
 from service.store.tables import StoredResource, Subject
 
 CLIENT_ID_SYSTEM = "https://mhr.example.org/fhir/sid/client"
@@ -469,6 +469,7 @@ class Intake:
                     "id": patient.resource_id,
                     "wrapped_key": wrapped,
                     "key_version": SUBJECT_KEY_VERSION,
+                    "kek_version": kek_version_of(wrapped),
                     "created_at": now,
                     "erased_at": None,
                 }

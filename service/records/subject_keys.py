@@ -10,7 +10,7 @@ is over. There is no cache of plaintext keys beyond that.
 from __future__ import annotations
 
 from security.envelope import SubjectCipher, new_data_key
-from security.keys import KeyProvider
+from security.keys import KeyProvider, parse_wrapped
 
 SUBJECT_KEY_VERSION = 1
 
@@ -23,6 +23,18 @@ class SubjectErased(Exception):
 def _wrap_aad(subject_id: str) -> bytes:
     # Binds a wrapped key to its subject row: swapping wrapped keys between rows fails.
     return b"mhr.subject-key.v1\x00" + subject_id.encode()
+
+
+def kek_version_of(wrapped: bytes) -> int:
+    """The KEK version a wrapped key names in its header (read in clear; nothing is decrypted)."""
+    return parse_wrapped(wrapped)[0].version
+
+
+def rewrapped(keys: KeyProvider, subject_id: str, wrapped: bytes) -> bytes:
+    """The same subject key wrapped again under the provider's current KEK (IntegrityError if
+    ``wrapped`` does not unwrap); the plaintext key lives only inside this call."""
+    aad = _wrap_aad(subject_id)
+    return keys.wrap_key(keys.unwrap_key(wrapped, aad), aad)
 
 
 class SubjectKeys:

@@ -110,6 +110,8 @@ class Subject(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_version: Mapped[int] = mapped_column(Integer)
+    # The KEK version wrapping it (from the blob's header): what a rotation has left to rewrap.
+    kek_version: Mapped[int | None] = mapped_column(Integer, index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 

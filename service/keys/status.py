@@ -1,0 +1,81 @@
+"""How far a KEK rotation has come: subject keys per KEK version, counted from the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from security.keys import KekLifecycle, KeyProvider
+from service.metrics import SUBJECT_KEYS
+from service.store.tables import Subject
+
+# The label of subject keys whose KEK version was never recorded (should not happen after 0007).
+UNKNOWN_VERSION = "unknown"
+
+
+@dataclass(frozen=True)
+class KekStatus:
+    current: int
+    min_decrypt: int
+    held: tuple[int, ...]
+    # Live (not erased) subject keys per KEK version; None: not recorded.
+    per_version: dict[int | None, int]
+
+    @property
+    def stale(self) -> int:
+        """Subject keys still to rewrap: under a version older than the current one."""
+        return sum(n for v, n in self.per_version.items() if v is None or v < self.current)
+
+    @property
+    def under_retired(self) -> int:
+        """Subject keys under a retired (destroyed) version: unreadable until that key is restored."""
+        return sum(n for v, n in self.per_version.items() if v is not None and v < self.min_decrypt)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "current_kek_version": self.current,
+            "min_decrypt_version": self.min_decrypt,
+            "held_kek_versions": list(self.held),
+            "subject_keys_per_kek_version": {
+                (UNKNOWN_VERSION if v is None else str(v)): n
+                for v, n in sorted(self.per_version.items(), key=lambda item: (item[0] is None, item[0] or 0))
+            },
+            "to_rewrap": self.stale,
+            "under_retired_versions": self.under_retired,
+        }
+
+
+async def subject_keys_per_version(session: AsyncSession) -> dict[int | None, int]:
+    rows = await session.execute(
+        select(Subject.kek_version, func.count())
+        .where(Subject.wrapped_key.is_not(None))
+        .group_by(Subject.kek_version)
+    )
+    return {version: int(count) for version, count in rows.all()}
+
+
+async def kek_status(session: AsyncSession, keys: KeyProvider) -> KekStatus:
+    current = keys.current_kek().version
+    if isinstance(keys, KekLifecycle):
+        min_decrypt, held = keys.min_decrypt_version(), keys.kek_versions()
+    else:
+        min_decrypt, held = 1, (current,)
+    return KekStatus(current, min_decrypt, held, await subject_keys_per_version(session))
+
+
+_seen_labels: set[str] = set()
+
+
+async def refresh_subject_key_metric(session: AsyncSession) -> None:
+    """Set ``mhr_subject_keys{kek_version}``; a version that has emptied reads 0, not its last count."""
+    found = {
+        (UNKNOWN_VERSION if v is None else str(v)): n
+        for v, n in (await subject_keys_per_version(session)).items()
+    }
+    for label in _seen_labels - found.keys():
+        SUBJECT_KEYS.labels(label).set(0)
+    for label, count in found.items():
+        SUBJECT_KEYS.labels(label).set(count)
+    _seen_labels.update(found)
