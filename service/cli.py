@@ -795,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     from service.keys.commands import add_arguments as add_key_lifecycle_arguments
 
     add_key_lifecycle_arguments(keys_parser)
-    for action in ("rotate", "rewrap", "status", "retire"):
+    for action in ("rotate", "rewrap", "status", "retire", "adopt"):
         keys_parser.choices[action].set_defaults(handler=cmd_keys)
 
     token = sub.add_parser("token", help="sign a client assertion and print an access token")

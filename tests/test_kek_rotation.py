@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -345,3 +347,134 @@ def test_the_migration_records_each_subject_keys_kek_version_from_its_header(
         assert rows == {"a": 1, "b": 3, "erased": None}
     finally:
         engine.dispose()
+
+
+# --- KEK epochs: an erasure reaches the backups taken before it (issue 14 item 5) ------------
+
+
+@contextmanager
+def _backup_of(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A backup of the database restored into a database of its own (SQLite backup, or pg_dump)."""
+    if database_url.startswith("sqlite"):
+        target = tmp_path / "backup.sqlite3"
+        # SQLite's online backup, as `sqlite3 mhr.sqlite3 .backup` takes it (a plain file copy
+        # would miss what is still in the write-ahead log).
+        source = sqlite3.connect(database_url.split("///", 1)[1])
+        copy_to = sqlite3.connect(target)
+        try:
+            source.backup(copy_to)
+        finally:
+            copy_to.close()
+            source.close()
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    with scratch_database(database_url, "backup_restore") as url:
+        dump = subprocess.run(
+            ["pg_dump", "--no-owner", "--no-privileges", sync_url(database_url).replace("+psycopg", "")],
+            capture_output=True,
+            check=True,
+            timeout=120,
+        )
+        subprocess.run(
+            ["psql", "--quiet", "--set", "ON_ERROR_STOP=1", sync_url(url).replace("+psycopg", "")],
+            input=dump.stdout,
+            capture_output=True,
+            check=True,
+            timeout=120,
+        )
+        yield url
+
+
+def _erase_subject_key(database_url: str, subject_id: str) -> None:
+    # h-erase's erasure (issue 14 item 4) is not on main yet: destroy the wrapped key directly,
+    # which is the step of erasure that this test is about.
+    engine = sa.create_engine(sync_url(database_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE subjects SET wrapped_key = NULL, kek_version = NULL, erased_at = :t WHERE id = :i"
+                ),
+                {"t": datetime.now(UTC), "i": subject_id},
+            )
+    finally:
+        engine.dispose()
+
+
+def _wrapped_keys(database_url: str) -> dict[str, bytes | None]:
+    engine = sa.create_engine(sync_url(database_url))
+    try:
+        with engine.connect() as conn:
+            return {
+                i: (bytes(w) if w is not None else None)
+                for i, w in conn.execute(sa.text("SELECT id, wrapped_key FROM subjects"))
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_an_erasure_reaches_a_backup_taken_before_it_once_the_kek_epoch_completes(
+    database_url: str,
+    tmp_path: Path,
+    provider_settings: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with Service.start(database_url, tmp_path, **provider_settings) as service:  # type: ignore[arg-type]
+        clinic = service.register("clinic", "clinic")
+        exams = {n: _exam(n) for n in range(3)}
+        patients = {n: _patient_id(submit(service, clinic, exam)) for n, exam in exams.items()}
+        headers = service.headers(clinic)
+        expected = {
+            n: service.client.get(f"/fhir/Patient/{p}/$everything", headers=headers).json()
+            for n, p in patients.items()
+        }
+        erased = patients[0]
+        with _backup_of(database_url, tmp_path) as backup_url:
+            # After the backup: the migrant is erased, then the epoch completes.
+            _erase_subject_key(database_url, erased)
+            assert cli_main(["keys", "rotate"]) == 0
+            epoch = _status(capsys)["current_kek_version"]
+            assert cli_main(["keys", "rewrap", "--wait"]) == 0
+            assert cli_main(["keys", "retire", "--below", str(epoch)]) == 0
+            assert _status(capsys)["under_retired_versions"] == 0
+
+            # The backup still holds the erased migrant's wrapped key, but under a destroyed KEK.
+            keys = _open(provider_settings, tmp_path)
+            try:
+                held = _wrapped_keys(backup_url)[erased]
+                assert held is not None
+                with pytest.raises(KekRetired):
+                    keys.unwrap_key(held, b"mhr.subject-key.v1\x00" + erased.encode())
+            finally:
+                keys.close()
+
+            # Restored next to the current keys, the backup takes its subject keys from the live
+            # database: every other migrant reads as before; nothing of the erased one does.
+            monkeypatch.setenv("MHR_DATABASE_URL", backup_url)
+            capsys.readouterr()
+            assert cli_main(["keys", "adopt", "--from", database_url]) == 0
+            assert "2 subject keys taken from the live database; 1 migrants erased" in capsys.readouterr().out
+            assert _wrapped_keys(backup_url)[erased] is None
+            with Service.start(backup_url, tmp_path, **provider_settings) as restored:  # type: ignore[arg-type]
+                restored_headers = restored.headers(clinic)
+                for n, patient in patients.items():
+                    reply = restored.client.get(
+                        f"/fhir/Patient/{patient}/$everything", headers=restored_headers
+                    )
+                    if patient == erased:
+                        assert reply.status_code != 200
+                        assert not any(value in reply.text for value in _identifiers(exams[n]))
+                    else:
+                        assert reply.status_code == 200, reply.text
+                        assert reply.json()["entry"] == expected[n]["entry"]
+
+
+def _identifiers(bundle: dict[str, Any]) -> list[str]:
+    return [
+        identifier["value"]
+        for entry in bundle["entry"]
+        if entry["resource"]["resourceType"] == "Patient"
+        for identifier in entry["resource"].get("identifier", [])
+    ]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from service.runtime import Runtime
     from service.settings import Settings
 
-ACTIONS = ("rotate", "rewrap", "status", "retire")
+ACTIONS = ("rotate", "rewrap", "status", "retire", "adopt")
 FOLLOW_UP_PASSES = 3
 
 
@@ -37,6 +37,11 @@ def add_arguments(keys_parser: argparse._SubParsersAction) -> None:  # type: ign
     retire.add_argument(
         "--force", action="store_true", help="even if live subject keys are still wrapped under them"
     )
+    adopt = keys_parser.add_parser(
+        "adopt",
+        help="after restoring a backup into MHR_DATABASE_URL: take its subject keys from the live database",
+    )
+    adopt.add_argument("--from", dest="live_url", required=True, metavar="LIVE_DATABASE_URL")
 
 
 def _print_status(found: KekStatus) -> None:
@@ -75,6 +80,21 @@ async def _dispatch(args: argparse.Namespace, runtime: Runtime, audit: lifecycle
         return 0
     if args.action == "status":
         _print_status(await lifecycle.status(database, keys))
+        return 0
+    if args.action == "adopt":
+        from service.keys.restore import adopt_live_subject_keys
+        from service.store.database import Database
+
+        live = Database(args.live_url)
+        try:
+            found = await lifecycle.status(database, keys)
+            done = await adopt_live_subject_keys(database, live, keys.current_kek().key_id, found.min_decrypt)
+        finally:
+            await live.dispose()
+        print(
+            f"restored copy: {done.subjects} subject keys taken from the live database; "
+            f"{done.erased} migrants erased there (or absent) are unreadable here too"
+        )
         return 0
     if args.action == "retire":
         destroyed, stranded = await lifecycle.retire(database, keys, args.below, audit, force=args.force)
