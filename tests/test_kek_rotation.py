@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 import sqlite3
 import subprocess
@@ -28,6 +29,9 @@ from security.envelope import IntegrityError, new_data_key
 from security.keys import KekLifecycle, KekRetired, KeyProvider, KeyringError, LocalKeyring
 from service.cli import main as cli_main
 from service.keyring_match import check_and_record
+from service.keys.progress import Progress, describe
+from service.keys.status import refresh_subject_key_metric
+from service.metrics import REGISTRY
 from service.store import migrate
 from service.store.database import Database
 
@@ -180,6 +184,42 @@ def test_rotate_then_rewrap_online_moves_every_subject_key_and_retire_keeps_data
             await database.dispose()
 
     asyncio.run(restart_check())
+
+    async def count_for_metrics() -> None:
+        database = Database(database_url)
+        try:
+            async with database.reading() as session:
+                await refresh_subject_key_metric(session)
+        finally:
+            await database.dispose()
+
+    asyncio.run(count_for_metrics())
+    assert REGISTRY.get_sample_value("mhr_subject_keys", {"kek_version": str(new)}) == 6 + len(
+        traffic.written
+    )
+    assert REGISTRY.get_sample_value("mhr_subject_keys", {"kek_version": str(old)}) in (None, 0)
+
+
+def test_progress_shows_a_bar_rate_and_eta_on_a_terminal_and_plain_lines_otherwise() -> None:
+    line = describe(500, 1000, 2.0)
+    assert line.startswith("[" + "#" * 15 + "-" * 15 + "]") and "50%" in line
+    assert "500/1000 subject keys" in line and "250/s" in line and "ETA 0:00:02" in line
+    assert describe(0, 0, 0.0).count("#") == 30  # nothing to do is done
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, plain = Terminal(), io.StringIO()
+    for out in (tty, plain):
+        progress = Progress(out, 10)
+        for done in range(10):
+            progress.update(done)
+        progress.update(10, final=True)
+    assert tty.getvalue().count("\r") == 11 and tty.getvalue().endswith("\n")
+    # Not a terminal: no carriage returns, the first line and the last one (a log stays short).
+    assert "\r" not in plain.getvalue() and plain.getvalue().count("\n") == 2
+    assert "100%" in plain.getvalue().splitlines()[-1]
 
 
 @pytest.mark.usefixtures("cli_env")
