@@ -71,6 +71,8 @@ def cli_env(
 def _exam(n: int) -> dict[str, Any]:
     """A whole exam for a migrant of its own: an example with the migrant's identifiers made unique."""
     bundle = copy.deepcopy(load_example(EXAMPLES[n % len(EXAMPLES)]))
+    if "identifier" in bundle:  # a submission's own identifier (retry-safe writes): one per exam
+        bundle["identifier"]["value"] = f"{bundle['identifier']['value']}R{n}"
     for entry in bundle["entry"]:
         resource = entry["resource"]
         if resource["resourceType"] == "Patient":
