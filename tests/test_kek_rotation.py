@@ -257,6 +257,15 @@ def test_retire_refuses_while_keys_remain_and_a_forced_retire_is_reported_not_a_
         assert "retired key-encryption key" in outcome["issue"][0]["diagnostics"]
         assert "Traceback" not in reply.text
         assert service.client.get(f"/fhir/Patient/{moved}", headers=headers).status_code == 200
+        # A write to that migrant is refused the same way, and nothing of it is stored.
+        sent = next(e["resource"] for e in _exam(0)["entry"] if e["resource"]["resourceType"] == "Patient")
+        update = service.client.put(
+            f"/fhir/Patient/{stranded}",
+            json={**sent, "id": stranded},
+            headers={**headers, "Content-Type": "application/fhir+json"},
+        )
+        assert update.status_code == 503, update.text
+        assert update.json()["resourceType"] == "OperationOutcome"
 
         # A rewrap cannot move what no held key unwraps: it reports it and finishes.
         capsys.readouterr()

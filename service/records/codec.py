@@ -58,6 +58,10 @@ def retired_key_refusal(row: VersionRow) -> FhirError:
             "version_id": row.version_id,
         },
     )
+    return retired_key_outcome()
+
+
+def retired_key_outcome() -> FhirError:
     return FhirError.single(
         503,
         "exception",

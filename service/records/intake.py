@@ -9,6 +9,7 @@ a Provenance per migrant -> answer with a transaction-response.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ from urllib.parse import parse_qsl
 import orjson
 
 from security.envelope import SubjectCipher, ciphertext_digest, resource_aad
+from security.keys import KekRetired
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.errors import FhirError, OutcomeIssue
 from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
-from service.records.codec import erased
+from service.records.codec import erased, retired_key_outcome
 from service.records.consents import refresh_grants
 from service.records.context import Actor, RecordServices
 from service.records.idempotency import Idempotency, Remembered, RememberedEntry, exam_key
@@ -34,6 +36,8 @@ from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased, kek_version_of
 from service.store.tables import StoredResource, Subject
+
+log = logging.getLogger(__name__)
 
 CLIENT_ID_SYSTEM = "https://mhr.example.org/fhir/sid/client"
 PERSON_ID_SYSTEM = "https://mhr.example.org/fhir/sid/person"
@@ -528,6 +532,12 @@ class Intake:
             except SubjectErased:
                 # Nothing is written for an erased migrant: a new exam starts a new record.
                 raise erased("Patient") from None
+            except KekRetired:
+                log.error(
+                    "write to a migrant under a retired KEK version",
+                    extra={"event": "kek-retired", "subject_id": subject_id},
+                )
+                raise retired_key_outcome() from None
             self._ciphers[subject_id] = cipher
         return cipher
 
