@@ -5,7 +5,7 @@ KEK version), read in clear without decrypting anything. An erased subject (no w
 has none.
 
 Revision ID: 0007_h_rotate
-Revises: 0007_h_otherkeys
+Revises: 0008_h_erase
 Create Date: 2026-12-01
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_h_rotate"
-down_revision: str | None = "0007_h_otherkeys"  # chained after what main holds
+down_revision: str | None = "0008_h_erase"  # chained after what main holds
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
