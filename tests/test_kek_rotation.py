@@ -380,7 +380,7 @@ def test_the_migration_records_each_subject_keys_kek_version_from_its_header(
     keyring.rotate_kek()
     keyring.rotate_kek()
     under_v3 = keyring.wrap_key(new_data_key(), AAD)
-    migrate.upgrade(unmigrated, "0007_h_rotate-1")  # the revision before this one
+    migrate.upgrade(unmigrated, "0009_h_rotate-1")  # the revision before this one
     engine = sa.create_engine(sync_url(unmigrated))
     try:
         with engine.begin() as conn:

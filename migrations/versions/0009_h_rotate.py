@@ -4,7 +4,7 @@ Filled from each wrapped key's own header (security.keys wrapped-key blob: forma
 KEK version), read in clear without decrypting anything. An erased subject (no wrapped key)
 has none.
 
-Revision ID: 0007_h_rotate
+Revision ID: 0009_h_rotate
 Revises: 0008_h_erase
 Create Date: 2026-12-01
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007_h_rotate"
+revision: str = "0009_h_rotate"
 down_revision: str | None = "0008_h_erase"  # chained after what main holds
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
