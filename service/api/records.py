@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
@@ -18,6 +18,7 @@ from service.api.auditing import audit, audit_read, rest_record
 from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep, forbidden
 from service.api.fhir_body import read_fhir_json
 from service.api.prefer import Return, http_date, outcome_of_write, return_preference, written_response
+from service.api.resource_path import KnownType
 from service.api.responses import FhirResponse, search_url
 from service.api.shaping import only_elements
 from service.audit.disclosures import Disclosure, disclosures_for_patient
@@ -67,15 +68,6 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 def actor_of(principal: Principal) -> Actor:
     c = principal.claims
     return Actor(c.client_id, c.organization_id, c.role, c.person, c.purpose)
-
-
-async def _known_type(resource_type: str) -> str:
-    if resource_type not in STORED_TYPES:
-        raise FhirError.single(404, "not-supported", "unknown or unsupported resource type")
-    return resource_type
-
-
-KnownType = Annotated[str, Depends(_known_type)]
 
 
 def _require(principal: Principal, resource_type: str, permission: str, roles: frozenset[str]) -> None:
