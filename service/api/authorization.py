@@ -128,7 +128,7 @@ def scope_refused(resource_type: str, interaction: Interaction) -> str:
     return f"the token lacks a scope for {resource_type} ({PERMISSION[interaction]})"
 
 
-def authorize(principal: Principal, rule: Rule, resource_type: str, request: Request | None = None) -> None:
+def authorize(principal: Principal, rule: Rule, resource_type: str, request: Request) -> None:
     """Refuse (403, audited once) unless this principal may use the rule's interaction on the type.
 
     For checks a route makes on what its body names (the entries of a transaction Bundle);
@@ -153,10 +153,10 @@ def _refuse(
     interaction: Interaction,
     resource_type: str,
     diagnostics: str,
-    request: Request | None,
+    request: Request,
 ) -> NoReturn:
     error = forbidden(diagnostics)
-    route = getattr(request.scope.get("route"), "path", None) if request is not None else None
+    route = getattr(request.scope.get("route"), "path", None)
     request_audit.refusal_reason(diagnostics[:120])
     request_audit.hand_over(
         AuditRecord(
