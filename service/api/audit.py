@@ -300,7 +300,7 @@ async def log_key(_principal: AuditRead, runtime: RuntimeDep) -> Response:
 
 
 @router.get("/audit/keys", tags=["audit"])
-async def log_keys_listing(_principal: AuditReader, runtime: RuntimeDep, session: SessionDep) -> Response:
+async def log_keys_listing(_principal: AuditRead, runtime: RuntimeDep, session: SessionDep) -> Response:
     """Every log key with the checkpoint sizes it signs (``first_size``..``last_size``, the current
     one open-ended), for `mhr audit verify --keys`: verification across key rotations."""
     listing = await log_keys(session, runtime.log_signer.verifier())
