@@ -23,6 +23,8 @@ from typing import Protocol
 import jwt
 from jwt.utils import base64url_decode, base64url_encode
 
+from security.roles import Role
+
 ALGORITHM = "HS256"
 # Verified tokens remembered (LRU): a client reuses its token for every request of its
 # lifetime, and decoding one costs more than the rest of a cached read's authentication.
@@ -37,7 +39,7 @@ class TokenInvalid(Exception):
 class AccessClaims:
     client_id: str
     organization_id: str
-    role: str
+    role: Role
     scope: str
     purpose: str | None
     expires_at: datetime
@@ -76,7 +78,7 @@ class AccessTokenCodec:
         *,
         client_id: str,
         organization_id: str,
-        role: str,
+        role: Role,
         scope: str,
         purpose: str | None,
         person: str | None,
@@ -169,7 +171,7 @@ class AccessTokenCodec:
         return AccessClaims(
             client_id=text("sub"),
             organization_id=text("org"),
-            role=text("role"),
+            role=Role(text("role")),
             scope=text("scope"),
             purpose=purpose if isinstance(purpose, str) else None,
             person=person if isinstance(person, str) else None,

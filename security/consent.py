@@ -75,11 +75,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from security.roles import Role
+
 ConsentStatus = Literal["active", "inactive", "draft", "proposed", "rejected", "entered-in-error"]
 PolicyKind = Literal["voluntary", "statutory"]
 ProvisionType = Literal["permit", "deny"]
 
-AUTHORITY_ROLE: Final = "authority"
+AUTHORITY_ROLE: Final = Role.authority
 
 # v3-ActCode _ActInformationSensitivityPolicy (terminology.hl7.org): the codes a
 # labeller reads as sensitivity labels. Which of them a consent can grant is

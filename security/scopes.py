@@ -11,16 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from security.roles import Role
+
 PERMISSION_ORDER = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"^system/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<perm>[cruds]{1,5}|read|write|\*)$")
 
 # What each role may ever be granted, whatever its registration says.
-ROLE_CEILING: dict[str, tuple[str, ...]] = {
-    "clinic": ("system/*.cruds",),
-    "authority": ("system/*.rs",),
-    "auditor": ("system/AuditEvent.rs", "system/Organization.rs"),
-    "admin": ("system/Organization.rs",),
+ROLE_CEILING: dict[Role, tuple[str, ...]] = {
+    Role.clinic: ("system/*.cruds",),
+    Role.authority: ("system/*.rs",),
+    Role.auditor: ("system/AuditEvent.rs", "system/Organization.rs"),
+    Role.admin: ("system/Organization.rs",),
 }
 
 
@@ -97,7 +99,7 @@ def intersect(requested: list[Scope], allowed: list[Scope]) -> list[Scope]:
     return sorted(minimal)
 
 
-def role_ceiling(role: str) -> list[Scope]:
+def role_ceiling(role: Role) -> list[Scope]:
     return [Scope.parse(s) for s in ROLE_CEILING.get(role, ())]
 
 

@@ -24,6 +24,7 @@ from security.jwk import (
     sign_client_assertion,
 )
 from security.keys import CheckpointSigning, KeyProvider, KeyringError, LocalKeyring
+from security.roles import Role
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.identity.registry import (
@@ -257,7 +258,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                     repo,
                     ClientRegistration(
                         organization=args.org,
-                        role=args.role,
+                        role=Role(args.role),
                         jwks=jwks,
                         jwks_url=args.jwks_url,
                         scopes=" ".join(args.scopes) if args.scopes else None,
@@ -318,7 +319,7 @@ async def _audit_admin(session: Any, subtype: str, action: Action, entity: tuple
         subtype=subtype,
         action=action,
         outcome=Outcome.success,
-        agent=AuditAgent("mhr-cli", None, "admin", getpass.getuser()),
+        agent=AuditAgent("mhr-cli", None, Role.admin, getpass.getuser()),
         entities=(AuditEntity(*entity),),
     )
     await record_audit(session, record, request_id=f"cli-{uuid.uuid4().hex}", source=SOURCE)
@@ -748,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="action", required=True)
     add_org = orgs.add_parser("add")
     add_org.add_argument("--name", required=True)
-    add_org.add_argument("--kind", required=True, choices=["clinic", "authority", "auditor", "admin"])
+    add_org.add_argument("--kind", required=True, choices=[role.value for role in Role])
     add_org.add_argument("--jurisdiction", help="ISO 3166 code, e.g. CA or US-NY")
     add_org.add_argument("--id", dest="org_id", help="stable id (consents name it); default a UUID")
     orgs.add_parser("list")
@@ -758,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     clients = sub.add_parser("clients", help="machine clients").add_subparsers(dest="action", required=True)
     add = clients.add_parser("add")
     add.add_argument("--org", required=True, help="organization id or exact name")
-    add.add_argument("--role", required=True, choices=["clinic", "authority", "auditor", "admin"])
+    add.add_argument("--role", required=True, choices=[role.value for role in Role])
     keys = add.add_mutually_exclusive_group(required=True)
     keys.add_argument("--jwks", help="file with the client's public JWKS")
     keys.add_argument("--jwks-url", help="https URL of the client's JWKS")

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 
 from security.jwk import generate_client_key, private_key_pem, public_jwk
+from security.roles import Role
 from service.audit.recorder import record_audit
 from service.identity.registry import ClientRegistration, add_client, add_organization
 from service.identity.repository import IdentityRepository
@@ -30,17 +31,17 @@ from service.store.database import Database
 class DemoParty:
     slug: str
     name: str
-    kind: str
+    kind: Role
     jurisdiction: str | None
     purposes: tuple[str, ...] = ()
 
 
 DEMO_PARTIES = (
-    DemoParty("clinic", "Demo Panel Clinic Amman", "clinic", "JO"),
-    DemoParty("authority-a", "Demo Public Health Authority A", "authority", "CA-ON", ("PUBHLTH", "TREAT")),
-    DemoParty("authority-b", "Demo Public Health Authority B", "authority", "US-NY", ("PUBHLTH",)),
-    DemoParty("auditor", "Demo Audit Office", "auditor", None),
-    DemoParty("admin", "mhr Operations", "admin", None),
+    DemoParty("clinic", "Demo Panel Clinic Amman", Role.clinic, "JO"),
+    DemoParty("authority-a", "Demo Public Health Authority A", Role.authority, "CA-ON", ("PUBHLTH", "TREAT")),
+    DemoParty("authority-b", "Demo Public Health Authority B", Role.authority, "US-NY", ("PUBHLTH",)),
+    DemoParty("auditor", "Demo Audit Office", Role.auditor, None),
+    DemoParty("admin", "mhr Operations", Role.admin, None),
 )
 
 
@@ -101,7 +102,7 @@ LEFT_FOR_THE_README = "exam-refugee-vaccinations.json"
 
 async def seed_demo_exams(runtime: Runtime, examples_dir: Path, clinic: dict[str, str]) -> int:
     """Submit the implementation guide's example exams as the demo clinic; returns how many."""
-    actor = Actor(clinic["client_id"], clinic["organization_id"], "clinic", person="demo-seed")
+    actor = Actor(clinic["client_id"], clinic["organization_id"], Role.clinic, person="demo-seed")
     count = 0
     for path in sorted(examples_dir.glob("exam-*.json")):
         if path.name == LEFT_FOR_THE_README:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from security.roles import Role
 from service.store.tables import Organization
 
 ORG_IDENTIFIER_SYSTEM = "https://mhr.example.org/fhir/sid/organization"
 ORG_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/organization-type"
 MHR_ORG_ROLE_SYSTEM = "https://mhr.example.org/fhir/CodeSystem/organization-role"
-_ORG_TYPE = {"clinic": "prov", "authority": "govt", "auditor": "other", "admin": "other"}
+_ORG_TYPE = {Role.clinic: "prov", Role.authority: "govt", Role.auditor: "other", Role.admin: "other"}
 
 
 def organization_resource(org: Organization) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def organization_resource(org: Organization) -> dict[str, Any]:
         "type": [
             {
                 "coding": [
-                    {"system": ORG_TYPE_SYSTEM, "code": _ORG_TYPE[org.kind]},
+                    {"system": ORG_TYPE_SYSTEM, "code": _ORG_TYPE[Role(org.kind)]},
                     {"system": MHR_ORG_ROLE_SYSTEM, "code": org.kind},
                 ]
             }

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from security import merkle
-from service.api.deps import Principal, RuntimeDep, SessionDep, requires
+from service.api.authorization import AuditRead, AuditSearch
+from service.api.deps import Principal, RuntimeDep, SessionDep
 from service.api.responses import FhirResponse, search_url, searchset
 from service.audit import log as audit_log
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
@@ -42,10 +43,6 @@ from service.errors import FhirError, not_found
 from service.request_context import SOURCE, current_request_id
 
 router = APIRouter()
-
-AUDITOR = frozenset({"auditor"})
-AuditReader = Annotated[Principal, Depends(requires("AuditEvent", "r", roles=AUDITOR))]
-AuditSearcher = Annotated[Principal, Depends(requires("AuditEvent", "s", roles=AUDITOR))]
 
 NDJSON = "application/fhir+ndjson"
 MAX_COUNT = 500
@@ -184,7 +181,7 @@ def _wants_ndjson(request: Request, fmt: str | None) -> bool:
 @router.get("/fhir/AuditEvent", tags=["audit"], response_class=FhirResponse)
 async def search_audit_events(
     request: Request,
-    principal: AuditSearcher,
+    principal: AuditSearch,
     session: SessionDep,
     runtime: RuntimeDep,
     count: Annotated[int, Query(alias="_count", ge=1, le=MAX_COUNT)] = 50,
@@ -267,7 +264,7 @@ async def _page(
 
 
 @router.get("/fhir/AuditEvent/{entry_id}", tags=["audit"], response_class=FhirResponse)
-async def read_audit_event(entry_id: str, principal: AuditReader, session: SessionDep) -> FhirResponse:
+async def read_audit_event(entry_id: str, principal: AuditRead, session: SessionDep) -> FhirResponse:
     if not (entry_id.isascii() and entry_id.isdigit()) or len(entry_id) > 18:
         raise not_found("AuditEvent")
     row = await read_entry(session, int(entry_id))
@@ -288,7 +285,7 @@ def _text(body: str) -> Response:
 
 
 @router.get("/audit/checkpoint", tags=["audit"])
-async def latest_checkpoint(_principal: AuditReader, session: SessionDep) -> Response:
+async def latest_checkpoint(_principal: AuditRead, session: SessionDep) -> Response:
     """The latest signed checkpoint (C2SP signed note), as text."""
     checkpoint = await audit_log.latest_checkpoint(session)
     if checkpoint is None:
@@ -297,13 +294,13 @@ async def latest_checkpoint(_principal: AuditReader, session: SessionDep) -> Res
 
 
 @router.get("/audit/key", tags=["audit"])
-async def log_key(_principal: AuditReader, runtime: RuntimeDep) -> Response:
+async def log_key(_principal: AuditRead, runtime: RuntimeDep) -> Response:
     """The log's verifier key (``<name>+<id>+<key>``) for `mhr audit verify --vkey`."""
     return _text(runtime.log_signer.vkey() + "\n")
 
 
 @router.get("/audit/keys", tags=["audit"])
-async def log_keys_listing(_principal: AuditReader, runtime: RuntimeDep, session: SessionDep) -> Response:
+async def log_keys_listing(_principal: AuditRead, runtime: RuntimeDep, session: SessionDep) -> Response:
     """Every log key with the checkpoint sizes it signs (``first_size``..``last_size``, the current
     one open-ended), for `mhr audit verify --keys`: verification across key rotations."""
     listing = await log_keys(session, runtime.log_signer.verifier())
@@ -314,7 +311,7 @@ async def log_keys_listing(_principal: AuditReader, runtime: RuntimeDep, session
 
 @router.get("/audit/checkpoints", tags=["audit"])
 async def list_checkpoints(
-    _principal: AuditReader,
+    _principal: AuditRead,
     session: SessionDep,
     after: Annotated[int, Query(ge=0)] = 0,
     count: Annotated[int, Query(alias="_count", ge=1, le=MAX_LEAVES)] = MAX_LEAVES,
@@ -328,7 +325,7 @@ async def list_checkpoints(
 
 @router.get("/audit/leaves", tags=["audit"])
 async def list_leaves(
-    _principal: AuditReader,
+    _principal: AuditRead,
     session: SessionDep,
     start: Annotated[int, Query(ge=0)],
     end: Annotated[int, Query(ge=1)],
@@ -352,7 +349,7 @@ async def _size_or_latest(session: SessionDep, size: int | None, name: str) -> i
 
 @router.get("/audit/proof/inclusion", tags=["audit"])
 async def inclusion(
-    _principal: AuditReader,
+    _principal: AuditRead,
     session: SessionDep,
     index: Annotated[int | None, Query(ge=0)] = None,
     entry: Annotated[int | None, Query(ge=1)] = None,
@@ -388,7 +385,7 @@ async def inclusion(
 
 @router.get("/audit/proof/consistency", tags=["audit"])
 async def consistency(
-    _principal: AuditReader,
+    _principal: AuditRead,
     session: SessionDep,
     old: Annotated[int, Query(alias="from", ge=1)],
     new: Annotated[int | None, Query(alias="to", ge=1)] = None,

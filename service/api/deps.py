@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -106,25 +106,25 @@ def _unauthorized(error: str | None, description: str) -> FhirError:
     return FhirError.single(401, "login", description, headers={"WWW-Authenticate": challenge})
 
 
-_DENIAL_BY_PERMISSION = {
-    "r": ("read", Action.read),
-    "s": ("search-type", Action.execute),
-    "c": ("create", Action.create),
-    "u": ("update", Action.update),
-    "d": ("delete", Action.delete),
+# An identified caller refused at authentication (a disabled client): named by the method, as the
+# refusal chokepoint names a refusal it did not see made (``refusal_audit._subtype``).
+_DENIAL_BY_METHOD = {
+    "GET": ("read", Action.read),
+    "HEAD": ("read", Action.read),
+    "POST": ("create", Action.create),
+    "PUT": ("update", Action.update),
+    "PATCH": ("update", Action.update),
+    "DELETE": ("delete", Action.delete),
 }
-_DENIAL_BY_METHOD = {"GET": "r", "HEAD": "r", "POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
 
 
-def _audit_denial(
-    request: Request, exc: FhirError, claims: AccessClaims | None, permission: str | None
-) -> None:
+def _audit_denial(request: Request, exc: FhirError, claims: AccessClaims | None) -> None:
     """A 401/403/429 for the refusal chokepoint (`service.api.refusal_audit`) to put on the record:
     a full entry for an identified caller, a count for an unidentified or throttled one."""
     request_audit.refusal_reason(exc.issues[0].diagnostics[:120], throttled=exc.status == 429)
     if claims is None or exc.status == 429:
         return
-    subtype, action = _DENIAL_BY_PERMISSION[permission or _DENIAL_BY_METHOD.get(request.method, "r")]
+    subtype, action = _DENIAL_BY_METHOD.get(request.method, ("read", Action.read))
     route = getattr(request.scope.get("route"), "path", None)
     request_audit.hand_over(
         AuditRecord(
@@ -150,7 +150,7 @@ async def authenticate(request: Request, runtime: RuntimeDep) -> Principal:
         claims = getattr(exc, "claims", None)
         if claims is not None:  # a disabled client: identified by its token, refused
             request_audit.identified(agent_of_claims(claims), claims.purpose)
-        _audit_denial(request, exc, claims, None)
+        _audit_denial(request, exc, claims)
         raise
     return principal
 
@@ -195,54 +195,3 @@ async def _authenticate(request: Request, runtime: Runtime) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
-
-
-def forbidden(description: str) -> FhirError:
-    challenge = f'Bearer realm="mhr", error="insufficient_scope", error_description="{description}"'
-    return FhirError.single(
-        403,
-        "forbidden",
-        description,
-        headers={"WWW-Authenticate": challenge},
-    )
-
-
-def requires(
-    resource_type: str, permission: str, *, roles: frozenset[str]
-) -> Callable[..., Awaitable[Principal]]:
-    """A dependency admitting only the given roles holding a scope for the interaction."""
-
-    async def check(principal: PrincipalDep, request: Request) -> Principal:
-        error = None
-        if principal.role not in roles:
-            error = forbidden("this client's role may not use this interaction")
-        elif not principal.may(resource_type, permission):
-            error = forbidden(f"the token lacks a scope for {resource_type} ({permission})")
-        if error is not None:
-            _audit_denial(request, error, principal.claims, permission[:1])
-            raise error
-        return principal
-
-    return check
-
-
-ALL_ROLES = frozenset({"clinic", "authority", "auditor", "admin"})
-OrganizationReader = Annotated[Principal, Depends(requires("Organization", "r", roles=ALL_ROLES))]
-OrganizationSearcher = Annotated[Principal, Depends(requires("Organization", "s", roles=ALL_ROLES))]
-
-
-def requires_role(roles: frozenset[str]) -> Callable[..., Awaitable[Principal]]:
-    """A dependency admitting only these roles, for operations outside FHIR resource scopes
-    (an admin's erasure approvals act on no resource type a SMART scope could name)."""
-
-    async def check(principal: PrincipalDep, request: Request) -> Principal:
-        if principal.role not in roles:
-            error = forbidden("this client's role may not use this interaction")
-            _audit_denial(request, error, principal.claims, None)
-            raise error
-        return principal
-
-    return check
-
-
-AdminPrincipal = Annotated[Principal, Depends(requires_role(frozenset({"admin"})))]

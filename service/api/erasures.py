@@ -20,8 +20,17 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from starlette.responses import Response
 
+from security.roles import Role
 from service.api.auditing import audit, audit_read, rest_record
-from service.api.deps import AdminPrincipal, Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep
+from service.api.authorization import (
+    AnyCaller,
+    ErasureApprover,
+    ErasureRequester,
+    ErasureStatusReader,
+    RetentionHoldReleaser,
+    RetentionHoldSetter,
+)
+from service.api.deps import Principal, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse
 from service.audit.events import Action, AuditEntity, AuditRecord, EventType, Outcome
@@ -101,7 +110,7 @@ def _json(content: dict[str, Any], status: int = 200, headers: dict[str, str] | 
 
 @router.post("/admin/erasures", status_code=201, summary="request an erasure (admin)")
 async def request(
-    request: Request, principal: AdminPrincipal, session: SessionDep, runtime: RuntimeDep
+    request: Request, principal: ErasureRequester, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     body = await read_fhir_json(request)
     patient_id = _patient_id(body)
@@ -124,7 +133,7 @@ async def request(
 
 @router.post("/admin/erasures/{request_id}/approve", summary="approve an erasure (a second admin)")
 async def approve(
-    request_id: str, principal: AdminPrincipal, session: SessionDep, runtime: RuntimeDep
+    request_id: str, principal: ErasureApprover, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     pending = await ErasureRepository(session).request(request_id)
     patient_id = pending.subject_id if pending is not None else None
@@ -144,7 +153,7 @@ async def approve(
 
 
 @router.get("/admin/erasures/{request_id}", summary="an erasure request's status and receipt (admin)")
-async def status(request_id: str, principal: AdminPrincipal, session: ReadSessionDep) -> Response:
+async def status(request_id: str, principal: ErasureStatusReader, session: ReadSessionDep) -> Response:
     found = await ErasureRepository(session).request(request_id)
     if found is None:
         raise FhirError.single(404, "not-found", "erasure request not found")
@@ -152,7 +161,7 @@ async def status(request_id: str, principal: AdminPrincipal, session: ReadSessio
 
 
 @router.post("/admin/retention-holds", status_code=201, summary="set a retention hold (admin)")
-async def hold(request: Request, principal: AdminPrincipal, session: SessionDep) -> Response:
+async def hold(request: Request, principal: RetentionHoldSetter, session: SessionDep) -> Response:
     body = await read_fhir_json(request)
     patient_id = _patient_id(body)
     basis = body.get("legalBasis") if isinstance(body, dict) else None
@@ -170,7 +179,7 @@ async def hold(request: Request, principal: AdminPrincipal, session: SessionDep)
 
 
 @router.post("/admin/retention-holds/{hold_id}/release", summary="release a retention hold (admin)")
-async def release(hold_id: int, principal: AdminPrincipal, session: SessionDep) -> Response:
+async def release(hold_id: int, principal: RetentionHoldReleaser, session: SessionDep) -> Response:
     released = await release_hold(session, hold_id, datetime.now(UTC))
     await audit(
         session,
@@ -193,11 +202,11 @@ async def release(hold_id: int, principal: AdminPrincipal, session: SessionDep) 
     summary="the signed erasure receipt (the submitting clinic)",
 )
 async def erasure_receipt(
-    patient_id: str, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
+    patient_id: str, principal: AnyCaller, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     """A Parameters with the receipt (a C2SP signed note) and the key that verifies it."""
     found = None
-    if principal.role == "clinic" and principal.may("Patient", "r"):
+    if principal.role == Role.clinic and principal.may("Patient", "r"):
         found = (
             await session.execute(
                 select(ErasureRequest).where(

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from service.api.deps import OrganizationReader, OrganizationSearcher, RuntimeDep, SessionDep
+from service.api.authorization import OrganizationRead, OrganizationSearch
+from service.api.deps import RuntimeDep, SessionDep
 from service.api.responses import FhirResponse, search_url, searchset
 from service.errors import FhirError, not_found
 from service.identity.registry import ORG_KINDS
@@ -19,7 +20,7 @@ MAX_COUNT = 100
 
 
 @router.get("/fhir/Organization/{org_id}", tags=["fhir"], response_class=FhirResponse)
-async def read_organization(org_id: str, _principal: OrganizationReader, session: SessionDep) -> FhirResponse:
+async def read_organization(org_id: str, _principal: OrganizationRead, session: SessionDep) -> FhirResponse:
     org = await IdentityRepository(session).organization(org_id)
     if org is None:
         raise not_found("Organization")
@@ -29,7 +30,7 @@ async def read_organization(org_id: str, _principal: OrganizationReader, session
 @router.get("/fhir/Organization", tags=["fhir"], response_class=FhirResponse)
 async def search_organizations(
     request: Request,
-    _principal: OrganizationSearcher,
+    _principal: OrganizationSearch,
     session: SessionDep,
     runtime: RuntimeDep,
     name: str | None = None,

@@ -9,15 +9,35 @@ from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from security.blind_index import BlindIndexer
+from security.roles import Role
 from service.api.auditing import audit, audit_read, rest_record
-from service.api.deps import Principal, PrincipalDep, ReadSessionDep, RuntimeDep, SessionDep, forbidden
+from service.api.authorization import (
+    CLINIC,
+    AnyCaller,
+    ClinicCreate,
+    ClinicTransaction,
+    ClinicUpdate,
+    ClinicValidate,
+    ClinicValidateBundle,
+    DisclosureAccounting,
+    Interaction,
+    PatientEverything,
+    RecordHistory,
+    RecordRead,
+    RecordSearch,
+    RecordVread,
+    Rule,
+    authorize,
+)
+from service.api.deps import Principal, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.prefer import Return, http_date, outcome_of_write, return_preference, written_response
+from service.api.resource_path import KnownType
 from service.api.responses import FhirResponse, search_url
 from service.api.shaping import only_elements
 from service.audit.disclosures import Disclosure, disclosures_for_patient
@@ -49,15 +69,11 @@ from service.records.search_params import (
 
 router = APIRouter(tags=["fhir"])
 T = TypeVar("T")
-WRITERS = frozenset({"clinic"})
-AUDITORS = frozenset({"auditor"})
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 IDENTIFIER_MASK = "masked"
 HISTORY_PARAMETERS = frozenset({"_count", "_since", "_at", "_cursor", "_summary", "_elements"})
 EVERYTHING_PARAMETERS = frozenset({"_count", "_since", "_type", "_cursor", "_summary", "_elements"})
 DEFAULT_EVERYTHING_COUNT = 100
-# Clinics read their own submissions; authorities read what consent permits.
-READERS = frozenset({"clinic", "authority"})
 # The audit detail of a write answered from its first attempt.
 REPLAY_DETAIL = "replay"
 # Marks an answer replayed from the first attempt of the same request.
@@ -67,34 +83,6 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 def actor_of(principal: Principal) -> Actor:
     c = principal.claims
     return Actor(c.client_id, c.organization_id, c.role, c.person, c.purpose)
-
-
-async def _known_type(resource_type: str) -> str:
-    if resource_type not in STORED_TYPES:
-        raise FhirError.single(404, "not-supported", "unknown or unsupported resource type")
-    return resource_type
-
-
-KnownType = Annotated[str, Depends(_known_type)]
-
-
-def _require(principal: Principal, resource_type: str, permission: str, roles: frozenset[str]) -> None:
-    """Role and scope for this interaction on this type; a refusal is a 403 on the audit record."""
-    # RFC 6750: the 403 names insufficient_scope, so a client knows to ask for another token.
-    if principal.role not in roles:
-        denied = forbidden("this client's role may not use this interaction")
-    elif not principal.may(resource_type, permission):
-        denied = forbidden(f"the token lacks a scope for {resource_type} ({permission})")
-    else:
-        return
-    denied.audit = rest_record(
-        principal,
-        f"{resource_type}.{permission}",
-        Action.read if permission in "rs" else Action.create if permission == "c" else Action.update,
-        outcome=Outcome.minor_failure,
-        detail="forbidden",
-    )
-    raise denied
 
 
 async def _guarded(
@@ -331,14 +319,18 @@ async def _single_response(
     )
 
 
-def _transaction_checks(principal: Principal, bundle: object) -> None:
-    _require(principal, "Bundle", "c", WRITERS)  # only clinics submit exams
+_ENTRY_CREATE = Rule(Interaction.create, CLINIC)
+_ENTRY_UPDATE = Rule(Interaction.update, CLINIC)
+
+
+def _transaction_checks(principal: Principal, bundle: object, request: Request) -> None:
+    """Each entry's interaction on its type, as if it came alone (the route admitted the Bundle)."""
     for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
         if isinstance(rtype, str) and rtype in STORED_TYPES:
             method = (entry.get("request") or {}).get("method")
-            _require(principal, rtype, "u" if method == "PUT" else "c", WRITERS)
+            authorize(principal, _ENTRY_UPDATE if method == "PUT" else _ENTRY_CREATE, rtype, request)
 
 
 IdempotencyKeyHeader = Annotated[
@@ -354,14 +346,13 @@ IdempotencyKeyHeader = Annotated[
 @router.post("/fhir/", response_class=FhirResponse, include_in_schema=False)
 async def transaction(
     request: Request,
-    principal: PrincipalDep,
+    principal: ClinicTransaction,
     session: SessionDep,
     runtime: RuntimeDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    _require(principal, "Bundle", "c", WRITERS)
     bundle = await read_fhir_json(request)
-    _transaction_checks(principal, bundle)
+    _transaction_checks(principal, bundle, request)
     actor = actor_of(principal)
     result, _ = await _write(
         request,
@@ -387,13 +378,12 @@ def _created_status(result: IntakeResult) -> int:
 async def create(
     resource_type: KnownType,
     request: Request,
-    principal: PrincipalDep,
+    principal: ClinicCreate,
     session: SessionDep,
     runtime: RuntimeDep,
     if_none_exist: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    _require(principal, resource_type, "c", WRITERS)
     refuse_service_written(resource_type)  # before the body: the interaction itself does not exist
     resource = await read_fhir_json(request)
     if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
@@ -447,13 +437,12 @@ async def update(
     resource_type: KnownType,
     resource_id: str,
     request: Request,
-    principal: PrincipalDep,
+    principal: ClinicUpdate,
     session: SessionDep,
     runtime: RuntimeDep,
     if_match: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    _require(principal, resource_type, "u", WRITERS)
     resource = await read_fhir_json(request)
     actor = actor_of(principal)
     result, status = await _write(
@@ -550,23 +539,21 @@ def _validate_input(body: object, resource_type: str) -> object:
 
 
 @router.post("/fhir/Bundle/$validate", response_class=FhirResponse, summary="validate an exam Bundle")
-async def validate_bundle(request: Request, principal: PrincipalDep, runtime: RuntimeDep) -> Response:
+async def validate_bundle(request: Request, principal: ClinicValidateBundle, runtime: RuntimeDep) -> Response:
     """The checks of ``POST /fhir`` on this transaction Bundle, with the same OperationOutcome and
     status when it fails; nothing is stored. For clinic IT testing their mapping."""
-    _require(principal, "Bundle", "c", WRITERS)
     bundle = _validate_input(await read_fhir_json(request), "Bundle")
-    _transaction_checks(principal, bundle)
+    _transaction_checks(principal, bundle, request)
     actor = actor_of(principal)
     return await _dry_run(runtime, principal, "Bundle", lambda i: i.transaction(bundle, actor))
 
 
 @router.post("/fhir/{resource_type}/$validate", response_class=FhirResponse, summary="validate (create)")
 async def validate(
-    resource_type: KnownType, request: Request, principal: PrincipalDep, runtime: RuntimeDep
+    resource_type: KnownType, request: Request, principal: ClinicValidate, runtime: RuntimeDep
 ) -> Response:
     """The checks of a create of this resource, with the same OperationOutcome and status when it
     fails; nothing is stored."""
-    _require(principal, resource_type, "c", WRITERS)
     resource = _validate_input(await read_fhir_json(request), resource_type)
     if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
         raise FhirError.single(
@@ -577,7 +564,7 @@ async def validate(
 
 
 @router.delete("/fhir/{resource_type}/{resource_id}", response_class=FhirResponse, summary="not supported")
-async def delete(resource_type: str, resource_id: str, principal: PrincipalDep) -> Response:
+async def delete(resource_type: str, resource_id: str, principal: AnyCaller) -> Response:
     raise FhirError.single(
         405,
         "not-supported",
@@ -596,12 +583,15 @@ async def delete(resource_type: str, resource_id: str, principal: PrincipalDep) 
     summary="Patient $everything (parameters in a Parameters body)",
 )
 async def everything(
-    patient_id: str, request: Request, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
+    patient_id: str,
+    request: Request,
+    principal: PatientEverything,
+    session: ReadSessionDep,
+    runtime: RuntimeDep,
 ) -> Response:
     """The patient and everything of theirs this caller may see, a page at a time (``_count``),
     of some types (``_type``) or written since a time (``_since``). POST takes the same
     parameters in a Parameters body."""
-    _require(principal, "Patient", "r", READERS)
     params = list(request.query_params.multi_items())
     if request.method == "POST":
         params += await _operation_parameters(request)
@@ -678,16 +668,13 @@ async def _operation_parameters(request: Request) -> list[tuple[str, str]]:
     summary="accounting of disclosures",
 )
 async def disclosures(
-    patient_id: str, principal: PrincipalDep, session: ReadSessionDep, runtime: RuntimeDep
+    patient_id: str, principal: DisclosureAccounting, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     """Every disclosure of a migrant's data (when, to whom, why, which kinds of resource), for the
     clinic that examined them to hand to the migrant on request (GDPR Art. 15, HIPAA accounting),
     and for auditors. An auditor reads the audit log, not the record: the same listing (ids,
     dates, purposes, types; no clinical data), with no check that the record exists."""
-    if principal.role == "auditor":
-        _require(principal, "AuditEvent", "s", AUDITORS)
-    else:
-        _require(principal, "Patient", "r", WRITERS)
+    if principal.role != Role.auditor:  # the examining clinic: the record must be theirs
         await _guarded(
             principal,
             "disclosures",
@@ -740,11 +727,10 @@ async def read(
     resource_type: KnownType,
     resource_id: str,
     request: Request,
-    principal: PrincipalDep,
+    principal: RecordRead,
     session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
-    _require(principal, resource_type, "r", READERS)
     result = await _guarded(
         principal,
         "read",
@@ -766,11 +752,10 @@ async def vread(
     resource_id: str,
     version_id: str,
     request: Request,
-    principal: PrincipalDep,
+    principal: RecordVread,
     session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
-    _require(principal, resource_type, "r", READERS)
     if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
         raise FhirError.single(404, "not-found", f"{resource_type} version not found")
     result = await _guarded(
@@ -792,13 +777,12 @@ async def history(
     resource_type: KnownType,
     resource_id: str,
     request: Request,
-    principal: PrincipalDep,
+    principal: RecordHistory,
     session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
     """A ``history`` Bundle, newest version first, a page at a time (``_count``, ``_since``,
     ``_at``), with only the versions this caller may see."""
-    _require(principal, resource_type, "r", READERS)
     page = parse_page_parameters(
         list(request.query_params.multi_items()), allowed=HISTORY_PARAMETERS, lenient=_lenient(request)
     )
@@ -892,7 +876,7 @@ async def _audit_reads(
     """One entry for a clinic's read; for an authority, one privacy-disclosure entry per migrant,
     naming the consent that permitted it. Written before the response: no entry, no data."""
     action = Action.execute if subtype in ("search-type", "everything") else Action.read
-    if principal.role != "authority":
+    if principal.role != Role.authority:
         record = rest_record(
             principal,
             subtype,
@@ -946,7 +930,6 @@ async def _search(
     session: AsyncSession,
     runtime: RuntimeDep,
 ) -> Response:
-    _require(principal, resource_type, "s", READERS)
     parsed = parse_search(
         resource_type,
         params,
@@ -1003,7 +986,7 @@ async def _search(
 async def search(
     resource_type: KnownType,
     request: Request,
-    principal: PrincipalDep,
+    principal: RecordSearch,
     session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:
@@ -1016,7 +999,7 @@ async def search(
 async def search_post(
     resource_type: KnownType,
     request: Request,
-    principal: PrincipalDep,
+    principal: RecordSearch,
     session: ReadSessionDep,
     runtime: RuntimeDep,
 ) -> Response:

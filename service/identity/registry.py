@@ -11,11 +11,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from security.client_assertion import validate_public_jwks
+from security.roles import Role
 from security.scopes import ScopeError, format_scopes, intersect, parse_scopes, role_ceiling
 from service.identity.repository import IdentityRepository
 from service.store.tables import Client, Organization
 
-ORG_KINDS = ("clinic", "authority", "auditor", "admin")
+ORG_KINDS = tuple(Role)
 # v3-ActReason purposes of use a client may register for.
 KNOWN_PURPOSES = frozenset({"PUBHLTH", "TREAT", "COC", "HPAYMT", "HOPERAT", "HRESCH", "PATRQT", "HTEST"})
 _JURISDICTION = re.compile(r"^[A-Z]{2,3}(-[A-Z0-9]{1,8})?$")
@@ -28,7 +29,7 @@ class RegistrationError(ValueError):
 @dataclass(frozen=True)
 class ClientRegistration:
     organization: str
-    role: str
+    role: Role
     jwks: dict[str, Any] | None = None
     jwks_url: str | None = None
     scopes: str | None = None

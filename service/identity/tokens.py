@@ -14,6 +14,7 @@ from security.client_assertion import (
     unverified_kid_and_issuer,
     verify_client_assertion,
 )
+from security.roles import Role
 from security.scopes import format_scopes, grantable_scopes, intersect, parse_scopes, role_ceiling
 from service.identity.jwks import JwksCache, JwksUnavailable
 from service.identity.repository import IdentityRepository
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_CREDENTIALS = "client_credentials"
 # Roles whose every read is a disclosure decided by purpose: a token without one would see nothing.
-PURPOSE_REQUIRED = frozenset({"authority"})
+PURPOSE_REQUIRED = frozenset({Role.authority})
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
@@ -145,7 +146,8 @@ async def issue_token(
     await repo.purge_expired_jtis(now)
 
     # Grant what may be granted and drop the rest; the response's scope says what was granted.
-    allowed = intersect(parse_scopes(client.scopes), role_ceiling(client.role))
+    role = Role(client.role)  # stored as text; registration admits only a Role
+    allowed = intersect(parse_scopes(client.scopes), role_ceiling(role))
     granted = intersect(grantable_scopes(requested_scope), allowed)
     if not granted:
         raise OAuthError(
@@ -155,13 +157,13 @@ async def issue_token(
             client_id=client.id,
         )
     purpose = _purpose(
-        form, verified.purposes, client.purposes.split(), client.default_purpose, client.role, client.id
+        form, verified.purposes, client.purposes.split(), client.default_purpose, role, client.id
     )
 
     token, claims = codec.issue(
         client_id=client.id,
         organization_id=client.organization_id,
-        role=client.role,
+        role=role,
         scope=format_scopes(granted),
         purpose=purpose,
         person=verified.person,
@@ -176,7 +178,7 @@ def _purpose(
     asserted: tuple[str, ...],
     registered: list[str],
     default: str | None,
-    role: str,
+    role: Role,
     client_id: str,
 ) -> str | None:
     """The token's one purpose of use: from the assertion's HL7 B2B extension (the standard

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from security.roles import Role
 from service.records.context import Actor
 from service.records.grant_predicate import NOBODY, Audience, GrantFilter
 from service.records.repository import SearchFilter, VersionRow
@@ -37,14 +38,14 @@ class Visibility:
 
     @property
     def grant(self) -> GrantFilter | None:
-        if self.actor.role != "authority" or not self.actor.purpose:
+        if self.actor.role != Role.authority or not self.actor.purpose:
             return None
         return GrantFilter(self.actor.organization_id, self.actor.purpose, self.at)
 
     @property
     def audience(self) -> Audience:
         """Whose eyes the store's one visibility predicate filters for (see ``grant_predicate``)."""
-        if self.actor.role == "clinic":
+        if self.actor.role == Role.clinic:
             return Audience(organization_id=self.actor.organization_id)
         if (grant := self.grant) is not None:
             return Audience(grant=grant)
@@ -58,7 +59,7 @@ class Visibility:
         return Permit(row.grant.rule, row.grant.consent_id, row.grant.consent_version)
 
     def restrict(self, flt: SearchFilter) -> SearchFilter:
-        if self.actor.role == "clinic":
+        if self.actor.role == Role.clinic:
             flt.organization_id = self.actor.organization_id
         elif (grant := self.grant) is not None:
             flt.grant = grant

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from security.blind_index import BlindIndexer
+from security.roles import Role
 from service.fhir_validation import ProfileValidator
 from service.offload import Offload
 from service.records.labels import SecurityLabeler
@@ -28,6 +29,6 @@ class RecordServices:
 class Actor:
     client_id: str
     organization_id: str
-    role: str
+    role: Role
     person: str | None
     purpose: str | None = None

@@ -29,14 +29,18 @@ from starlette.testclient import TestClient
 
 from security.access_tokens import AccessTokenCodec
 from security.keys import LocalKeyring
-from service.api.deps import Principal, requires
+from security.roles import Role
+from service.api.authorization import Interaction, Rule, requires
+from service.api.deps import Principal
 from service.identity.repository import IdentityRepository
 from service.logging_setup import JsonFormatter
 from service.store.database import Database
 
 FHIR_JSON = "application/fhir+json"
 # For a probe route: only clinics, and only with a Patient read scope.
-ClinicPatientReader = Annotated[Principal, Depends(requires("Patient", "r", roles=frozenset({"clinic"})))]
+ClinicPatientReader = Annotated[
+    Principal, Depends(requires(Rule(Interaction.read, frozenset({Role.clinic}), "Patient")))
+]
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
