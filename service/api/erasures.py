@@ -14,9 +14,9 @@ Every action, and every refusal, is on the audit record with the migrant's pseud
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from sqlalchemy import select
 from starlette.responses import Response
 
@@ -179,7 +179,11 @@ async def hold(request: Request, principal: RetentionHoldSetter, session: Sessio
 
 
 @router.post("/admin/retention-holds/{hold_id}/release", summary="release a retention hold (admin)")
-async def release(hold_id: int, principal: RetentionHoldReleaser, session: SessionDep) -> Response:
+async def release(
+    hold_id: Annotated[int, Path(ge=1, le=2**31 - 1)],  # an INTEGER key: larger ids name nothing
+    principal: RetentionHoldReleaser,
+    session: SessionDep,
+) -> Response:
     released = await release_hold(session, hold_id, datetime.now(UTC))
     await audit(
         session,

@@ -382,6 +382,16 @@ def test_a_retention_hold_blocks_erasure_naming_its_legal_basis(
     assert _get(w, w.clinic, f"/fhir/Patient/{w.patient}").status_code == 410
 
 
+@pytest.mark.parametrize("hold_id", ["564352590914015104", "2147483648", "0", "-1", "abc"])
+def test_releasing_a_hold_id_outside_the_key_range_is_a_400(
+    service: Service, admins: tuple[Party, Party], hold_id: str
+) -> None:
+    # Found by schemathesis: an id past the INTEGER key made PostgreSQL's driver fail (a 500).
+    answered = _post(service, admins[0], f"/admin/retention-holds/{hold_id}/release")
+    assert answered.status_code == 400, answered.text
+    assert answered.json()["resourceType"] == "OperationOutcome"
+
+
 def test_a_statutory_consent_blocks_erasure_at_request_and_at_approval(
     world: World, admins: tuple[Party, Party]
 ) -> None:
