@@ -89,7 +89,9 @@ def measure(out: Path) -> dict[str, Any]:
     }
     argv = [str(BENCH.parent / ".venv" / "bin" / "mhr"), "serve", "--workers", "2", "--port", str(port)]
     parties = load(STATE)
-    with running("export", argv, port=port, ready_path="/readyz", log_path=out / "server.log", env=env) as server:
+    with running(
+        "export", argv, port=port, ready_path="/readyz", log_path=out / "server.log", env=env
+    ) as server:
         token = parties["authority-a"].token(server.base_url, "system/*.rs", purpose="PUBHLTH")
         headers = {"Authorization": f"Bearer {token}"}
         sampler = RssSampler(server.process.pid)

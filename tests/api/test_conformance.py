@@ -312,6 +312,9 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     operations = {(t, op["name"]) for t, r in claimed.items() for op in r.get("operation", [])}
     assert operations == routes
     guide = {json.loads(p.read_text())["url"] for p in (REPO / "fhir").glob("OperationDefinition-*.json")}
-    published = ("http://hl7.org/fhir/OperationDefinition/", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/")
+    published = (
+        "http://hl7.org/fhir/OperationDefinition/",
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/",
+    )
     for op in [op for r in claimed.values() for op in r.get("operation", [])] + rest.get("operation", []):
         assert op["definition"] in guide or op["definition"].startswith(published), op
