@@ -55,9 +55,7 @@ def ensure(exams: int) -> dict[str, Any]:
         loads.append(bulk_load(DB, keyring, STATE, start=have, count=min(FULL, exams) - have, shape="full"))
         have = int(psql(DB, "SELECT count(*) FROM subjects"))
     if have < exams:
-        loads.append(
-            bulk_load(DB, keyring, STATE, start=have, count=exams - have, shape="small", validate=False)
-        )
+        loads.append(bulk_load(DB, keyring, STATE, start=have, count=exams - have, shape="small"))
     psql(DB, "VACUUM ANALYZE")
     return {"exams": int(psql(DB, "SELECT count(*) FROM subjects")), "loads": loads}
 

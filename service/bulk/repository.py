@@ -1,23 +1,19 @@
 """SQL for exports: the kick-off rows, their checkpoints and files, and the next migrants to write.
 
 No HTTP, no rules: which versions an authority may see is the one predicate of
-``service.records.grant_predicate``, applied here and in ``RecordRepository.search``.
+``service.records.grant_predicate``, applied by ``RecordRepository.search``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import cast
 
-from sqlalchemy import Table, and_, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.records.grant_predicate import Audience, visible
-from service.store.tables import BulkExport, BulkExportFile, ResourceVersion, StoredResource
-
-_RESOURCES = cast(Table, StoredResource.__table__)
-_VERSIONS = cast(Table, ResourceVersion.__table__)
+from service.records.grant_predicate import GRANTS, GrantFilter
+from service.store.tables import BulkExport, BulkExportFile
 
 
 class ExportRepository:
@@ -52,46 +48,24 @@ class ExportRepository:
         await self.session.execute(delete(BulkExportFile).where(BulkExportFile.export_id == export_id))
 
     async def next_subjects(
-        self,
-        audience: Audience,
-        types: Sequence[str],
-        *,
-        since: datetime | None,
-        until: datetime,
-        after: str | None,
-        limit: int,
+        self, grant: GrantFilter, types: Sequence[str], *, after: str | None, limit: int
     ) -> list[str]:
-        """The next ``limit`` migrants (in pseudonym order, after ``after``) with at least one
-        current resource of these types, written in ``(since, until]``, that ``audience`` may see."""
-        r, v = _RESOURCES, _VERSIONS
+        """The next ``limit`` candidate migrants (in pseudonym order, after ``after``): those with a
+        disclosure grant for this organization and purpose on one of these types.
+
+        Candidates only, cheap to page through (an index on the grants): whether any of their
+        versions may be seen, now, is decided by the visibility predicate when their resources
+        are fetched (``RecordRepository.search``); a candidate with nothing visible is skipped."""
+        g = GRANTS
         conditions = [
-            r.c.resource_type.in_(list(types)),
-            r.c.last_updated <= until,
-            visible(v, audience),
+            g.c.organization_id == grant.organization_id,
+            g.c.purpose == grant.purpose,
+            g.c.resource_type.in_(list(types)),
         ]
-        if since is not None:
-            conditions.append(r.c.last_updated > since)
         if after is not None:
-            conditions.append(v.c.subject_id > after)
-        statement = (
-            select(v.c.subject_id)
-            .select_from(
-                r.join(
-                    v,
-                    and_(
-                        v.c.resource_type == r.c.resource_type,
-                        v.c.id == r.c.id,
-                        v.c.version_id == r.c.version_id,
-                    ),
-                )
-            )
-            .where(*conditions)
-            .group_by(v.c.subject_id)
-            .order_by(v.c.subject_id)
-            .limit(limit)
-        )
-        connection = await self.session.connection()
-        result = await connection.execute(statement, audience.params())
+            conditions.append(g.c.subject_id > after)
+        statement = select(g.c.subject_id).where(*conditions).distinct().order_by(g.c.subject_id).limit(limit)
+        result = await self.session.execute(statement)
         return [str(subject_id) for subject_id in result.scalars()]
 
     async def expired(self, now: datetime, limit: int = 100) -> list[BulkExport]:

@@ -3,8 +3,8 @@
 A step, inside the transaction that completes its job (service.jobs):
 
 1. takes the export row (row-locked, so that a cancel waits) and the next
-   ``MHR_EXPORT_SUBJECTS_PER_STEP`` migrants after the checkpoint that have a current resource
-   of the requested types, in the requested time window, that the authority may see now;
+   ``MHR_EXPORT_SUBJECTS_PER_STEP`` candidate migrants after the checkpoint (those with a
+   disclosure grant for this authority and purpose on a requested type);
 2. fetches those migrants' current versions filtered by the one visibility predicate
    (``grant_predicate.visible``, through ``RecordRepository.search``), each decided on that
    version's own type, labels and subject *at the time it is written out*, with the grant that
@@ -90,9 +90,7 @@ async def run_step(session: AsyncSession, runtime: Runtime, export_id: str) -> S
     grant = GrantFilter(export.organization_id, export.purpose, _now())
     audience = Audience(grant=grant)
     types = list(export.types)
-    subjects = await exports.next_subjects(
-        audience, types, since=export.since, until=export.until, after=export.cursor_subject, limit=limit
-    )
+    subjects = await exports.next_subjects(grant, types, after=export.cursor_subject, limit=limit)
     written = 0
     disclosed = 0
     if subjects:
