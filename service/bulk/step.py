@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -141,7 +142,8 @@ async def _write_batch(
     if export.group_id is not None:
         members = await _class_b_members(records, audience, subjects, keys, wrapped)
         opened = [(row, body) for row, body in opened if row.subject_id in members]
-    bodies = await ReferenceMask(records, audience, runtime.settings.fhir_base_url).apply(opened)
+    known = _KnownVisible(records, rows)
+    bodies = await ReferenceMask(known, audience, runtime.settings.fhir_base_url).apply(opened)
     lines: dict[str, list[bytes]] = defaultdict(list)
     for (row, _), body in zip(opened, bodies, strict=True):
         lines[row.resource_type].append(body)
@@ -151,6 +153,32 @@ async def _write_batch(
     audit = _disclosures(export, [row for row, _ in opened])
     await insert_entries(session, [PendingEntry(record, f"export-{export.id}", SOURCE) for record in audit])
     return len(opened), len({row.subject_id for row, _ in opened})
+
+
+class _KnownVisible(RecordRepository):
+    """The store's reference check, answering first from the batch itself.
+
+    An exam's resources mostly name each other. Every row the batch fetched is a current version
+    the predicate admitted in this very transaction, for this audience, at this time: a reference
+    to it (current, or that version) is visible without asking again. Everything else is asked of
+    the store, with the same predicate, as on every read."""
+
+    def __init__(self, records: RecordRepository, rows: list[VersionRow]) -> None:
+        super().__init__(records.session)
+        self.known: set[tuple[str, str, int | None]] = set()
+        for row in rows:
+            self.known.add((row.resource_type, row.id, None))
+            self.known.add((row.resource_type, row.id, row.version_id))
+
+    async def visible_references(
+        self, refs: Iterable[tuple[str, str, int | None]], audience: Audience
+    ) -> set[tuple[str, str, int | None]]:
+        wanted = set(refs)
+        found = wanted & self.known
+        rest = wanted - found
+        if rest:
+            found |= await super().visible_references(rest, audience)
+        return found
 
 
 def _open(
