@@ -9,6 +9,7 @@ expiry removes the files. And what the migrant relies on: one disclosure entry p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,3 +250,17 @@ def test_expired_exports_are_purged(database_url: str, tmp_path: Path) -> None:
             time.sleep(0.1)
         assert running.client.get(location, headers=headers).status_code == 404
         assert running.client.get(url, headers=headers).status_code == 404
+
+
+def test_kick_off_by_post_takes_a_parameters_body(world: World) -> None:
+    service = world.service
+    headers = authority_headers(service, world.authority)
+    body = {"resourceType": "Parameters", "parameter": [{"name": "_type", "valueString": "Patient"}]}
+    response = service.client.post(
+        "/fhir/$export",
+        content=json.dumps(body),
+        headers={**headers, "Prefer": "respond-async", "Content-Type": "application/fhir+json"},
+    )
+    manifest = wait_for_manifest(service, headers, status_path(response))
+    assert [item["type"] for item in manifest["output"]] == ["Patient"]
+    assert manifest["output"][0]["count"] == 1
