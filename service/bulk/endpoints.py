@@ -37,9 +37,12 @@ from service.api.authorization import (
     authorize,
 )
 from service.api.deps import Principal, ReadSessionDep, RuntimeDep, SessionDep
+
+# The one reader of an operation's Parameters body (shared with $everything).
+from service.api.records import _operation_parameters
 from service.api.responses import FhirResponse
 from service.audit.events import Action, AuditEntity
-from service.bulk.files import open_file_key
+from service.bulk.files import new_file_key, open_file_key
 from service.bulk.groups import group_of, groups_of
 from service.bulk.jobs import EXPORT_STEP, enqueue_first_step, enqueue_purge
 from service.bulk.parameters import NDJSON, check_prefer, parse_export_parameters
@@ -75,8 +78,6 @@ async def _kick_off(
     lenient = check_prefer(request.headers.getlist("prefer"))
     params = list(request.query_params.multi_items())
     if request.method == "POST":
-        from service.api.records import _operation_parameters  # the one Parameters-body reader
-
         params += await _operation_parameters(request)
     parsed = parse_export_parameters(params, lenient=lenient)
     if group_id is not None and group_of(principal.organization_id, group_id) is None:
@@ -95,7 +96,7 @@ async def _kick_off(
         )
     now = datetime.now(UTC)
     export_id = secrets.token_urlsafe(24)
-    wrapped, _ = _new_key(runtime, export_id)
+    wrapped, _ = new_file_key(runtime.keys, export_id)
     query = request.url.query
     path = "/$export" if group_id is None else f"/Group/{group_id}/$export"
     export = BulkExport(
@@ -140,12 +141,6 @@ async def _kick_off(
         media_type=FHIR_JSON,
         headers={"Content-Location": _status_url(runtime, export_id)},
     )
-
-
-def _new_key(runtime: RuntimeDep, export_id: str) -> tuple[bytes, object]:
-    from service.bulk.files import new_file_key
-
-    return new_file_key(runtime.keys, export_id)
 
 
 @router.get("/fhir/$export", response_class=FhirResponse, summary="Bulk Data export (system level)")
@@ -279,8 +274,11 @@ async def export_file(
     )
     if found is None or export.wrapped_key is None:
         raise FhirError.single(404, "not-found", "no such export file")
+    files = export_files(runtime)
+    if not files.path(export.id, resource_type).is_file():  # removed by a cancel in progress
+        raise FhirError.single(404, "not-found", "no such export file")
     cipher = open_file_key(runtime.keys, export.id, export.wrapped_key)
-    records = export_files(runtime).records(export.id, resource_type, found.byte_length, found.records)
+    records = files.records(export.id, resource_type, found.byte_length, found.records)
     await audit_read(
         runtime,
         [
