@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from service.store import migrate
 from service.store.database import Database
 
 PG = ("-h", "127.0.0.1", "-U", "postgres")
+# Every database the bench makes is named from this prefix: two checkouts benchmarking on one
+# PostgreSQL at once (a shared development machine) set different ones and leave each other alone.
+DB_PREFIX = os.environ.get("BENCH_DB_PREFIX", "mhr_bench")
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 PARTIES = (
     ("clinic", "Bench Panel Clinic", "clinic", ()),

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.bulk_load import _settings, bulk_load
-from bench.parties import database_url, psql, setup
+from bench.parties import DB_PREFIX, database_url, psql, setup
 from service.audit.log import seal_all
 from service.runtime import build_runtime, close_runtime
 from service.store import migrate
 
 BENCH = Path(__file__).resolve().parent
 STATE = BENCH / ".state" / "scale"
-DB = "mhr_bench_scale"
+DB = f"{DB_PREFIX}_scale"
 FULL = 1000
 SEED = 1
 
