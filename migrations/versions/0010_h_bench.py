@@ -4,8 +4,9 @@ An authority's search total counts every current version it may see: resources (
 ``_lastUpdated``), joined to the version row (its subject and label set), with a grant of
 the same subject, type and label set in force. Each index below holds every column its
 side of that statement reads, so PostgreSQL answers the count from the indexes alone
-(no visit to the wide ``resource_versions`` rows, which carry the ciphertext), and the
-grants index is ordered as the join needs it. Plain key columns rather than INCLUDE, so
+(no visit to the wide ``resource_versions`` rows, which carry the ciphertext); the versions
+and the grants are both ordered by subject and label set, so that PostgreSQL matches them in
+one merge pass instead of one index probe per resource. Plain key columns rather than INCLUDE, so
 that SQLite gets the same covering indexes. The two narrower indexes they extend go.
 
 Revision ID: 0010_h_bench
@@ -31,7 +32,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_resource_versions_grant_check",
         "resource_versions",
-        ["resource_type", "id", "version_id", "subject_id", "labels_token"],
+        ["resource_type", "subject_id", "labels_token", "id", "version_id"],
     )
     op.create_index(
         "ix_disclosure_grants_match",
