@@ -20,6 +20,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -555,9 +556,28 @@ class RecordRepository:
         return query.where(visible(v, audience))  # its parameters: flt.audience.params()
 
     async def count(self, flt: SearchFilter) -> int:
+        """How many current resources the search matches that its audience may see (exact).
+
+        On PostgreSQL the count runs in this backend alone. Over the covering indexes
+        (migration 0010_h_bench) it is one merge pass of the versions against the grants;
+        a parallel plan answers one request sooner but probes the grants index once per
+        resource in each worker, about six times the CPU at 100k exams (EXPLAIN ANALYZE on
+        the bench scale database: 3 x 0.3 s against 0.15 s), and searches arrive many at once.
+        """
         subquery = self._filtered(flt, _RESOURCES.c.id).subquery()
-        result = await self.session.execute(select(func.count()).select_from(subquery), flt.audience.params())
-        return int(result.scalar_one())
+        statement = select(func.count()).select_from(subquery)
+        connection = await self.session.connection()
+        if connection.dialect.name != "postgresql":
+            result = await connection.execute(statement, flt.audience.params())
+            return int(result.scalar_one())
+        await connection.execute(_SERIAL_PLANS)
+        try:
+            result = await connection.execute(statement, flt.audience.params())
+            return int(result.scalar_one())
+        finally:
+            # Outside a transaction (the read sessions) the setting would outlive this
+            # statement on the pooled connection; inside one, a rollback undoes it anyway.
+            await connection.execute(_PARALLEL_PLANS)
 
     async def replace_grants(
         self, subject_id: str, grants: Sequence[Mapping[str, object]], *, new_subject: bool = False
@@ -636,6 +656,8 @@ class RecordRepository:
         return [_visible_row(row._mapping) for row in result]
 
 
+_SERIAL_PLANS = text("SET max_parallel_workers_per_gather = 0")
+_PARALLEL_PLANS = text("RESET max_parallel_workers_per_gather")
 _RESOURCES = _table(StoredResource)
 _VERSIONS = _table(ResourceVersion)
 _SUBJECTS = _table(Subject)
