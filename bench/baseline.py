@@ -20,10 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.servers import REPO
+from service.store.migrate import upgrade
 
 STATE = REPO / "bench" / ".state" / "baseline"
 PYTHON = os.environ.get("PYTHON", "python3.11")
@@ -98,6 +100,14 @@ def migrate(baseline: Baseline, database_url: str) -> None:
         check=True,
         capture_output=True,
     )
+
+
+def migrator(baseline: Baseline | None) -> Callable[[str], None]:
+    """How the bench's kept databases are migrated: to the baseline's schema when one is
+    measured (its copies must start at a revision the baseline knows), else to this tree's."""
+    if baseline is None:
+        return upgrade
+    return lambda database_url: migrate(baseline, database_url)
 
 
 if __name__ == "__main__":

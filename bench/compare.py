@@ -1,7 +1,7 @@
 """Before and after in one run: W2 and W3 of a baseline commit and of the working tree.
 
     python -m bench.compare                          # baseline: the previous landing (bench.baseline)
-    python -m bench.compare --scale 100000 --rounds 3 --duration 10
+    python -m bench.compare --scale 100000 --rounds 3 --round-seconds 10
     BENCH_BASELINE_REF=ec7e6f2 python -m bench.compare --quick
 
 Both servers run side by side (2 uvicorn workers each, their own port), each on
@@ -44,6 +44,7 @@ from bench.workloads import (
     load_through_api,
     log,
     mhr_server,
+    permitted_reads,
     smoke,
     write_lines,
 )
@@ -88,7 +89,7 @@ def _alternate(
             for side in order:
                 load = Load(workload.id, workload.requests_file, workload.connections, token=side.token)
                 figures = measure(
-                    side.server, load, seconds=args.duration, warmup=args.warmup, database=side.database
+                    side.server, load, seconds=args.round_seconds, warmup=args.warmup, database=side.database
                 )
                 runs[side.name].append(figures)
                 log(
@@ -141,17 +142,16 @@ def _run_pair(
         return body(sides)
 
 
-def compare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """W2 and W3 before and after at ``args.exams`` exams, and W3 at ``args.scale``."""
+def compare(args: argparse.Namespace, out: Path, base: baseline.Baseline, scale_exams: int) -> dict[str, Any]:
+    """W2 and W3 before and after at ``args.exams`` exams, and W3 at ``scale_exams`` (0: not)."""
     began = time.perf_counter()
-    base = baseline.build(args.baseline, log=log)
     log(f"baseline {args.baseline} = {base.short}; after = the working tree")
     c = CONNECTIONS
     rng = random.Random(7)
     document: dict[str, Any] = {
         "baseline": {"ref": base.ref, "commit": base.commit},
         "rounds": args.rounds,
-        "seconds_per_round": args.duration,
+        "seconds_per_round": args.round_seconds,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "workloads": [],
     }
@@ -159,32 +159,28 @@ def compare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     # --- the small database: loaded once, through the baseline's API, then copied --------
     small = {"before": f"{DB_PREFIX}_cmp_before", "after": f"{DB_PREFIX}_cmp_after"}
     workdir = out / "cmp-parties"
-    parties = setup(small["before"], workdir, lambda url: baseline.migrate(base, url))
+    parties = setup(small["before"], workdir, baseline.migrator(base))
     keyring = workdir / "keyring.json"
     with mhr_server("load-before", database_url(small["before"]), keyring, out, tree=base.tree) as server:
         clinic = parties["clinic"].token(server.base_url, "system/*.cruds")
         log(f"loading {args.exams} exams through the baseline's POST /fhir")
         document["api_load"] = load_through_api(server, clinic, args.exams, small["before"])
-        readable = ids(
-            small["before"],
-            "SELECT resource_type, id FROM resources WHERE resource_type IN ('Patient', 'Observation', "
-            "'Encounter', 'Immunization', 'DiagnosticReport', 'ImagingStudy', 'DocumentReference') "
-            "ORDER BY md5(id) LIMIT 3000",
-        )
+        authority = _token(parties["authority-a"], server)
+        readable = permitted_reads(server, authority, small["before"])
         patients = [
             r[0]
             for r in ids(
                 small["before"], "SELECT id FROM resources WHERE resource_type = 'Patient' ORDER BY id"
             )
         ]
-        walk = first_pull(server.base_url, _token(parties["authority-a"], server), rng)
+        walk = first_pull(server.base_url, authority, rng)
     recreate_database(small["after"], template=small["before"])
     n = args.exams
     workloads = [
         Workload(
             "W2",
             "W2 authority read",
-            write_lines(out / "cmp-w2.txt", [f"/fhir/{t}/{i}" for t, i in readable]),
+            write_lines(out / "cmp-w2.txt", readable),
             c["W2"],
         ),
         Workload(
@@ -211,9 +207,9 @@ def compare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     )
 
     # --- the scale database: kept at the baseline's schema, two identical copies ------------
-    if args.scale:
-        log(f"scale database: {args.scale} exams (kept at the baseline's schema)")
-        manifest = scale.ensure(args.scale, log=log, migrate_database=lambda url: baseline.migrate(base, url))
+    if scale_exams:
+        log(f"scale database: {scale_exams} exams (kept at the baseline's schema)")
+        manifest = scale.ensure(scale_exams, log=log, migrate_database=baseline.migrator(base))
         document["scale"] = {k: v for k, v in manifest.items() if k != "fingerprint"}
         copies = {name: scale.copy(f"{scale.DB}_{name}") for name in SIDES}
         scale_parties = load_parties(scale.STATE)
@@ -316,6 +312,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
         help="git ref to measure against (default: BENCH_BASELINE_REF, else the previous landing)",
     )
     parser.add_argument("--rounds", type=int, help="rounds per side and workload (default 3; quick 1)")
+    parser.add_argument("--round-seconds", type=float, help="seconds per round (default 10; quick 4)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"compare-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     ensure_wrk()
-    document = compare(args, out)
+    document = compare(args, out, baseline.build(args.baseline, log=log), args.scale)
     (out / "compare.json").write_text(json.dumps(document, indent=2))
     text = markdown(document)
     (out / "compare.md").write_text(text)
@@ -344,13 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def defaults(args: argparse.Namespace, *, duration: float, warmup: float) -> None:
-    quick = args.quick
-    args.exams = args.exams or (100 if quick else 1000)
-    args.scale = args.scale if args.scale is not None else (500 if quick else 10_000)
-    args.duration = args.duration or (4.0 if quick else duration)
-    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else warmup)
-    args.rounds = args.rounds or (1 if quick else 3)
+def defaults(args: argparse.Namespace) -> None:
+    """Rounds, their length and the baseline, where not given (``args.quick`` shortens them)."""
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.round_seconds = args.round_seconds or (4.0 if args.quick else 10.0)
     args.baseline = args.baseline or baseline.default_ref()
 
 

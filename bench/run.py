@@ -30,7 +30,7 @@ import httpx
 import orjson
 import psutil
 
-from bench import report, scale
+from bench import baseline, compare, report, scale
 from bench.generate import exam
 from bench.loadgen import Load, ensure_wrk, measure
 from bench.parties import DB_PREFIX, database_url, psql, recreate_database, setup
@@ -47,6 +47,7 @@ from bench.workloads import (
     load_through_api,
     log,
     mhr_server,
+    permitted_reads,
     smoke,
     write_lines,
 )
@@ -281,12 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip W2 and W3 before (a baseline commit) and after"
+    )
+    compare.arguments(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     args.exams = args.exams or (100 if quick else 1000)
     args.scale = args.scale or (500 if quick else 10_000)
     args.duration = args.duration or (4.0 if quick else 30.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 3.0)
+    compare.defaults(args)
     if args.profile is None:
         args.profile = "" if quick else "W1,W2,W3a"
     args.profile = {p.strip() for p in args.profile.split(",") if p.strip()}
@@ -322,16 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         extra["api_load"] = load_through_api(server, clinic, args.exams, MAIN_DB)
         log(f"  {extra['api_load']}")
         rng = random.Random(7)
-        readable = ids(
-            MAIN_DB,
-            "SELECT resource_type, id FROM resources WHERE resource_type IN ('Patient', 'Observation', "
-            "'Encounter', 'Immunization', 'DiagnosticReport', 'ImagingStudy', 'DocumentReference') "
-            "ORDER BY md5(id) LIMIT 3000",
-        )
         patients = [
             r[0] for r in ids(MAIN_DB, "SELECT id FROM resources WHERE resource_type = 'Patient' ORDER BY id")
         ]
-        w2 = write_lines(out / "w2.txt", [f"/fhir/{t}/{i}" for t, i in readable])
+        w2 = write_lines(out / "w2.txt", permitted_reads(server, authority, MAIN_DB))
         w3a = write_lines(out / "w3a.txt", first_pull(server.base_url, authority, rng))
         w3b = write_lines(out / "w3b.txt", [f"/fhir/Observation?patient={p}&_count=50" for p in patients])
         w4 = write_lines(out / "w4.txt", [f"/fhir/Patient/{p}/$everything" for p in patients])
@@ -476,21 +476,34 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the figures measured so far are still written
         failure(extra, "peer", exc)
 
+    # --- before and after: W2 and W3 of a baseline commit and of this tree, same run ----------
+    base = None
+    try:
+        if not args.no_baseline:
+            base = baseline.build(args.baseline, log=log)
+            extra["before_after"] = compare.compare(
+                args, out, base, scale_exams=0 if args.no_scale else args.scale
+            )
+    except Exception as exc:  # the figures measured so far are still written
+        failure(extra, "before_after", exc)
+
     # --- scale: W3 at args.scale exams -------------------------------------------------------
     try:
         if not args.no_scale:
             log(f"scale database: {args.scale} exams")
             began = time.perf_counter()
-            manifest = scale.ensure(args.scale, log=log)
+            manifest = scale.ensure(args.scale, log=log, migrate_database=baseline.migrator(base))
             extra["scale"] = {**manifest, "prepare_seconds_this_run": round(time.perf_counter() - began, 1)}
             state = scale.STATE
-            with mhr_server("mhr-scale", database_url(scale.DB), state / "keyring.json", out) as server:
+            # A copy: the server migrates what it serves, and the kept database stays as loaded.
+            scale_db = scale.copy(f"{scale.DB}_run")
+            with mhr_server("mhr-scale", database_url(scale_db), state / "keyring.json", out) as server:
                 scale_parties = load_parties(state)
                 authority = scale_parties["authority-a"].token(server.base_url, "system/*.rs", "PUBHLTH")
                 full_patients = [
                     r[0]
                     for r in ids(
-                        scale.DB,
+                        scale_db,
                         "SELECT DISTINCT subject_id FROM resources WHERE resource_type = 'Immunization' "
                         "ORDER BY subject_id LIMIT 1000",
                     )
@@ -506,21 +519,21 @@ def main(argv: list[str] | None = None) -> int:
                     Load("W3a", w3a_s, c["W3"], token=authority),
                     workload="W3a-scale",
                     label=f"W3 Patient?_lastUpdated page at {n} exams",
-                    database=scale.DB,
+                    database=scale_db,
                 )
                 runner.run(
                     server,
                     Load("W3f", w3f, c["W3"], token=authority),
                     workload="W3f-scale",
                     label=f"W3 first page, total counted, at {n} exams",
-                    database=scale.DB,
+                    database=scale_db,
                 )
                 runner.run(
                     server,
                     Load("W3b", w3b_s, c["W3"], token=authority),
                     workload="W3b-scale",
                     label=f"W3 Observation?patient page at {n} exams",
-                    database=scale.DB,
+                    database=scale_db,
                 )
     except Exception as exc:  # the figures measured so far are still written
         failure(extra, "scale", exc)

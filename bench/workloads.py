@@ -69,6 +69,26 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
+# W2's candidates: current resources of the types an authority reads, in a stable shuffle.
+READ_CANDIDATES = (
+    "SELECT resource_type, id FROM resources WHERE resource_type IN ('Patient', 'Observation', "
+    "'Encounter', 'Immunization', 'DiagnosticReport', 'ImagingStudy', 'DocumentReference') "
+    "ORDER BY md5(id) LIMIT 3000"
+)
+
+
+def permitted_reads(server: Server, token: str, database: str) -> list[str]:
+    """W2's request paths: the candidates this authority is given (200), as the server decides.
+
+    Some generated resources are withheld from it (a label its consent does not name); a
+    refusal is a different, cheaper path, and wrk would count each one as an error.
+    """
+    paths = [f"/fhir/{t}/{i}" for t, i in ids(database, READ_CANDIDATES)]
+    headers = {"Authorization": f"Bearer {token}", "Accept": FHIR}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as client:
+        return [path for path in paths if client.get(path).status_code == 200]
+
+
 def first_page_path() -> str:
     return f"/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50"
 
