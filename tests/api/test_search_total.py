@@ -8,11 +8,18 @@ consent are never counted, and every counted resource is one the authority recei
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from mhr_testkit import EXAMPLES, Party, load_example, submit
+from sqlalchemy import text
 from test_disclosure import World, consent, make_world
+
+from service.records.grant_predicate import GrantFilter
+from service.records.repository import RecordRepository, SearchFilter
+from service.store.database import Database
 
 SINCE = {"_lastUpdated": "gt2020-01-01T00:00:00Z"}
 
@@ -119,3 +126,30 @@ def test_total_follows_a_consent_that_adds_the_label_and_one_withdrawn(
     assert world.hiv_observation in seen
     world.withdraw(labelled)
     assert _walk(world, world.authority, "Observation", **SINCE)[0] == before
+
+
+def test_the_count_leaves_its_connection_planning_as_before(database_url: str) -> None:
+    """The total is counted without parallel workers on PostgreSQL; the pooled connection that
+    served it plans the next request's statements with the server's own setting again."""
+
+    async def count_then_show() -> tuple[int, str | None, str | None]:
+        database = Database(database_url)
+        try:
+            async with database.reading() as session:
+                repo = RecordRepository(session)
+                grant = GrantFilter("no-such-authority", "PUBHLTH", datetime.now(UTC))
+                total = await repo.count(SearchFilter("Patient", grant=grant))
+                connection = await session.connection()
+                if connection.dialect.name != "postgresql":
+                    return total, None, None
+                shown = await connection.execute(text("SHOW max_parallel_workers_per_gather"))
+                configured = await connection.execute(
+                    text("SELECT reset_val FROM pg_settings WHERE name = 'max_parallel_workers_per_gather'")
+                )
+                return total, str(shown.scalar_one()), str(configured.scalar_one())
+        finally:
+            await database.dispose()
+
+    total, shown, configured = asyncio.run(count_then_show())
+    assert total == 0
+    assert shown == configured
