@@ -13,6 +13,10 @@ reuses them when the generator is unchanged (a newer schema is reached by the
 service's migrations) and the database already holds at least the requested count; otherwise it tops them up
 (an interrupted load resumes: exams already stored are skipped) or rebuilds
 them. The manifest records how each part was loaded and how long it took.
+
+The kept database is never served: servers run on copies (:func:`copy`), which they
+migrate at start. It is kept at the schema of a baseline when one is measured
+(``bench.compare``), so that the baseline's copy starts at a revision it knows.
 """
 
 from __future__ import annotations
