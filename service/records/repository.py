@@ -558,11 +558,13 @@ class RecordRepository:
     async def count(self, flt: SearchFilter) -> int:
         """How many current resources the search matches that its audience may see (exact).
 
-        On PostgreSQL the count runs in this backend alone. Over the covering indexes
-        (migration 0010_h_bench) it is one merge pass of the versions against the grants;
-        a parallel plan answers one request sooner but probes the grants index once per
-        resource in each worker, about six times the CPU at 100k exams (EXPLAIN ANALYZE on
-        the bench scale database: 3 x 0.3 s against 0.15 s), and searches arrive many at once.
+        On PostgreSQL the count is planned for its own parameters every time, in this backend
+        alone. Over the covering indexes (migration 0010_h_bench) it is then one merge pass of
+        the versions against the grants: 0.15 s at 100k exams on the bench's scale database.
+        The generic plan a prepared statement falls back to after five runs cannot see the
+        resource type and probes the grants index once per resource (1.0 s), and so does a
+        parallel plan in each of its workers (3 x 0.3 s): searches arrive many at once, and
+        CPU is what they share.
         """
         subquery = self._filtered(flt, _RESOURCES.c.id).subquery()
         statement = select(func.count()).select_from(subquery)
@@ -570,14 +572,14 @@ class RecordRepository:
         if connection.dialect.name != "postgresql":
             result = await connection.execute(statement, flt.audience.params())
             return int(result.scalar_one())
-        await connection.execute(_SERIAL_PLANS)
+        await connection.execute(_PLAN_THE_COUNT)
         try:
             result = await connection.execute(statement, flt.audience.params())
             return int(result.scalar_one())
         finally:
             # Outside a transaction (the read sessions) the setting would outlive this
             # statement on the pooled connection; inside one, a rollback undoes it anyway.
-            await connection.execute(_PARALLEL_PLANS)
+            await connection.execute(_PLAN_AS_BEFORE)
 
     async def replace_grants(
         self, subject_id: str, grants: Sequence[Mapping[str, object]], *, new_subject: bool = False
@@ -656,8 +658,16 @@ class RecordRepository:
         return [_visible_row(row._mapping) for row in result]
 
 
-_SERIAL_PLANS = text("SET max_parallel_workers_per_gather = 0")
-_PARALLEL_PLANS = text("RESET max_parallel_workers_per_gather")
+# The planner settings of a search's count (see RecordRepository.count), each set and put back
+# in one statement.
+_PLAN_THE_COUNT = text(
+    "SELECT set_config('max_parallel_workers_per_gather', '0', false), "
+    "set_config('plan_cache_mode', 'force_custom_plan', false)"
+)
+_PLAN_AS_BEFORE = text(
+    "SELECT set_config(name, reset_val, false) FROM pg_settings "
+    "WHERE name IN ('max_parallel_workers_per_gather', 'plan_cache_mode')"
+)
 _RESOURCES = _table(StoredResource)
 _VERSIONS = _table(ResourceVersion)
 _SUBJECTS = _table(Subject)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from mhr_testkit import EXAMPLES, Party, load_example, submit
+from sqlalchemy import bindparam as sa_bindparam
 from sqlalchemy import text
 from test_disclosure import World, consent, make_world
 
@@ -129,10 +130,11 @@ def test_total_follows_a_consent_that_adds_the_label_and_one_withdrawn(
 
 
 def test_the_count_leaves_its_connection_planning_as_before(database_url: str) -> None:
-    """The total is counted without parallel workers on PostgreSQL; the pooled connection that
-    served it plans the next request's statements with the server's own setting again."""
+    """The total is counted with planner settings of its own on PostgreSQL (no parallel workers,
+    a plan for its own parameters); the pooled connection that served it plans the next
+    request's statements with the server's own settings again."""
 
-    async def count_then_show() -> tuple[int, str | None, str | None]:
+    async def count_then_show() -> tuple[int, list[str] | None, list[str] | None]:
         database = Database(database_url)
         try:
             async with database.reading() as session:
@@ -142,11 +144,15 @@ def test_the_count_leaves_its_connection_planning_as_before(database_url: str) -
                 connection = await session.connection()
                 if connection.dialect.name != "postgresql":
                     return total, None, None
-                shown = await connection.execute(text("SHOW max_parallel_workers_per_gather"))
+                names = ("max_parallel_workers_per_gather", "plan_cache_mode")
+                shown = [str((await connection.execute(text(f"SHOW {name}"))).scalar_one()) for name in names]
                 configured = await connection.execute(
-                    text("SELECT reset_val FROM pg_settings WHERE name = 'max_parallel_workers_per_gather'")
+                    text(
+                        "SELECT name, reset_val FROM pg_settings WHERE name IN :names ORDER BY name"
+                    ).bindparams(sa_bindparam("names", expanding=True)),
+                    {"names": list(names)},
                 )
-                return total, str(shown.scalar_one()), str(configured.scalar_one())
+                return total, shown, [str(value) for _, value in configured.all()]
         finally:
             await database.dispose()
 
