@@ -302,7 +302,8 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in doc["workloads"]:
         bf, af, ratio = r["before"], r["after"], r["ratio"]
         lines.append(
-            f"| {r['label']} | {r['connections']} | {bf['rps']:,.1f} | {af['rps']:,.1f} | {ratio['rps'] or 'n/a'} "
+            f"| {r['label']} | {r['connections']} | {bf['rps']:,.1f} | {af['rps']:,.1f} "
+            f"| {ratio['rps'] or 'n/a'} "
             f"| {bf['p50_ms']:,.1f} | {af['p50_ms']:,.1f} | {bf['p99_ms']:,.1f} | {af['p99_ms']:,.1f} "
             f"| {ratio['p99_ms'] or 'n/a'} | {bf['errors']}/{af['errors']} |"
         )
