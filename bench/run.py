@@ -107,8 +107,9 @@ def machine() -> dict[str, Any]:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
+    peer_python = PEER_VENV / "bin" / "python"  # absent with --no-peer on a fresh checkout
     peer = subprocess.run(
-        [str(PEER_VENV / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        [str(peer_python), "-m", "pip", "list", "--format=json"] if peer_python.exists() else ["false"],
         capture_output=True,
         text=True,
         check=False,
