@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ from service.store import migrate
 from service.store.database import Database
 
 PG = ("-h", "127.0.0.1", "-U", "postgres")
+# Every database the bench makes is named from this prefix: two checkouts benchmarking on one
+# PostgreSQL at once (a shared development machine) set different ones and leave each other alone.
+DB_PREFIX = os.environ.get("BENCH_DB_PREFIX", "mhr_bench")
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 PARTIES = (
     ("clinic", "Bench Panel Clinic", "clinic", ()),
@@ -42,10 +47,12 @@ def database_url(name: str) -> str:
 
 
 def recreate_database(name: str, template: str | None = None) -> None:
+    """A fresh database, or an identical copy of ``template`` (which must have no connections)."""
     if name == "test":
         raise SystemExit("the bench never touches the test database")
     subprocess.run(["dropdb", *PG, "--if-exists", "--force", name], check=True)
-    extra = ["-T", template] if template else []
+    # FILE_COPY: a copy of a 100k-exam database without writing all of it to the WAL first.
+    extra = ["-T", template, "--strategy=file_copy"] if template else []
     subprocess.run(["createdb", *PG, *extra, name], check=True)
 
 
@@ -79,11 +86,14 @@ class Party:
         return str(response.json()["access_token"])
 
 
-def setup(name: str, workdir: Path) -> dict[str, Party]:
-    """A fresh database at the head revision with the bench parties; keys under ``workdir``."""
+def setup(
+    name: str, workdir: Path, migrate_database: Callable[[str], None] = migrate.upgrade
+) -> dict[str, Party]:
+    """A fresh database with the bench parties, keys under ``workdir``; at this tree's head
+    revision, or at a baseline's (``migrate_database``: see ``bench.baseline.migrate``)."""
     recreate_database(name)
     url = database_url(name)
-    migrate.upgrade(url)
+    migrate_database(url)
     workdir.mkdir(parents=True, exist_ok=True)
 
     async def register() -> dict[str, Party]:

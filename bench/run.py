@@ -5,14 +5,13 @@
     python -m bench.run --scale 100000 --profile W1,W2
 
 Everything runs on this machine: PostgreSQL at 127.0.0.1:5432 (databases
-``mhr_bench``, ``mhr_bench_peer``, ``mhr_bench_scale``; never ``test``), the
+``mhr_bench``, ``mhr_bench_peer``, ``mhr_bench_scale``, or under ``BENCH_DB_PREFIX``; never ``test``), the
 servers under test with 2 uvicorn workers, and wrk. See README, "Performance".
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import json
 import os
@@ -23,8 +22,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,27 +30,34 @@ import httpx
 import orjson
 import psutil
 
-from bench import report, scale
+from bench import baseline, compare, report, scale
 from bench.generate import exam
 from bench.loadgen import Load, ensure_wrk, measure
-from bench.parties import database_url, psql, recreate_database, setup
+from bench.parties import DB_PREFIX, database_url, psql, recreate_database, setup
 from bench.parties import load as load_parties
 from bench.servers import REPO, Server, free_port, running
 from bench.validation import ceiling
+from bench.workloads import (
+    CONNECTIONS,
+    FHIR,
+    analyze,
+    first_page_path,
+    first_pull,
+    ids,
+    load_through_api,
+    log,
+    mhr_server,
+    permitted_reads,
+    smoke,
+    write_lines,
+)
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 PEER_VENV = BENCH / ".venv-peer"
 PEER_REQUIREMENTS = BENCH / "peer" / "requirements.txt"
-MAIN_DB = "mhr_bench"
-PEER_DB = "mhr_bench_peer"
-FHIR = "application/fhir+json"
-SINCE = "2020-01-01T00:00:00Z"
-CONNECTIONS = {"W1": 8, "W2": 16, "W3": 8, "W4": 8, "W5": 16, "hello": 16}
-
-
-def log(message: str) -> None:
-    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+MAIN_DB = DB_PREFIX
+PEER_DB = f"{DB_PREFIX}_peer"
 
 
 # --- setup ------------------------------------------------------------------------------
@@ -103,8 +107,9 @@ def machine() -> dict[str, Any]:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
+    peer_python = PEER_VENV / "bin" / "python"  # absent with --no-peer on a fresh checkout
     peer = subprocess.run(
-        [str(PEER_VENV / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        [str(peer_python), "-m", "pip", "list", "--format=json"] if peer_python.exists() else ["false"],
         capture_output=True,
         text=True,
         check=False,
@@ -148,69 +153,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def mhr_env(db_url: str, keyring: Path, port: int) -> dict[str, str]:
-    return {
-        "MHR_ENV": "development",
-        "MHR_DATABASE_URL": db_url,
-        "MHR_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "MHR_KEYRING_PATH": str(keyring),
-        "MHR_LOG_LEVEL": "WARNING",
-        "MHR_TOKEN_LIFETIME_SECONDS": "3600",
-        # The per-client rate limit is a policy, not capacity: raised out of reach, still on the path.
-        "MHR_RATE_LIMIT_PER_SECOND": "1000000",
-        "MHR_RATE_LIMIT_BURST": "1000000",
-    }
-
-
-@contextmanager
-def mhr_server(name: str, db_url: str, keyring: Path, out: Path) -> Iterator[Server]:
-    port = free_port()
-    argv = [str(REPO / ".venv" / "bin" / "mhr"), "serve", "--workers", "2", "--port", str(port)]
-    with running(
-        name,
-        argv,
-        port=port,
-        ready_path="/readyz",
-        log_path=out / f"{name}.log",
-        env=mhr_env(db_url, keyring, port),
-    ) as server:
-        yield server
-
-
 # --- request files ----------------------------------------------------------------------
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(f"{line}\n" for line in lines))
-    return path
-
-
 def write_bundles(path: Path, first: int, count: int) -> Path:
     now = datetime.now(UTC)
     with path.open("wb") as handle:
         for index in range(first, first + count):
             handle.write(b"/fhir\t" + orjson.dumps(exam(index, 1, now)) + b"\n")
     return path
-
-
-def first_page_path() -> str:
-    return f"/fhir/Patient?_lastUpdated=gt{SINCE}&_count=50"
-
-
-def first_pull(base: str, token: str, rng: random.Random, pages: int = 20) -> list[str]:
-    """An authority's first pull: everything since 2020, 50 a page, the first ``pages`` pages
-    (or as many as there are) as a client gets them, by following next links. Ten walks, shuffled.
-    The first page counts the total (W3f measures it alone); the others carry it in their cursor."""
-    url: str | None = base + first_page_path()
-    walk = []
-    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {token}", "Accept": FHIR}) as client:
-        while url is not None and len(walk) < pages:
-            walk.append(url.removeprefix(base))
-            response = client.get(url)
-            response.raise_for_status()
-            links = response.json().get("link", [])
-            url = next((link["url"] for link in links if link["relation"] == "next"), None)
-    lines = walk * 10
-    rng.shuffle(lines)
-    return lines
 
 
 def observation(patient_id: str, rng: random.Random) -> dict[str, Any]:
@@ -240,68 +189,11 @@ def observation(patient_id: str, rng: random.Random) -> dict[str, Any]:
     }
 
 
-def ids(db: str, sql: str) -> list[list[str]]:
-    out = psql(db, sql)
-    return [line.split("|") for line in out.splitlines() if line]
-
-
 # --- steps ------------------------------------------------------------------------------
 def failure(extra: dict[str, Any], phase: str, exc: Exception) -> None:
     log(f"{phase} failed: {exc!r}")
     traceback.print_exc()
     extra.setdefault("failures", []).append({"phase": phase, "error": repr(exc)[:2000]})
-
-
-async def _post_all(
-    base: str, token: str, bundles: Callable[[int], dict[str, Any]], count: int, conc: int
-) -> int:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR}
-    queue = iter(range(count))
-    failures = 0
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal failures
-        for index in queue:
-            response = await client.post(
-                f"{base}/fhir", content=orjson.dumps(bundles(index)), headers=headers
-            )
-            if response.status_code != 200:
-                failures += 1
-                if failures < 3:
-                    log(f"load failed {response.status_code}: {response.text[:300]}")
-
-    async with httpx.AsyncClient(timeout=120) as client:
-        await asyncio.gather(*(worker(client) for _ in range(conc)))
-    return failures
-
-
-def load_through_api(server: Server, token: str, count: int, database: str) -> dict[str, Any]:
-    """POST ``count`` exams, 4 at a time. Statistics are refreshed after the first hundred, where
-    autovacuum would refresh them on a default PostgreSQL (see ``analyze``)."""
-    now = datetime.now(UTC)
-    began = time.perf_counter()
-    first = min(100, count)
-    failures = asyncio.run(_post_all(server.base_url, token, lambda i: exam(i, 1, now), first, 4))
-    analyze(database)
-    failures += asyncio.run(
-        _post_all(server.base_url, token, lambda i: exam(first + i, 1, now), count - first, 4)
-    )
-    seconds = time.perf_counter() - began
-    if failures:
-        raise RuntimeError(f"{failures} exams failed to load")
-    return {
-        "exams": count,
-        "seconds": round(seconds, 1),
-        "exams_per_s": round(count / seconds, 1),
-        "connections": 4,
-    }
-
-
-def analyze(database: str) -> None:
-    """Planner statistics, as autovacuum keeps them on a default PostgreSQL. This machine's
-    server runs with autovacuum off, and plans made for empty tables (a join driven from the
-    wrong side, say) make a growing database look slower than it is."""
-    psql(database, "ANALYZE")
 
 
 def create_observations(base: str, path: str, token: str | None, bodies: list[bytes]) -> list[str]:
@@ -318,27 +210,6 @@ def create_observations(base: str, path: str, token: str | None, bodies: list[by
             location = response.headers["Location"]
             created.append(location.split("/Observation/")[1].split("/")[0])
     return created
-
-
-def smoke(server: Server, load: Load) -> None:
-    """One request of the workload, checked by hand before wrk replays it thousands of times."""
-    line = load.requests_file.open().readline().rstrip("\n")
-    path, _, body = line.partition("\t")
-    headers = {"Accept": FHIR}
-    if load.token:
-        headers["Authorization"] = f"Bearer {load.token}"
-    if body:
-        headers["Content-Type"] = FHIR
-    response = httpx.request(
-        load.method, server.base_url + path, content=body or None, headers=headers, timeout=60
-    )
-    if response.status_code not in (200, 201):
-        raise RuntimeError(
-            f"{load.name}: {load.method} {path} -> {response.status_code} {response.text[:400]}"
-        )
-    data = response.json() if response.content else {}
-    if data.get("resourceType") == "Bundle" and data.get("type") == "searchset" and not data.get("entry"):
-        raise RuntimeError(f"{load.name}: {path} answered an empty Bundle")
 
 
 class Runner:
@@ -412,12 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip W2 and W3 before (a baseline commit) and after"
+    )
+    compare.arguments(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     args.exams = args.exams or (100 if quick else 1000)
     args.scale = args.scale or (500 if quick else 10_000)
     args.duration = args.duration or (4.0 if quick else 30.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 3.0)
+    compare.defaults(args)
     if args.profile is None:
         args.profile = "" if quick else "W1,W2,W3a"
     args.profile = {p.strip() for p in args.profile.split(",") if p.strip()}
@@ -453,16 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         extra["api_load"] = load_through_api(server, clinic, args.exams, MAIN_DB)
         log(f"  {extra['api_load']}")
         rng = random.Random(7)
-        readable = ids(
-            MAIN_DB,
-            "SELECT resource_type, id FROM resources WHERE resource_type IN ('Patient', 'Observation', "
-            "'Encounter', 'Immunization', 'DiagnosticReport', 'ImagingStudy', 'DocumentReference') "
-            "ORDER BY md5(id) LIMIT 3000",
-        )
         patients = [
             r[0] for r in ids(MAIN_DB, "SELECT id FROM resources WHERE resource_type = 'Patient' ORDER BY id")
         ]
-        w2 = write_lines(out / "w2.txt", [f"/fhir/{t}/{i}" for t, i in readable])
+        w2 = write_lines(out / "w2.txt", permitted_reads(server, authority, MAIN_DB))
         w3a = write_lines(out / "w3a.txt", first_pull(server.base_url, authority, rng))
         w3b = write_lines(out / "w3b.txt", [f"/fhir/Observation?patient={p}&_count=50" for p in patients])
         w4 = write_lines(out / "w4.txt", [f"/fhir/Patient/{p}/$everything" for p in patients])
@@ -607,21 +477,34 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the figures measured so far are still written
         failure(extra, "peer", exc)
 
+    # --- before and after: W2 and W3 of a baseline commit and of this tree, same run ----------
+    base = None
+    try:
+        if not args.no_baseline:
+            base = baseline.build(args.baseline, log=log)
+            extra["before_after"] = compare.compare(
+                args, out, base, scale_exams=0 if args.no_scale else args.scale
+            )
+    except Exception as exc:  # the figures measured so far are still written
+        failure(extra, "before_after", exc)
+
     # --- scale: W3 at args.scale exams -------------------------------------------------------
     try:
         if not args.no_scale:
             log(f"scale database: {args.scale} exams")
             began = time.perf_counter()
-            manifest = scale.ensure(args.scale, log=log)
+            manifest = scale.ensure(args.scale, log=log, migrate_database=baseline.migrator(base))
             extra["scale"] = {**manifest, "prepare_seconds_this_run": round(time.perf_counter() - began, 1)}
             state = scale.STATE
-            with mhr_server("mhr-scale", database_url(scale.DB), state / "keyring.json", out) as server:
+            # A copy: the server migrates what it serves, and the kept database stays as loaded.
+            scale_db = scale.copy(f"{scale.DB}_run")
+            with mhr_server("mhr-scale", database_url(scale_db), state / "keyring.json", out) as server:
                 scale_parties = load_parties(state)
                 authority = scale_parties["authority-a"].token(server.base_url, "system/*.rs", "PUBHLTH")
                 full_patients = [
                     r[0]
                     for r in ids(
-                        scale.DB,
+                        scale_db,
                         "SELECT DISTINCT subject_id FROM resources WHERE resource_type = 'Immunization' "
                         "ORDER BY subject_id LIMIT 1000",
                     )
@@ -637,21 +520,21 @@ def main(argv: list[str] | None = None) -> int:
                     Load("W3a", w3a_s, c["W3"], token=authority),
                     workload="W3a-scale",
                     label=f"W3 Patient?_lastUpdated page at {n} exams",
-                    database=scale.DB,
+                    database=scale_db,
                 )
                 runner.run(
                     server,
                     Load("W3f", w3f, c["W3"], token=authority),
                     workload="W3f-scale",
                     label=f"W3 first page, total counted, at {n} exams",
-                    database=scale.DB,
+                    database=scale_db,
                 )
                 runner.run(
                     server,
                     Load("W3b", w3b_s, c["W3"], token=authority),
                     workload="W3b-scale",
                     label=f"W3 Observation?patient page at {n} exams",
-                    database=scale.DB,
+                    database=scale_db,
                 )
     except Exception as exc:  # the figures measured so far are still written
         failure(extra, "scale", exc)

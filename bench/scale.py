@@ -13,6 +13,10 @@ reuses them when the generator is unchanged (a newer schema is reached by the
 service's migrations) and the database already holds at least the requested count; otherwise it tops them up
 (an interrupted load resumes: exams already stored are skipped) or rebuilds
 them. The manifest records how each part was loaded and how long it took.
+
+The kept database is never served: servers run on copies (:func:`copy`), which they
+migrate at start. It is kept at the schema of a baseline when one is measured
+(``bench.compare``), so that the baseline's copy starts at a revision it knows.
 """
 
 from __future__ import annotations
@@ -21,19 +25,20 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.bulk_load import _settings, bulk_load
-from bench.parties import database_url, psql, setup
+from bench.parties import DB_PREFIX, database_url, psql, recreate_database, setup
 from service.audit.log import seal_all
 from service.runtime import build_runtime, close_runtime
 from service.store import migrate
 
 BENCH = Path(__file__).resolve().parent
 STATE = BENCH / ".state" / "scale"
-DB = "mhr_bench_scale"
+DB = f"{DB_PREFIX}_scale"
 FULL = 1000
 SEED = 1
 
@@ -66,8 +71,14 @@ def _seal(keyring: Path) -> float:
     return round(time.perf_counter() - began, 1)
 
 
-def ensure(target: int, log: Any = print) -> dict[str, Any]:
-    """A scale database with at least ``target`` exams; returns its manifest."""
+def ensure(
+    target: int, log: Any = print, migrate_database: Callable[[str], None] = migrate.upgrade
+) -> dict[str, Any]:
+    """A scale database with at least ``target`` exams; returns its manifest.
+
+    ``migrate_database`` sets the schema it is kept at: when a baseline is compared, the
+    baseline's own (``bench.baseline.migrate``), so that identical copies serve both the
+    baseline and the working tree (whose server migrates its copy further at start)."""
     manifest_path = STATE / "manifest.json"
     keyring = STATE / "keyring.json"
     manifest: dict[str, Any] | None = None
@@ -79,11 +90,11 @@ def ensure(target: int, log: Any = print) -> dict[str, Any]:
     if manifest is None:
         STATE.mkdir(parents=True, exist_ok=True)
         keyring.unlink(missing_ok=True)
-        setup(DB, STATE)
+        setup(DB, STATE, migrate_database)
         manifest = {"fingerprint": _fingerprint(), "exams": 0, "loads": []}
     # What is there, counted (a cut-off load leaves more than the manifest says; loading resumes).
     # A newer schema is reached the way a deployment reaches it: by the service's own migrations.
-    migrate.upgrade(database_url(DB))
+    migrate_database(database_url(DB))
     have = int(psql(DB, "SELECT count(*) FROM subjects"))
     manifest["exams"] = have
     if have >= target:
@@ -120,6 +131,13 @@ def ensure(target: int, log: Any = print) -> dict[str, Any]:
     psql(DB, "VACUUM ANALYZE")  # visibility map and statistics, as autovacuum would leave them
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def copy(name: str) -> str:
+    """An identical copy of the scale database, for one server to run on (and write its audit
+    entries to) while the kept one stays as loaded."""
+    recreate_database(name, template=DB)
+    return name
 
 
 def server_env() -> dict[str, str]:

@@ -62,12 +62,13 @@ def running(
     log_path: Path,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    cwd: Path = REPO,
 ) -> Iterator[Server]:
     """Start ``argv``, wait until ``ready_path`` answers 200 (and both workers are up), stop it after."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            list(argv), cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            list(argv), cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
         )
     server = Server(name, port, process, log_path)
     try:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -555,9 +556,30 @@ class RecordRepository:
         return query.where(visible(v, audience))  # its parameters: flt.audience.params()
 
     async def count(self, flt: SearchFilter) -> int:
+        """How many current resources the search matches that its audience may see (exact).
+
+        On PostgreSQL the count is planned for its own parameters every time, in this backend
+        alone. Over the covering indexes (migration 0010_h_bench) it is then one merge pass of
+        the versions against the grants: 0.15 s at 100k exams on the bench's scale database.
+        The generic plan a prepared statement falls back to after five runs cannot see the
+        resource type and probes the grants index once per resource (1.0 s), and so does a
+        parallel plan in each of its workers (3 x 0.3 s): searches arrive many at once, and
+        CPU is what they share.
+        """
         subquery = self._filtered(flt, _RESOURCES.c.id).subquery()
-        result = await self.session.execute(select(func.count()).select_from(subquery), flt.audience.params())
-        return int(result.scalar_one())
+        statement = select(func.count()).select_from(subquery)
+        connection = await self.session.connection()
+        if connection.dialect.name != "postgresql":
+            result = await connection.execute(statement, flt.audience.params())
+            return int(result.scalar_one())
+        await connection.execute(_PLAN_THE_COUNT)
+        try:
+            result = await connection.execute(statement, flt.audience.params())
+            return int(result.scalar_one())
+        finally:
+            # Outside a transaction (the read sessions) the setting would outlive this
+            # statement on the pooled connection; inside one, a rollback undoes it anyway.
+            await connection.execute(_PLAN_AS_BEFORE)
 
     async def replace_grants(
         self, subject_id: str, grants: Sequence[Mapping[str, object]], *, new_subject: bool = False
@@ -636,6 +658,16 @@ class RecordRepository:
         return [_visible_row(row._mapping) for row in result]
 
 
+# The planner settings of a search's count (see RecordRepository.count), each set and put back
+# in one statement.
+_PLAN_THE_COUNT = text(
+    "SELECT set_config('max_parallel_workers_per_gather', '0', false), "
+    "set_config('plan_cache_mode', 'force_custom_plan', false)"
+)
+_PLAN_AS_BEFORE = text(
+    "SELECT set_config(name, reset_val, false) FROM pg_settings "
+    "WHERE name IN ('max_parallel_workers_per_gather', 'plan_cache_mode')"
+)
 _RESOURCES = _table(StoredResource)
 _VERSIONS = _table(ResourceVersion)
 _SUBJECTS = _table(Subject)

@@ -135,7 +135,8 @@ class StoredResource(Base):
     __table_args__ = (
         Index("ix_resources_org_type_updated", "organization_id", "resource_type", "last_updated"),
         Index("ix_resources_subject_type", "subject_id", "resource_type"),
-        Index("ix_resources_type_updated", "resource_type", "last_updated"),
+        # Covering (migration 0010_h_bench): a search page's order and its total from the index.
+        Index("ix_resources_type_page", "resource_type", "last_updated", "id", "version_id"),
     )
 
 
@@ -157,6 +158,20 @@ class ResourceVersion(Base):
     # consent decides on the version served. NULL (written before labels were per version)
     # matches no grant.
     labels_token: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+
+    __table_args__ = (
+        # Covering (migration 0010_h_bench): what the visibility predicate reads of a version, in
+        # the grants' order, so that counting what an authority may see is one merge pass that
+        # never visits the ciphertext rows.
+        Index(
+            "ix_resource_versions_grant_check",
+            "resource_type",
+            "subject_id",
+            "labels_token",
+            "id",
+            "version_id",
+        ),
+    )
 
 
 class SearchToken(Base):
@@ -299,7 +314,17 @@ class DisclosureGrant(Base):
     consent_version: Mapped[int] = mapped_column(Integer)
 
     __table_args__ = (
-        Index("ix_disclosure_grants_lookup", "organization_id", "purpose", "resource_type", "subject_id"),
+        # Covering (migration 0010_h_bench): every column the visibility predicate compares.
+        Index(
+            "ix_disclosure_grants_match",
+            "organization_id",
+            "purpose",
+            "resource_type",
+            "subject_id",
+            "labels_token",
+            "valid_from",
+            "valid_to",
+        ),
         Index("ix_disclosure_grants_subject", "subject_id"),
     )
 
