@@ -10,7 +10,7 @@ one merge pass instead of one index probe per resource. Plain key columns rather
 that SQLite gets the same covering indexes. The two narrower indexes they extend go.
 
 Revision ID: 0010_h_bench
-Revises: 0009_h_rotate
+Revises: 0010_h_export
 Create Date: 2026-12-01
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0010_h_bench"
-down_revision: str | None = "0009_h_rotate"  # chained after what main holds
+down_revision: str | None = "0010_h_export"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
