@@ -141,12 +141,6 @@ def test_rotate_then_rewrap_online_moves_every_subject_key_and_retire_keeps_data
     provider_settings: dict[str, object],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if provider_settings.get("key_provider") == "pkcs11":
-        # Known defect, open in issue 14: here the operator's CLI and the serving provider share
-        # one PKCS#11 library in one process (in production they are two processes). Under the
-        # rewrap's threads this once answered a write 500 in CI and once crashed the interpreter.
-        # The cross-process case on SoftHSM2 is test_a_rotation_in_another_process_is_taken_up...
-        pytest.skip("in-process CLI + server on one PKCS#11 library is unstable under rewrap threads (#14)")
     with Service.start(database_url, tmp_path, **provider_settings) as service:  # type: ignore[arg-type]
         clinic = service.register("clinic", "clinic")
         patients = [_patient_id(submit(service, clinic, _exam(n))) for n in range(6)]
