@@ -508,6 +508,12 @@ def test_an_erasure_reaches_a_backup_taken_before_it_once_the_kek_epoch_complete
             assert cli_main(["keys", "adopt", "--from", database_url]) == 0
             assert "2 subject keys taken from the live database; 1 migrants erased" in capsys.readouterr().out
             assert _wrapped_keys(backup_url)[erased] is None
+            # The adoption is in the restored copy's audit trail, naming no database URL.
+            adoptions = _audit_contents(backup_url, "key-adopt")
+            assert len(adoptions) == 1 and b"subject-keys/adopted-from-live" in adoptions[0]
+            assert (
+                database_url.encode() not in adoptions[0] and _audit_contents(database_url, "key-adopt") == []
+            )
             with Service.start(backup_url, tmp_path, **provider_settings) as restored:  # type: ignore[arg-type]
                 restored_headers = restored.headers(clinic)
                 for n, patient in patients.items():
@@ -520,6 +526,18 @@ def test_an_erasure_reaches_a_backup_taken_before_it_once_the_kek_epoch_complete
                     else:
                         assert reply.status_code == 200, reply.text
                         assert reply.json()["entry"] == expected[n]["entry"]
+
+
+def _audit_contents(database_url: str, subtype: str) -> list[bytes]:
+    engine = sa.create_engine(sync_url(database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT content FROM audit_entries WHERE subtype = :s"), {"s": subtype}
+            )
+            return [bytes(content) for (content,) in rows]
+    finally:
+        engine.dispose()
 
 
 def _identifiers(bundle: dict[str, Any]) -> list[str]:
