@@ -234,6 +234,9 @@ def test_retire_refuses_while_keys_remain_and_a_forced_retire_is_reported_not_a_
     with Service.start(database_url, tmp_path, **provider_settings) as service:  # type: ignore[arg-type]
         clinic = service.register("clinic", "clinic")
         stranded = _patient_id(submit(service, clinic, _exam(0)))
+        assert service.client.get("/readyz").json()["reports"] == {
+            "subject_keys_under_retired_kek_versions": 0
+        }
         assert cli_main(["keys", "rotate"]) == 0
         new = _status(capsys)["current_kek_version"]
         moved = _patient_id(submit(service, clinic, _exam(1)))  # written under the new version
@@ -252,6 +255,12 @@ def test_retire_refuses_while_keys_remain_and_a_forced_retire_is_reported_not_a_
         headers = service.headers(clinic)
         reply = service.client.get(f"/fhir/Patient/{stranded}", headers=headers)
         assert reply.status_code == 503
+        # /readyz reports the stranded key (the server has taken up the retirement) and stays ready:
+        # every other migrant is served.
+        ready = service.client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["reports"] == {"subject_keys_under_retired_kek_versions": 1}
+        assert service.client.get(f"/fhir/Patient/{moved}", headers=headers).status_code == 200
         outcome = reply.json()
         assert outcome["resourceType"] == "OperationOutcome"
         assert "retired key-encryption key" in outcome["issue"][0]["diagnostics"]
