@@ -25,8 +25,9 @@ The highest ``N`` is the current key of its purpose. Rotating and retiring keys
 need a read-write session: open the provider with ``writable=True``. Objects of other labels
 (another application's, or a purpose of a later version) are left alone.
 
-One logged-in session is opened and shared; PKCS#11 sessions are not safe for
-concurrent use, so every operation holds a lock.
+Each provider has a session of its own; every call into the library, from any
+session in the process, holds the library's one lock, and the login of a token
+lasts until its last session closes (``_Module`` says why).
 """
 
 from __future__ import annotations
@@ -86,10 +87,59 @@ _NEVER_LEAVES: Final = {
 }
 
 
+class _Module:
+    """One PKCS#11 library in this process, and what every provider and session of it shares.
+
+    python-pkcs11 initialises the library with ``C_Initialize(NULL)``: PKCS#11 then lets the
+    library assume that no two threads call it at once, and SoftHSM2 takes that literally (it
+    disables its own mutexes). Two sessions are no protection: they share the library's session
+    and object tables, and python-pkcs11 releases the GIL around each call. So every call into
+    the library, from any session of any provider in the process, holds :attr:`lock` (providers
+    locking only their own session raced an operator's in-process CLI against the server: 500s
+    and a crash in the library).
+
+    Logins are per application and token, not per session, and python-pkcs11 closes the session
+    that logged in with ``C_Logout``, which logs out every other session of the token too. The
+    session that logged in is therefore kept open until the last session of its token closes.
+    """
+
+    def __init__(self, path: str) -> None:
+        # C_Initialize once per process and module: a second one would be refused.
+        self.lib = pkcs11.lib(path)
+        self.lock = threading.RLock()
+        self._login: dict[str, Any] = {}
+        self._open: dict[str, int] = {}
+
+    def open_session(self, token: Any, token_label: str, pin: str, *, rw: bool) -> Any:
+        """A session of ``token``; the first one of the token logs in with ``pin``. Hold the lock."""
+        if token_label in self._login:
+            session = token.open(rw=rw)  # shares the login of this process
+        else:
+            try:
+                session = token.open(user_pin=pin, rw=rw)
+                self._login[token_label] = session
+            except UserAlreadyLoggedIn:
+                # Logged in by a session this process does not track (another copy of the
+                # library's handle): share that login; it is not this bookkeeping's to end.
+                session = token.open(rw=rw)
+        self._open[token_label] = self._open.get(token_label, 0) + 1
+        return session
+
+    def close_session(self, token_label: str, session: Any) -> None:
+        """Close ``session``; the one that logged in closes (logs out) only as the last. Hold the lock."""
+        left = self._open[token_label] - 1
+        self._open[token_label] = left
+        login = self._login.get(token_label)
+        if session is not login:
+            session.close()
+        if left == 0 and login is not None:
+            del self._login[token_label]
+            login.close()
+
+
 @functools.cache
-def _library(module: str) -> Any:
-    # C_Initialize once per process and module: a second one would be refused.
-    return pkcs11.lib(module)
+def _module(path: str) -> _Module:
+    return _Module(path)
 
 
 @dataclass(frozen=True)
@@ -206,38 +256,45 @@ def _create_missing(session: Any) -> tuple[str, ...]:
 class Pkcs11Keys(KeyProvider, KekLifecycle):
     """The key provider of one PKCS#11 token; open it with :meth:`open`."""
 
-    def __init__(self, session: Any, keys: _Keys, token_label: str, *, writable: bool = False) -> None:
+    def __init__(
+        self, module: _Module, session: Any, keys: _Keys, token_label: str, *, writable: bool = False
+    ) -> None:
+        self._module = module
         self._session = session
         self._writable = writable
         self._keys = keys
         self._label = token_label
-        self._lock = threading.Lock()
+        # The library's lock, not this provider's: see _Module.
+        self._lock = module.lock
         self._checks = self._key_checks()
 
     def __repr__(self) -> str:
         return f"Pkcs11Keys(token={self._label!r}, kek={self.current_kek()})"
 
     @staticmethod
-    def _login(module: Path, token_label: str, pin: str, *, rw: bool) -> Any:
+    def _login(module: Path, token_label: str, pin: str, *, rw: bool) -> tuple[_Module, Any]:
         where = f"PKCS#11 token {token_label!r} ({module})"
         if not module.is_file():
             raise KeyringError(f"PKCS#11 module {module} does not exist")
         try:
-            token = _library(os.fspath(module)).get_token(token_label=token_label)
-        except pkcs11.NoSuchToken:
-            raise KeyringError(f"{where}: no such token; initialise one (README, Keys in an HSM)") from None
+            library = _module(os.fspath(module))
         except PKCS11Error as exc:
             raise KeyringError(f"{where}: {type(exc).__name__}") from None
-        try:
-            return token.open(user_pin=pin, rw=rw)
-        except UserAlreadyLoggedIn:
-            # Login is per application, not per session: this process proved the PIN when it
-            # logged in; a new session shares that login (the token checks no PIN again).
-            return token.open(rw=rw)
-        except pkcs11.PinIncorrect:
-            raise KeyringError(f"{where}: the token refused the PIN") from None
-        except PKCS11Error as exc:
-            raise KeyringError(f"{where}: cannot log in ({type(exc).__name__})") from None
+        with library.lock:
+            try:
+                token = library.lib.get_token(token_label=token_label)
+            except pkcs11.NoSuchToken:
+                raise KeyringError(
+                    f"{where}: no such token; initialise one (README, Keys in an HSM)"
+                ) from None
+            except PKCS11Error as exc:
+                raise KeyringError(f"{where}: {type(exc).__name__}") from None
+            try:
+                return library, library.open_session(token, token_label, pin, rw=rw)
+            except pkcs11.PinIncorrect:
+                raise KeyringError(f"{where}: the token refused the PIN") from None
+            except PKCS11Error as exc:
+                raise KeyringError(f"{where}: cannot log in ({type(exc).__name__})") from None
 
     @classmethod
     def initialise(cls, module: Path, token_label: str, pin: str) -> tuple[str, ...]:
@@ -245,15 +302,16 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
 
         Returns the purposes created (none when the token already holds them all).
         """
-        session = cls._login(module, token_label, pin, rw=True)
-        try:
-            return _create_missing(session)
-        except PKCS11Error as exc:
-            raise KeyringError(
-                f"PKCS#11 token {token_label!r}: cannot create keys ({type(exc).__name__})"
-            ) from None
-        finally:
-            session.close()
+        library, session = cls._login(module, token_label, pin, rw=True)
+        with library.lock:
+            try:
+                return _create_missing(session)
+            except PKCS11Error as exc:
+                raise KeyringError(
+                    f"PKCS#11 token {token_label!r}: cannot create keys ({type(exc).__name__})"
+                ) from None
+            finally:
+                library.close_session(token_label, session)
 
     @classmethod
     def open(
@@ -275,11 +333,14 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
             cls.initialise(module, token_label, pin)
         # A second provider in a process already logged in (an operator's command run beside a
         # serving one, in tests) shares the login: PKCS#11 logs in per application, not session.
-        session = cls._login(module, token_label, pin, rw=writable)
+        library, session = cls._login(module, token_label, pin, rw=writable)
         try:
-            return cls(session, cls._load(session, token_label), token_label, writable=writable)
+            with library.lock:
+                keys = cls._load(session, token_label)
+            return cls(library, session, keys, token_label, writable=writable)
         except BaseException:
-            session.close()
+            with library.lock:
+                library.close_session(token_label, session)
             raise
 
     @staticmethod
@@ -320,7 +381,7 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
 
     def close(self) -> None:
         with self._lock:
-            self._session.close()
+            self._module.close_session(self._label, self._session)
 
     # -- KEK -------------------------------------------------------------
 
@@ -464,10 +525,6 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
         if not self._writable:
             raise KeyringError(f"PKCS#11 token {self._label!r}: {what} needs a read-write session")
 
-    def _reload(self) -> None:
-        self._keys = self._load(self._session, self._label)
-        self._checks = self._key_checks()
-
     def rotate_secret(self, purpose: str) -> str:
         if purpose not in SECRET_PURPOSES:
             raise KeyringError(f"unknown secret purpose {purpose!r}")
@@ -484,7 +541,7 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
                 raise KeyringError(
                     f"PKCS#11 token {self._label!r}: cannot create a key ({type(exc).__name__})"
                 ) from None
-        self._reload()
+        self.reload()
         return kid
 
     def retire_secret(self, purpose: str, kid: str) -> None:
@@ -503,7 +560,7 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
                 raise KeyringError(
                     f"PKCS#11 token {self._label!r}: cannot destroy a key ({type(exc).__name__})"
                 ) from None
-        self._reload()
+        self.reload()
 
     def rotate_checkpoint_key(self) -> Ed25519PublicKey:
         self._changing("rotating the audit log key")
@@ -519,7 +576,7 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
                 raise KeyringError(
                     f"PKCS#11 token {self._label!r}: cannot rotate the log key ({type(exc).__name__})"
                 ) from None
-        self._reload()
+        self.reload()
         return self._keys.log_public
 
     # -- audit log signing -----------------------------------------------

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     job_workers: int = Field(default=1, ge=0, le=32)
     job_lease_seconds: float = Field(default=300.0, ge=1, le=86_400)
     job_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Done jobs older than this are deleted by the daily jobs.purge-done job (service.jobs.purge).
+    done_job_retention_days: int = Field(default=30, ge=1, le=3650)
     # Modules imported at start-up that register further job kinds (a JSON list in MHR_JOB_MODULES).
     job_modules: tuple[str, ...] = ()
     # Per-client rate limit, a token bucket in cost units: a write costs more than a search,

@@ -141,12 +141,6 @@ def test_rotate_then_rewrap_online_moves_every_subject_key_and_retire_keeps_data
     provider_settings: dict[str, object],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if provider_settings.get("key_provider") == "pkcs11":
-        # Known defect, open in issue 14: here the operator's CLI and the serving provider share
-        # one PKCS#11 library in one process (in production they are two processes). Under the
-        # rewrap's threads this once answered a write 500 in CI and once crashed the interpreter.
-        # The cross-process case on SoftHSM2 is test_a_rotation_in_another_process_is_taken_up...
-        pytest.skip("in-process CLI + server on one PKCS#11 library is unstable under rewrap threads (#14)")
     with Service.start(database_url, tmp_path, **provider_settings) as service:  # type: ignore[arg-type]
         clinic = service.register("clinic", "clinic")
         patients = [_patient_id(submit(service, clinic, _exam(n))) for n in range(6)]
@@ -240,6 +234,9 @@ def test_retire_refuses_while_keys_remain_and_a_forced_retire_is_reported_not_a_
     with Service.start(database_url, tmp_path, **provider_settings) as service:  # type: ignore[arg-type]
         clinic = service.register("clinic", "clinic")
         stranded = _patient_id(submit(service, clinic, _exam(0)))
+        assert service.client.get("/readyz").json()["reports"] == {
+            "subject_keys_under_retired_kek_versions": 0
+        }
         assert cli_main(["keys", "rotate"]) == 0
         new = _status(capsys)["current_kek_version"]
         moved = _patient_id(submit(service, clinic, _exam(1)))  # written under the new version
@@ -258,6 +255,12 @@ def test_retire_refuses_while_keys_remain_and_a_forced_retire_is_reported_not_a_
         headers = service.headers(clinic)
         reply = service.client.get(f"/fhir/Patient/{stranded}", headers=headers)
         assert reply.status_code == 503
+        # /readyz reports the stranded key (the server has taken up the retirement) and stays ready:
+        # every other migrant is served.
+        ready = service.client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["reports"] == {"subject_keys_under_retired_kek_versions": 1}
+        assert service.client.get(f"/fhir/Patient/{moved}", headers=headers).status_code == 200
         outcome = reply.json()
         assert outcome["resourceType"] == "OperationOutcome"
         assert "retired key-encryption key" in outcome["issue"][0]["diagnostics"]
@@ -514,6 +517,12 @@ def test_an_erasure_reaches_a_backup_taken_before_it_once_the_kek_epoch_complete
             assert cli_main(["keys", "adopt", "--from", database_url]) == 0
             assert "2 subject keys taken from the live database; 1 migrants erased" in capsys.readouterr().out
             assert _wrapped_keys(backup_url)[erased] is None
+            # The adoption is in the restored copy's audit trail, naming no database URL.
+            adoptions = _audit_contents(backup_url, "key-adopt")
+            assert len(adoptions) == 1 and b"subject-keys/adopted-from-live" in adoptions[0]
+            assert (
+                database_url.encode() not in adoptions[0] and _audit_contents(database_url, "key-adopt") == []
+            )
             with Service.start(backup_url, tmp_path, **provider_settings) as restored:  # type: ignore[arg-type]
                 restored_headers = restored.headers(clinic)
                 for n, patient in patients.items():
@@ -526,6 +535,18 @@ def test_an_erasure_reaches_a_backup_taken_before_it_once_the_kek_epoch_complete
                     else:
                         assert reply.status_code == 200, reply.text
                         assert reply.json()["entry"] == expected[n]["entry"]
+
+
+def _audit_contents(database_url: str, subtype: str) -> list[bytes]:
+    engine = sa.create_engine(sync_url(database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT content FROM audit_entries WHERE subtype = :s"), {"s": subtype}
+            )
+            return [bytes(content) for (content,) in rows]
+    finally:
+        engine.dispose()
 
 
 def _identifiers(bundle: dict[str, Any]) -> list[str]:

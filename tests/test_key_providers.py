@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,21 +135,90 @@ def test_token_keys_never_leave_the_token(softhsm: SoftHsm) -> None:
     import pkcs11
     from pkcs11 import Attribute, ObjectClass
 
-    from security.pkcs11_keys import _library
+    from security.pkcs11_keys import _module
 
-    token = _library(str(softhsm.module)).get_token(token_label=softhsm.token)
-    with token.open(user_pin=softhsm.pin) as session:
-        secret_or_private = [
-            *session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}),
-            *session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}),
-        ]
-        labels = {key.label for key in secret_or_private}
-        assert {"mhr-kek-v1", "mhr-token-hmac-v1", "mhr-blind-index-v1", "mhr-audit-log"} <= labels
-        for key in secret_or_private:
-            assert key[Attribute.SENSITIVE] is True
-            assert key[Attribute.EXTRACTABLE] is False
-            with pytest.raises(pkcs11.PKCS11Error):
-                key[Attribute.VALUE]
+    # Through the process's bookkeeping of the library: a raw session of our own would log
+    # every provider of the token out when it closes (PKCS#11 logins are per application).
+    library = _module(str(softhsm.module))
+    with library.lock:
+        token = library.lib.get_token(token_label=softhsm.token)
+        session = library.open_session(token, softhsm.token, softhsm.pin, rw=False)
+        try:
+            secret_or_private = [
+                *session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}),
+                *session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}),
+            ]
+            labels = {key.label for key in secret_or_private}
+            assert {"mhr-kek-v1", "mhr-token-hmac-v1", "mhr-blind-index-v1", "mhr-audit-log"} <= labels
+            for key in secret_or_private:
+                assert key[Attribute.SENSITIVE] is True
+                assert key[Attribute.EXTRACTABLE] is False
+                with pytest.raises(pkcs11.PKCS11Error):
+                    key[Attribute.VALUE]
+        finally:
+            library.close_session(softhsm.token, session)
+
+
+def test_closing_the_provider_that_logged_in_leaves_the_others_of_the_process_logged_in(
+    softhsm: SoftHsm,
+) -> None:
+    """An operator's command run in a server's process (tests; a REPL) closes its provider first:
+    PKCS#11 logs in per application, and logging out one session would log out them all."""
+    from security.pkcs11_keys import Pkcs11Keys, _module
+
+    first = Pkcs11Keys.open(softhsm.module, softhsm.token, softhsm.pin)
+    second = Pkcs11Keys.open(softhsm.module, softhsm.token, softhsm.pin)
+    try:
+        # The scenario is real only if ``first`` is the session that logged in.
+        assert _module(str(softhsm.module))._login.get(softhsm.token) is first._session
+        subject_key = new_data_key()
+        blob = first.wrap_key(subject_key, AAD)
+        mac = first.blind_index_mac(b"passport")
+    finally:
+        first.close()
+    try:
+        assert second.unwrap_key(blob, AAD) == subject_key
+        assert second.blind_index_mac(b"passport") == mac
+    finally:
+        second.close()
+    # Once the last one closed, the token is logged out; the next provider logs in again.
+    assert softhsm.token not in _module(str(softhsm.module))._login
+    again = Pkcs11Keys.open(softhsm.module, softhsm.token, softhsm.pin)
+    try:
+        assert again.unwrap_key(blob, AAD) == subject_key
+    finally:
+        again.close()
+
+
+def test_two_providers_of_one_process_used_from_many_threads_at_once_stay_correct(softhsm: SoftHsm) -> None:
+    """The library is initialised single-threaded: without one lock for all its sessions this
+    answered errors and once crashed the interpreter (issue 14)."""
+    from security.pkcs11_keys import Pkcs11Keys
+
+    providers = [Pkcs11Keys.open(softhsm.module, softhsm.token, softhsm.pin) for _ in range(2)]
+    failures: list[str] = []
+
+    def churn(provider: Pkcs11Keys, n: int) -> None:
+        for i in range(150):
+            aad = AAD + f"-{n}-{i}".encode()
+            subject_key = new_data_key()
+            try:
+                if provider.unwrap_key(provider.wrap_key(subject_key, aad), aad) != subject_key:
+                    failures.append("round trip")
+                provider.reload()  # object searches interleaved with other threads' operations
+            except Exception as exc:
+                failures.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=churn, args=(providers[n % 2], n)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for provider in providers:
+            provider.close()
+    assert failures == []
 
 
 def test_a_token_without_the_keys_is_refused_naming_them(softhsm: SoftHsm) -> None:

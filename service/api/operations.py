@@ -9,8 +9,10 @@ from starlette.responses import Response
 
 from service.api.deps import RuntimeDep
 from service.keyring_match import describe_mismatch, held_checks, recorded_checks
+from service.keys.status import under_retired_versions
 from service.lifecycle import SHUTDOWN
 from service.metrics import REGISTRY
+from service.runtime import Runtime
 from service.store.migrate import current_revision
 
 router = APIRouter(tags=["operations"])
@@ -46,12 +48,25 @@ async def readyz(runtime: RuntimeDep) -> Response:
         checks["keyring"] = False
     ready = all(checks.values())
     headers = None if ready else {"Retry-After": "5"}
+    body: dict[str, object] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if checks["database"]:
+        # Reported, never a reason to be unready: those migrants' reads answer 503 each, while
+        # every other migrant is served; restarting or removing this instance would fix nothing.
+        body["reports"] = {"subject_keys_under_retired_kek_versions": await _under_retired(runtime)}
     return Response(
-        orjson.dumps({"status": "ready" if ready else "unavailable", "checks": checks}),
+        orjson.dumps(body),
         status_code=200 if ready else 503,
         media_type="application/json",
         headers=headers,
     )
+
+
+async def _under_retired(runtime: Runtime) -> int | None:
+    try:
+        async with runtime.database.reading() as session:
+            return await under_retired_versions(session, runtime.keys)
+    except Exception:
+        return None  # the database went away between the checks: its check says so next time
 
 
 @router.get("/metrics")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from service.audit.log import start_integrator, stop_integrator
 from service.jobs import queue
 from service.jobs.kinds import load_kinds
+from service.jobs.purge import schedule_purge, today
 from service.jobs.worker import Worker, worker_name
 from service.keys.status import refresh_subject_key_metric
 from service.lifecycle import SHUTDOWN
@@ -43,6 +44,7 @@ class BackgroundWork:
         self._seen: set[tuple[str, str]] = set()
         self._stopping_since: float | None = None
         self._drain_watch: asyncio.Task[None] | None = None
+        self._schedule: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._integrator = start_integrator(self.runtime)
@@ -53,6 +55,8 @@ class BackgroundWork:
         self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
         self._drain_watch = asyncio.create_task(self._watch_drain(), name="mhr-job-drain-watch")
         if self.workers:
+            # Who runs jobs schedules the periodic ones (one job per day whoever schedules it).
+            self._schedule = asyncio.create_task(self._schedule_periodic(), name="mhr-job-schedule")
             log.info(
                 "job workers started", extra={"workers": len(self.workers), "kinds": self.registry.names()}
             )
@@ -75,6 +79,10 @@ class BackgroundWork:
             for task in late:
                 task.cancel()  # the job is released (Worker._execute)
             await asyncio.gather(*self._worker_tasks, return_exceptions=True)
+        if self._schedule is not None:
+            self._schedule.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._schedule
         if self._drain_watch is not None:
             self._drain_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -85,6 +93,14 @@ class BackgroundWork:
                 await self._metrics
         if self._integrator is not None:
             await stop_integrator(self._integrator)
+
+    async def _schedule_periodic(self) -> None:
+        try:
+            async with self.runtime.database.transaction() as session:
+                await schedule_purge(session, today())
+        except Exception as exc:
+            # The next start schedules it; meanwhile done jobs are only kept longer.
+            log.warning("could not schedule the purge of done jobs", extra={"error_type": type(exc).__name__})
 
     async def _watch_drain(self) -> None:
         """The process's drain (SIGTERM in a server) is a signal handler's flag: look for it."""

@@ -88,7 +88,9 @@ async def _dispatch(args: argparse.Namespace, runtime: Runtime, audit: lifecycle
         live = Database(args.live_url)
         try:
             found = await lifecycle.status(database, keys)
-            done = await adopt_live_subject_keys(database, live, keys.current_kek().key_id, found.min_decrypt)
+            done = await adopt_live_subject_keys(
+                database, live, keys.current_kek().key_id, found.min_decrypt, audit
+            )
         finally:
             await live.dispose()
         print(

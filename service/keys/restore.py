@@ -11,15 +11,20 @@ move; nothing is unwrapped.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.keys import KEK_PURPOSE
 from service.store.database import Database
 from service.store.tables import KeyCheck, Subject
 
 _BATCH = 500
+# The entity an adoption's audit entry names: the restored copy's subject keys (no URL: it may
+# carry the live database's credentials).
+ADOPTED_ENTITY = ("Key", "subject-keys/adopted-from-live")
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,18 @@ class Adopted:
 
 
 async def adopt_live_subject_keys(
-    restored: Database, live: Database, kek_id: str, min_decrypt: int
+    restored: Database,
+    live: Database,
+    kek_id: str,
+    min_decrypt: int,
+    audit: Callable[[AsyncSession, str, tuple[str, str]], Awaitable[None]],
 ) -> Adopted:
     """Give every subject of ``restored`` the wrapped key ``live`` holds for it (none if erased there).
 
     Also drops the restored copy's record of KEK versions below ``min_decrypt`` (destroyed on
-    purpose), so that the service starts on it with the current keys.
+    purpose), so that the service starts on it with the current keys. The adoption is audited
+    in the restored copy (the trail of the database the service will run on), in the
+    transaction that completes it.
     """
     adopted = erased = 0
     after = ""
@@ -87,4 +98,5 @@ async def adopt_live_subject_keys(
             await session.execute(
                 delete(KeyCheck).where(KeyCheck.purpose == KEK_PURPOSE, KeyCheck.key_id.in_(retired))
             )
+        await audit(session, "key-adopt", ADOPTED_ENTITY)
     return Adopted(adopted, erased)

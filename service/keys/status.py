@@ -65,6 +65,22 @@ async def kek_status(session: AsyncSession, keys: KeyProvider) -> KekStatus:
     return KekStatus(current, min_decrypt, held, await subject_keys_per_version(session))
 
 
+async def under_retired_versions(session: AsyncSession, keys: KeyProvider) -> int:
+    """Live subject keys under a KEK version ``keys`` no longer holds: one indexed count.
+
+    As this process's provider knows its versions: a retirement by another process is taken up
+    on this process's next rotation, rewrap or unwrap under a retired version.
+    """
+    if not isinstance(keys, KekLifecycle):
+        return 0
+    found = await session.execute(
+        select(func.count())
+        .select_from(Subject)
+        .where(Subject.wrapped_key.is_not(None), Subject.kek_version < keys.min_decrypt_version())
+    )
+    return int(found.scalar_one())
+
+
 _seen_labels: set[str] = set()
 
 

@@ -518,6 +518,7 @@ def test_health_and_readiness(service: Service) -> None:
     assert ready.json() == {
         "status": "ready",
         "checks": {"database": True, "migrations": True, "keyring": True},
+        "reports": {"subject_keys_under_retired_kek_versions": 0},
     }
 
 
