@@ -2,8 +2,9 @@
 
 A clinic's body of millions of JSON values once held the event loop for 21 s. Now
 it is refused with a 413 that names the limit, and ``/healthz`` keeps answering
-within 100 ms while that happens: a bound on responsiveness (a functional
-property), not a performance figure (those are in bench/body_limits.py).
+while that happens. The bound below detects a stalled loop (old main: no answer in
+30 s), far above what a loaded CI machine takes to answer; how fast the refusal
+and the answers are is measured in bench/body_limits.py, not asserted here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mhr_testkit import FHIR_HEADERS
 
 from service.settings import Settings
 
-HEALTHZ_BOUND_SECONDS = 0.1
+HEALTHZ_BOUND_SECONDS = 2.0
 BODY_BYTES = 7 * 1024 * 1024  # under the default 8 MiB byte limit: only the work limits can refuse it
 DEFAULTS = Settings()
 
