@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
@@ -29,11 +30,13 @@ from service.api.responses import FhirResponse, search_url, searchset
 from service.audit.events import Action, AuditEntity, AuditRecord, Outcome
 from service.errors import FhirError, not_found
 from service.records.codec import open_version
+from service.records.intake import validation_error
 from service.records.repository import RecordRepository
 from service.runtime import Runtime
 from service.store.tables import FollowupTask
 from service.tasks.repository import TaskRepository, Worklist
-from service.tasks.service import TaskChange, TaskRefused, admits, change_task, transfer_task
+from service.tasks.service import TaskChange, TaskRefused, admits, change_task, record_outcome, transfer_task
+from service.tasks.worksheet import WorksheetInvalid, check_worksheet, load_questionnaire
 
 router = APIRouter(tags=["follow-up tasks"])
 
@@ -68,6 +71,13 @@ async def _visible_task(
     raise not_found("Task")
 
 
+def _for_caller(body: dict[str, Any], principal: Principal, task: FollowupTask) -> dict[str, Any]:
+    """The examining clinic sees the worksheet reference only where the authority shared it."""
+    if principal.role == Role.clinic and not task.outcome_shared:
+        body.pop("output", None)
+    return body
+
+
 async def _task_body(runtime: Runtime, session: Any, task: FollowupTask) -> dict[str, Any]:
     repo = RecordRepository(session)
     current = await repo.current("Task", task.id)
@@ -99,7 +109,7 @@ async def read_task(
     task_id: str, principal: TaskRead, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     task = await _visible_task(session, principal, task_id)
-    body = await _task_body(runtime, session, task)
+    body = _for_caller(await _task_body(runtime, session, task), principal, task)
     await audit_read(runtime, [_record(principal, "read", Action.read, task)])
     return _json(body)
 
@@ -194,7 +204,7 @@ async def search_tasks(
         ):
             total -= 1  # no longer admitted: the worklist does not show it
             continue
-        body = await _task_body(runtime, session, task)
+        body = _for_caller(await _task_body(runtime, session, task), principal, task)
         entries.append({"fullUrl": f"{base}/Task/{task.id}", "resource": body, "search": {"mode": "match"}})
         records.append(_record(principal, "search-type", Action.execute, task))
     kept = [(k, v) for k, v in params if k not in ("_offset", *IGNORED)]
@@ -311,3 +321,124 @@ async def transfer(
             "parameter": [{"name": "return", "resource": await _task_body(runtime, session, task)}],
         }
     )
+
+
+WorksheetReport = Annotated[
+    # The worksheet completes the task: the owner's progress on it, decided by role and owner.
+    Principal,
+    Depends(requires(Rule(Interaction.task_progress, AUTHORITY, "QuestionnaireResponse"))),
+]
+WorksheetRead = Annotated[
+    Principal, Depends(requires(Rule(Interaction.read, READERS, "QuestionnaireResponse")))
+]
+
+
+def _worksheet_task_id(body: dict[str, Any]) -> str:
+    for name in ("basedOn", "partOf"):
+        for ref in body.get(name) or []:
+            if isinstance(ref, dict) and str(ref.get("reference")).startswith("Task/"):
+                return _reference_id(ref["reference"], "Task", name)
+    raise _bad(
+        "the worksheet must name its Task in basedOn", "QuestionnaireResponse.basedOn", 422, "required"
+    )
+
+
+@router.post(
+    "/fhir/QuestionnaireResponse", status_code=201, summary="the owning authority reports the worksheet"
+)
+async def report_worksheet(
+    request: Request, principal: WorksheetReport, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    body = await read_fhir_json(request)
+    if not isinstance(body, dict) or body.get("resourceType") != "QuestionnaireResponse":
+        raise _bad("expected a QuestionnaireResponse", "QuestionnaireResponse", code="structure")
+    task_id = _worksheet_task_id(body)
+    task = await _visible_task(session, principal, task_id, owner_only=True, for_update=True)
+    subject = body.get("subject")
+    if not isinstance(subject, dict) or subject.get("reference") != f"Patient/{task.subject_id}":
+        raise _bad("subject must be the Task's Patient", "QuestionnaireResponse.subject", 422, "value")
+    now = datetime.now(UTC)
+    try:
+        worksheet = check_worksheet(load_questionnaire(runtime.settings.ig_dir), body, now.date())
+    except WorksheetInvalid as exc:
+        raise _bad(exc.diagnostics, exc.expression, 422, "value") from None
+    response = {k: v for k, v in body.items() if k not in ("id", "meta", "author", "authored")}
+    response.update(
+        id=str(uuid.uuid4()),
+        meta={"versionId": "1", "lastUpdated": now.isoformat().replace("+00:00", "Z")},
+        author={"reference": f"Organization/{principal.organization_id}"},
+        authored=now.isoformat().replace("+00:00", "Z"),
+    )
+    issues = runtime.records.validator.validate(response)
+    if any(i.severity in ("error", "fatal") for i in issues):
+        raise validation_error(issues)
+    try:
+        await record_outcome(
+            runtime.records,
+            RecordRepository(session),
+            runtime.records.keys.opened(),
+            task,
+            response,
+            worksheet,
+            principal.organization_id,
+            now,
+        )
+    except TaskRefused as exc:
+        error = _refused(exc)
+        error.audit = _record(
+            principal,
+            "create",
+            Action.create,
+            task,
+            outcome=Outcome.minor_failure,
+            detail=f"status-{exc.status}",
+        )
+        raise error from None
+    record = rest_record(
+        principal,
+        "create",
+        Action.create,
+        entities=(AuditEntity("QuestionnaireResponse", response["id"]), AuditEntity("Task", task.id)),
+        patient_ids=(task.subject_id,),
+        detail="worksheet",
+    )
+    await audit(session, record)
+    location = f"{runtime.settings.fhir_base_url}/QuestionnaireResponse/{response['id']}/_history/1"
+    return FhirResponse(response, status_code=201, headers={"Location": location})
+
+
+@router.get("/fhir/QuestionnaireResponse/{response_id}", summary="read a follow-up worksheet")
+async def read_worksheet(
+    response_id: str, principal: WorksheetRead, session: ReadSessionDep, runtime: RuntimeDep
+) -> Response:
+    """The owning authority reads the worksheet of its task; the examining clinic only where the
+    authority shared it (and the task is the clinic's own request)."""
+    task = await TaskRepository(session).by_response(response_id)
+    if task is None:
+        raise not_found("QuestionnaireResponse")
+    org = principal.organization_id
+    if principal.role == Role.clinic:
+        if task.requester_org != org or not task.outcome_shared:
+            raise not_found("QuestionnaireResponse")
+    else:
+        task = await _visible_task(session, principal, task.id, owner_only=True)
+    repo = RecordRepository(session)
+    current = await repo.current("QuestionnaireResponse", response_id)
+    subject = await repo.subject(task.subject_id)
+    row = await repo.version("QuestionnaireResponse", response_id, current.version_id) if current else None
+    if row is None or subject is None:
+        raise not_found("QuestionnaireResponse")
+    body = orjson.loads(open_version(runtime.records.keys.opened(), subject, row))
+    await audit_read(
+        runtime,
+        [
+            rest_record(
+                principal,
+                "read",
+                Action.read,
+                entities=(AuditEntity("QuestionnaireResponse", response_id),),
+                patient_ids=(task.subject_id,),
+            )
+        ],
+    )
+    return _json(body)

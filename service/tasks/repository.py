@@ -38,6 +38,12 @@ class TaskRepository:
             statement = statement.with_for_update()
         return (await self.session.execute(statement)).scalar_one_or_none()
 
+    async def by_response(self, response_id: str) -> FollowupTask | None:
+        result = await self.session.execute(
+            select(FollowupTask).where(FollowupTask.outcome_response_id == response_id)
+        )
+        return result.scalar_one_or_none()
+
     async def for_subject(self, subject_id: str) -> list[FollowupTask]:
         result = await self.session.execute(
             select(FollowupTask).where(FollowupTask.subject_id == subject_id).order_by(FollowupTask.id)

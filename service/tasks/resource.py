@@ -79,24 +79,44 @@ async def write_task(
     current = await repo.current_for_update("Task", task.id)
     version_id = current.version_id + 1 if current is not None else 1
     resource = task_resource(task, version_id, now)
+    await write_version(services, repo, keys, resource, task.subject_id, task.requester_org, now)
+    return version_id
+
+
+async def write_version(
+    services: RecordServices,
+    repo: RecordRepository,
+    keys: OpenedKeys,
+    resource: dict[str, Any],
+    subject_id: str,
+    organization_id: str,
+    now: datetime,
+) -> None:
+    """Validate, label, seal and store the next version of ``resource`` (its meta already set).
+
+    Only the service's own resources come here (a Task, an authority's worksheet already checked
+    against its Questionnaire): an invalid one is a defect, not bad input.
+    """
+    resource_type, resource_id = resource["resourceType"], resource["id"]
+    version_id = int(resource["meta"]["versionId"])
+    current = await repo.current_for_update(resource_type, resource_id)
     issues = services.validator.validate(resource)
     if any(i.severity in ("error", "fatal") for i in issues):
-        # The service builds this resource itself: an invalid one is a defect, not bad input.
-        raise RuntimeError("service-built Task failed validation")
+        raise RuntimeError(f"service-written {resource_type} failed validation")
     labels = services.labeler.apply(resource)
     body = orjson.dumps(resource)
-    subject = await repo.subject(task.subject_id)
+    subject = await repo.subject(subject_id)
     assert subject is not None
     cipher = keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
-    blob = cipher.seal(body, resource_aad("Task", task.id, version_id, task.subject_id))
+    blob = cipher.seal(body, resource_aad(resource_type, resource_id, version_id, subject_id))
     batch = WriteBatch()
     batch.add(
         {
-            "resource_type": "Task",
-            "id": task.id,
+            "resource_type": resource_type,
+            "id": resource_id,
             "version_id": version_id,
-            "subject_id": task.subject_id,
-            "organization_id": task.requester_org,
+            "subject_id": subject_id,
+            "organization_id": organization_id,
             "last_updated": now,
             "ciphertext": blob,
             "ciphertext_sha256": ciphertext_digest(blob),
@@ -108,4 +128,3 @@ async def write_task(
         current=current,
     )
     await repo.write_batch(batch)
-    return version_id

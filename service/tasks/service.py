@@ -25,8 +25,9 @@ from service.store.tables import FollowupTask
 from service.tasks import classes
 from service.tasks.notify import task_event
 from service.tasks.repository import TaskRepository
-from service.tasks.resource import write_task
+from service.tasks.resource import write_task, write_version
 from service.tasks.transitions import OPEN, WITHDRAWN, Refusal, check_move
+from service.tasks.worksheet import Worksheet
 
 TB_TASK_CODE = "tb-followup"
 CLASS_B_TASK_CODE = "class-b-followup"
@@ -218,21 +219,26 @@ async def record_outcome(
     repo: RecordRepository,
     keys: OpenedKeys,
     task: FollowupTask,
-    *,
-    response_id: str,
-    evaluated_on: date | None,
-    arrival_date: date | None,
-    outcome: str | None,
+    response: dict[str, Any],
+    worksheet: Worksheet,
+    owner_org: str,
     now: datetime,
 ) -> FollowupTask:
-    """A completed worksheet: fills evaluated_on/outcome and completes the task."""
-    if task.status not in OPEN:
-        raise TaskRefused(409, f"illegal transition from '{task.status}' to 'completed'")
-    if arrival_date is not None and task.arrival_date is None:
-        task.arrival_date = arrival_date
-    task.evaluated_on = evaluated_on
-    task.outcome = outcome
-    task.outcome_response_id = response_id
+    """Store the worksheet (encrypted, the authority's) and complete the task with its facts."""
+    refusal = check_move(task.status, "completed", None)
+    if task.status == "completed" or refusal is not None:
+        raise TaskRefused(
+            409,
+            f"illegal transition from '{task.status}' to 'completed': report the "
+            "worksheet of a task in progress",
+        )
+    await write_version(services, repo, keys, response, task.subject_id, owner_org, now)
+    if task.arrival_date != worksheet.arrival_date:
+        task.arrival_date = worksheet.arrival_date
+    task.evaluated_on = worksheet.evaluated_on
+    task.outcome = worksheet.outcome
+    task.outcome_shared = worksheet.shared_with_clinic
+    task.outcome_response_id = response["id"]
     task.status = "completed"
     task.closed_at = now
     task.updated_at = now

@@ -276,3 +276,120 @@ def test_overdue_is_raised_once_per_due_date(loop: Loop) -> None:
     arrival = (today - timedelta(days=1)).isoformat()
     assert loop.op(loop.a, task_id, "progress", status="accepted", arrivalDate=arrival).status_code == 200
     assert asyncio.run(run(today + timedelta(days=30))) == 1
+
+
+WS = "https://mhr.example.org/fhir/CodeSystem/followup-worksheet"
+
+
+def worksheet(loop: Loop, task_id: str, *, share: bool = True, **changes: Any) -> dict[str, Any]:
+    today = datetime.now(UTC).date()
+    answers: dict[str, Any] = {
+        "arrival-date": {"valueDate": (today - timedelta(days=5)).isoformat()},
+        "evaluation-date": {"valueDate": (today - timedelta(days=1)).isoformat()},
+        "igra": {"valueCoding": {"system": WS, "code": "positive"}},
+        "tst": {"valueCoding": {"system": WS, "code": "not-done"}},
+        "chest-xray": {"valueCoding": {"system": WS, "code": "abnormal-tb"}},
+        "diagnosis": {"valueCoding": {"system": WS, "code": "active-tb"}},
+        "classification-outcome": {"valueCoding": {"system": WS, "code": "confirmed"}},
+        "treatment-started": {"valueBoolean": True},
+        "share-with-examining-clinic": {"valueBoolean": share},
+    }
+    for link, answer in changes.items():
+        if answer is None:
+            answers.pop(link.replace("_", "-"))
+        else:
+            answers[link.replace("_", "-")] = answer
+    return {
+        "resourceType": "QuestionnaireResponse",
+        "questionnaire": "https://mhr.example.org/fhir/Questionnaire/tb-followup-worksheet",
+        "status": "completed",
+        "basedOn": [{"reference": f"Task/{task_id}"}],
+        "subject": {"reference": f"Patient/{loop.patient}"},
+        "item": [{"linkId": k, "answer": [v]} for k, v in answers.items()],
+    }
+
+
+def _report(loop: Loop, party: Party, body: dict[str, Any]) -> Any:
+    return loop.service.client.post(
+        "/fhir/QuestionnaireResponse",
+        content=json.dumps(body),
+        headers={**FHIR_HEADERS, **loop.service.headers(party)},
+    )
+
+
+def _in_progress(loop: Loop) -> str:
+    loop.post_consent(loop.a.organization_id)
+    task_id = str(_one_task(loop, loop.a)["id"])
+    for status in ("accepted", "in-progress"):
+        assert loop.op(loop.a, task_id, "progress", status=status).status_code == 200
+    return task_id
+
+
+def test_the_worksheet_completes_the_task_and_the_clinic_reads_it_where_shared(loop: Loop) -> None:
+    task_id = _in_progress(loop)
+    reply = _report(loop, loop.a, worksheet(loop, task_id))
+    assert reply.status_code == 201, reply.text
+    response_id = reply.json()["id"]
+    assert reply.json()["author"] == {"reference": f"Organization/{loop.a.organization_id}"}
+    task = loop.get(loop.clinic, f"/fhir/Task/{task_id}").json()
+    assert task["status"] == "completed"
+    assert task["output"][0]["valueReference"] == {"reference": f"QuestionnaireResponse/{response_id}"}
+    shared = loop.get(loop.clinic, f"/fhir/QuestionnaireResponse/{response_id}")
+    assert shared.status_code == 200
+    assert shared.json()["basedOn"] == [{"reference": f"Task/{task_id}"}]
+    assert loop.get(loop.a, f"/fhir/QuestionnaireResponse/{response_id}").status_code == 200
+    assert loop.get(loop.b, f"/fhir/QuestionnaireResponse/{response_id}").status_code == 404
+    row = _rows(loop, "SELECT outcome, evaluated_on, arrival_date, outcome_shared FROM followup_tasks")[0]
+    assert row[0] == "confirmed"
+    assert str(row[1]) == (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    stored = _rows(loop, f"SELECT ciphertext FROM resource_versions WHERE id = '{response_id}'")  # noqa: S608
+    assert b"active-tb" not in bytes(stored[0][0])  # encrypted under the migrant's key
+    # A second worksheet for a completed task is refused.
+    assert _report(loop, loop.a, worksheet(loop, task_id)).status_code == 409
+
+
+def test_an_unshared_worksheet_stays_with_the_authority(loop: Loop) -> None:
+    task_id = _in_progress(loop)
+    reply = _report(loop, loop.a, worksheet(loop, task_id, share=False))
+    assert reply.status_code == 201, reply.text
+    task = loop.get(loop.clinic, f"/fhir/Task/{task_id}").json()
+    assert task["status"] == "completed"
+    assert "output" not in task
+    assert loop.get(loop.clinic, f"/fhir/QuestionnaireResponse/{reply.json()['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"diagnosis": None}, "'diagnosis' is required"),
+        (
+            {"igra": {"valueCoding": {"system": WS, "code": "purple"}}},
+            "'igra' needs one of its answer options",
+        ),
+        ({"treatment_started": {"valueString": "yes"}}, "'treatment-started' takes a boolean"),
+        ({"evaluation_date": {"valueDate": "2020-01-01"}}, "cannot precede the arrival"),
+        ({"colour": {"valueBoolean": True}}, "'colour' is not in the worksheet"),
+    ],
+)
+def test_an_invalid_worksheet_is_refused_and_nothing_is_written(
+    loop: Loop, changes: dict[str, Any], named: str
+) -> None:
+    task_id = _in_progress(loop)
+    reply = _report(loop, loop.a, worksheet(loop, task_id, **changes))
+    assert reply.status_code == 422, reply.text
+    assert named in reply.json()["issue"][0]["diagnostics"]
+    assert loop.get(loop.a, f"/fhir/Task/{task_id}").json()["status"] == "in-progress"
+    assert (
+        _rows(loop, "SELECT count(*) FROM resources WHERE resource_type = 'QuestionnaireResponse'")[0][0] == 0
+    )
+
+
+def test_only_the_owner_reports_and_only_for_a_task_in_progress(loop: Loop) -> None:
+    loop.post_consent(loop.a.organization_id)
+    task_id = str(_one_task(loop, loop.a)["id"])
+    assert _report(loop, loop.a, worksheet(loop, task_id)).status_code == 409  # still requested
+    assert _report(loop, loop.b, worksheet(loop, task_id)).status_code == 404
+    assert _report(loop, loop.clinic, worksheet(loop, task_id)).status_code == 403
+    unnamed = worksheet(loop, task_id)
+    unnamed.pop("basedOn")
+    assert _report(loop, loop.a, unnamed).status_code == 422
