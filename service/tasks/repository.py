@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.tables import DisclosureGrant, FollowupTask, FollowupTransfer, Organization
@@ -132,7 +132,7 @@ class TaskRepository:
             .where(
                 FollowupTask.status.in_(sorted(OPEN)),
                 FollowupTask.due_date < today,
-                or_(FollowupTask.overdue_at.is_(None)),
+                FollowupTask.overdue_at.is_(None),
             )
             .order_by(FollowupTask.due_date, FollowupTask.id)
             .limit(limit)
