@@ -432,3 +432,38 @@ def test_validate_checks_a_worksheet_without_storing_it(loop: Loop) -> None:
     assert (
         _rows(loop, "SELECT count(*) FROM resources WHERE resource_type = 'QuestionnaireResponse'")[0][0] == 0
     )
+
+
+def test_an_erased_migrant_leaves_no_task_in_any_worklist(loop: Loop) -> None:
+    loop.post_consent(loop.a.organization_id)
+    task_id = _one_task(loop, loop.a)["id"]
+    admins = loop.service.register("admin A", "admin"), loop.service.register("admin B", "admin")
+
+    def post(party: Party, path: str, body: dict[str, Any] | None = None) -> Any:
+        return loop.service.client.post(
+            path,
+            content=json.dumps(body) if body is not None else None,
+            headers={**FHIR_HEADERS, **loop.service.headers(party)},
+        )
+
+    asked = post(
+        admins[0], "/admin/erasures", {"patient": f"Patient/{loop.patient}", "reason": "gdpr-art17-1b"}
+    )
+    assert asked.status_code == 201, asked.text
+    assert post(admins[1], f"/admin/erasures/{asked.json()['id']}/approve").status_code == 200
+    assert loop.worklist(loop.clinic) == []
+    assert loop.worklist(loop.a) == []
+    assert loop.get(loop.a, f"/fhir/Task/{task_id}").status_code == 404
+    assert loop.get(loop.clinic, f"/fhir/Task/{task_id}").status_code == 410
+
+    async def sweep() -> int:
+        database = Database(loop.service.settings.database_url)
+        try:
+            async with database.transaction() as session:
+                return await mark_overdue(
+                    RecordRepository(session), datetime.now(UTC).date() + timedelta(days=60)
+                )
+        finally:
+            await database.dispose()
+
+    assert asyncio.run(sweep()) == 0
