@@ -104,11 +104,11 @@ def _json(content: dict[str, Any], status: int = 200) -> Response:
     return FhirResponse(content, status_code=status)
 
 
-@router.get("/fhir/Task/{task_id}", summary="read a follow-up task (its owner or its requester)")
+@router.get("/fhir/Task/{resource_id}", summary="read a follow-up task (its owner or its requester)")
 async def read_task(
-    task_id: str, principal: TaskRead, session: ReadSessionDep, runtime: RuntimeDep
+    resource_id: str, principal: TaskRead, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
-    task = await _visible_task(session, principal, task_id)
+    task = await _visible_task(session, principal, resource_id)
     body = _for_caller(await _task_body(runtime, session, task), principal, task)
     await audit_read(runtime, [_record(principal, "read", Action.read, task)])
     return _json(body)
@@ -235,9 +235,9 @@ def _refused(exc: TaskRefused) -> FhirError:
     return FhirError.single(exc.status, exc.code, exc.diagnostics, expression="Task.status")
 
 
-@router.post("/fhir/Task/{task_id}/$progress", summary="the owning authority moves its task on")
+@router.post("/fhir/Task/{resource_id}/$progress", summary="the owning authority moves its task on")
 async def progress(
-    task_id: str, request: Request, principal: TaskProgress, session: SessionDep, runtime: RuntimeDep
+    resource_id: str, request: Request, principal: TaskProgress, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     given = _parameters(await read_fhir_json(request))
     unknown = sorted(set(given) - {"status", "businessStatus", "arrivalDate"})
@@ -254,7 +254,7 @@ async def progress(
             raise _bad(
                 "arrivalDate must be a date (YYYY-MM-DD)", "Parameters.parameter.arrivalDate"
             ) from None
-    task = await _visible_task(session, principal, task_id, owner_only=True, for_update=True)
+    task = await _visible_task(session, principal, resource_id, owner_only=True, for_update=True)
     change = TaskChange(
         status=given.get("status"), business_status=given.get("businessStatus"), arrival_date=arrival
     )
@@ -282,9 +282,9 @@ async def progress(
     return _json(await _task_body(runtime, session, task))
 
 
-@router.post("/fhir/Task/{task_id}/$transfer", summary="the owning authority hands the case on")
+@router.post("/fhir/Task/{resource_id}/$transfer", summary="the owning authority hands the case on")
 async def transfer(
-    task_id: str, request: Request, principal: TaskTransfer, session: SessionDep, runtime: RuntimeDep
+    resource_id: str, request: Request, principal: TaskTransfer, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
     given = _parameters(await read_fhir_json(request))
     target = given.get("to")
@@ -293,7 +293,7 @@ async def transfer(
     if set(given) != {"to"} or not isinstance(target, str):
         raise _bad("give exactly one parameter 'to': an Organization reference", "Parameters.parameter.to")
     to_org = _reference_id(target, "Organization", "to")
-    task = await _visible_task(session, principal, task_id, owner_only=True, for_update=True)
+    task = await _visible_task(session, principal, resource_id, owner_only=True, for_update=True)
     try:
         await transfer_task(
             runtime.records,
@@ -430,13 +430,13 @@ async def report_worksheet(
     return FhirResponse(response, status_code=201, headers={"Location": location})
 
 
-@router.get("/fhir/QuestionnaireResponse/{response_id}", summary="read a follow-up worksheet")
+@router.get("/fhir/QuestionnaireResponse/{resource_id}", summary="read a follow-up worksheet")
 async def read_worksheet(
-    response_id: str, principal: WorksheetRead, session: ReadSessionDep, runtime: RuntimeDep
+    resource_id: str, principal: WorksheetRead, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
     """The owning authority reads the worksheet of its task; the examining clinic only where the
     authority shared it (and the task is the clinic's own request)."""
-    task = await TaskRepository(session).by_response(response_id)
+    task = await TaskRepository(session).by_response(resource_id)
     if task is None:
         raise not_found("QuestionnaireResponse")
     org = principal.organization_id
@@ -446,9 +446,9 @@ async def read_worksheet(
     else:
         task = await _visible_task(session, principal, task.id, owner_only=True)
     repo = RecordRepository(session)
-    current = await repo.current("QuestionnaireResponse", response_id)
+    current = await repo.current("QuestionnaireResponse", resource_id)
     subject = await repo.subject(task.subject_id)
-    row = await repo.version("QuestionnaireResponse", response_id, current.version_id) if current else None
+    row = await repo.version("QuestionnaireResponse", resource_id, current.version_id) if current else None
     if row is None or subject is None:
         raise not_found("QuestionnaireResponse")
     body = orjson.loads(open_version(runtime.records.keys.opened(), subject, row))
@@ -459,7 +459,7 @@ async def read_worksheet(
                 principal,
                 "read",
                 Action.read,
-                entities=(AuditEntity("QuestionnaireResponse", response_id),),
+                entities=(AuditEntity("QuestionnaireResponse", resource_id),),
                 patient_ids=(task.subject_id,),
             )
         ],
