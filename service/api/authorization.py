@@ -52,6 +52,9 @@ class Interaction(StrEnum):
     erasure_status = "erasure-status"
     retention_hold = "retention-hold"
     retention_hold_release = "retention-hold-release"
+    # Follow-up tasks (service.tasks): the owning authority's own changes, decided by role and owner.
+    task_progress = "task-progress"
+    task_transfer = "task-transfer"
 
 
 # The SMART scope permission (``cruds``) each interaction needs.
@@ -77,6 +80,8 @@ ROLE_ONLY = frozenset(
         Interaction.erasure_status,
         Interaction.retention_hold,
         Interaction.retention_hold_release,
+        Interaction.task_progress,
+        Interaction.task_transfer,
     }
 )
 _ACTION: dict[Interaction, Action] = {
@@ -96,6 +101,8 @@ _ACTION: dict[Interaction, Action] = {
     Interaction.erasure_status: Action.read,
     Interaction.retention_hold: Action.create,
     Interaction.retention_hold_release: Action.update,
+    Interaction.task_progress: Action.update,
+    Interaction.task_transfer: Action.update,
 }
 
 ROLE_REFUSED = "this client's role may not use this interaction"

@@ -22,6 +22,7 @@ BUILTIN_MODULES = (
     "service.keys.rewrap_job",
     "service.bulk.jobs",
     "service.jobs.purge",
+    "service.tasks.overdue_job",
 )
 
 

@@ -225,6 +225,7 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
 ) -> None:
     ids = _submit_examples(service, clinic)
     auditor = service.register("auditor", "auditor")
+    # An authority last: it alone reports a follow-up worksheet (QuestionnaireResponse create).
     authority = service.register("authority", "authority", purposes=("PUBHLTH",))
     parties = [
         service.headers(clinic),
