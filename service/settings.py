@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # after its Nth committed request transaction, before that request is answered.
     # Refused outside development and test.
     test_exit_after_commits: int = Field(default=0, ge=0)
+    # Completion figures (service.figures): a count from 1 to this minus one is suppressed in
+    # every report and chart, so that a figure never points at a handful of migrants.
+    figures_min_cell: int = Field(default=5, ge=1, le=100)
     log_level: str = "INFO"
     deployment_name: str = "mhr.example.org/dev"
     # Consent.policy URIs that mean "disclosure required by law" (a statutory public-health

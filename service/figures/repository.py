@@ -1,0 +1,142 @@
+"""The counts, in SQL, over the follow-up tasks' non-identifying columns.
+
+One organization, one period, one query for the counts and one for the median; no row leaves
+the database, only aggregates. Who belongs to whose figures:
+
+- *authority* (``owner_org``): the tasks it owns, plus those it transferred away (they stay in
+  its cohort as transferred; an evaluation after the transfer is the new owner's, not its own);
+- *clinic organization* (``requester_org``): the tasks of the migrants it examined, evaluated by
+  whichever authority; transferred means transferred at least once.
+
+A case belongs to the period its clock start falls in: the arrival date the authority
+recorded, else the UTC date the task was authored (the task is authored at disclosure, on or
+before arrival, so the fallback never flatters an authority). Days to evaluation are counted
+from the clock start; an evaluation dated before it counts as 0 days.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.figures.counts import WINDOWS, CompletionFigures, Perspective
+from service.figures.period import Period
+from service.figures.sql_dates import days_between, utc_date
+
+# The task table's columns these figures read (owned by service.tasks; no identifiers among them).
+_tasks = sa.table(
+    "followup_tasks",
+    sa.column("id", sa.String),
+    sa.column("owner_org", sa.String),
+    sa.column("requester_org", sa.String),
+    sa.column("status", sa.String),
+    sa.column("business_status", sa.String),
+    sa.column("authored_at", sa.DateTime(timezone=True)),
+    sa.column("arrival_date", sa.Date),
+    sa.column("evaluated_on", sa.Date),
+    sa.column("outcome", sa.String),
+)
+_transfers = sa.table(
+    "followup_transfers",
+    sa.column("task_id", sa.String),
+    sa.column("from_org", sa.String),
+    sa.column("to_org", sa.String),
+)
+
+LOST_STATUS = ("failed", "lost-to-follow-up")  # (Task.status, Task.businessStatus)
+# Outcomes of the evaluation that confirm the pre-departure classification; every other
+# outcome of an evaluated case revised it.
+CONFIRMING_OUTCOMES = ("confirmed",)
+
+
+def _cohort(organization: str, perspective: Perspective, period: Period) -> sa.Subquery:
+    """One row per case of the organization's figures, with what the counts need to know."""
+    t = _tasks
+    clock_start = sa.func.coalesce(t.c.arrival_date, utc_date(t.c.authored_at))
+    if perspective is Perspective.authority:
+        transferred_away = sa.exists().where(
+            _transfers.c.task_id == t.c.id, _transfers.c.from_org == organization
+        )
+        owned = t.c.owner_org == organization
+        member = sa.or_(owned, sa.and_(t.c.owner_org != organization, transferred_away))
+        transferred: sa.ColumnElement[bool] = sa.not_(owned)
+        counted_evaluation: sa.ColumnElement[bool] = sa.and_(owned, t.c.evaluated_on.is_not(None))
+    else:
+        member = t.c.requester_org == organization
+        transferred = sa.exists().where(_transfers.c.task_id == t.c.id)
+        counted_evaluation = t.c.evaluated_on.is_not(None)
+    elapsed = days_between(t.c.evaluated_on, clock_start)
+    days = sa.case((sa.not_(counted_evaluation), sa.null()), (elapsed < 0, 0), else_=elapsed)
+    return (
+        sa.select(
+            days.label("days"),
+            sa.case((transferred, 1), else_=0).label("transferred"),
+            sa.case(
+                (sa.and_(t.c.status == LOST_STATUS[0], t.c.business_status == LOST_STATUS[1]), 1), else_=0
+            ).label("lost"),
+            sa.case((t.c.arrival_date.is_(None), 1), else_=0).label("arrival_unknown"),
+            sa.case((sa.and_(counted_evaluation, t.c.outcome.in_(CONFIRMING_OUTCOMES)), 1), else_=0).label(
+                "confirmed"
+            ),
+        )
+        .where(member, clock_start >= period.start, clock_start < period.end)
+        .subquery("cohort")
+    )
+
+
+def _count_where(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+
+async def completion_figures(
+    session: AsyncSession, organization: str, perspective: Perspective, period: Period
+) -> CompletionFigures:
+    cohort = _cohort(organization, perspective, period)
+    days = cohort.c.days
+    windows = [_count_where(days <= limit).label(group.value) for group, limit in WINDOWS.items()]
+    row = (
+        await session.execute(
+            sa.select(
+                sa.func.count().label("cases"),
+                sa.func.count(days).label("evaluated"),
+                *windows,
+                sa.func.coalesce(sa.func.sum(cohort.c.lost), 0).label("lost"),
+                sa.func.coalesce(sa.func.sum(cohort.c.transferred), 0).label("transferred"),
+                sa.func.coalesce(sa.func.sum(cohort.c.arrival_unknown), 0).label("arrival_unknown"),
+                sa.func.coalesce(sa.func.sum(cohort.c.confirmed), 0).label("confirmed"),
+            )
+        )
+    ).one()
+    evaluated = int(row.evaluated)
+    confirmed = int(row.confirmed)
+    return CompletionFigures(
+        cases=int(row.cases),
+        evaluated=evaluated,
+        within={group: int(row._mapping[group.value]) for group in WINDOWS},
+        median_days=await _median_days(session, cohort) if evaluated else None,
+        lost=int(row.lost),
+        transferred=int(row.transferred),
+        arrival_unknown=int(row.arrival_unknown),
+        confirmed=confirmed,
+        revised=evaluated - confirmed,
+    )
+
+
+async def _median_days(session: AsyncSession, cohort: sa.Subquery) -> float | None:
+    """The median with window functions (SQLite has no percentile_cont): the middle one or two."""
+    ranked = (
+        sa.select(
+            cohort.c.days,
+            sa.func.row_number().over(order_by=cohort.c.days).label("position"),
+            sa.func.count().over().label("total"),
+        )
+        .where(cohort.c.days.is_not(None))
+        .subquery("ranked")
+    )
+    middle = sa.select(sa.func.avg(ranked.c.days)).where(
+        ranked.c.position.in_([(ranked.c.total + 1) // 2, (ranked.c.total + 2) // 2])
+    )
+    value = (await session.execute(middle)).scalar_one()
+    return None if value is None else float(value)
