@@ -198,6 +198,7 @@ def test_a_clinic_organization_gets_its_migrants_figures_wherever_evaluated(
     ]
     assert (figures["confirmed"], figures["revised"], figures["not-evaluated"]) == (17, 6, 14)
     assert figures["transferred"] == 5
+    assert figures["days-to-evaluation:score"] == 75.0  # the 12th of 23: A's 21 days and B's 40 and 50
 
 
 def test_small_cells_are_masked_in_the_report(service: Service, seeded: Seeded) -> None:
