@@ -9,8 +9,9 @@ organization reported on, is accepted only when it names the caller's own).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from service.api.auditing import audit_read, rest_record
@@ -57,6 +58,19 @@ def _period(request: Request, principal: Principal) -> Period:
         raise FhirError.single(400, "value", str(exc), expression=exc.parameter) from None
 
 
+async def _parameters(
+    period_start: Annotated[
+        str | None, Query(alias="periodStart", description="first day (FHIR date)")
+    ] = None,
+    period_end: Annotated[
+        str | None, Query(alias="periodEnd", description="last day, included (FHIR date)")
+    ] = None,
+    report_type: Annotated[str | None, Query(alias="reportType", description="population only")] = None,
+    reporter: Annotated[str | None, Query(description="the caller's own Organization only")] = None,
+) -> None:
+    """The operation's parameters, declared for the API docs; ``_period`` reads and checks them."""
+
+
 async def _report(
     measure_id: str, request: Request, principal: Principal, session: ReadSessionDep, runtime: Runtime
 ) -> Report:
@@ -88,6 +102,7 @@ async def _audit(runtime: Runtime, principal: Principal, operation: str, period:
     "/fhir/Measure/{measure_id}/$evaluate-measure",
     response_class=FhirResponse,
     summary="completion figures of the follow-up loop (MeasureReport)",
+    dependencies=[Depends(_parameters)],
 )
 async def evaluate_measure(
     measure_id: str,
@@ -109,6 +124,7 @@ async def evaluate_measure(
     response_class=Response,
     summary="completion figures of the follow-up loop (SVG chart)",
     responses={200: {"content": {SVG: {}}}},
+    dependencies=[Depends(_parameters)],
 )
 async def chart(
     measure_id: str, request: Request, principal: MeasureChart, session: ReadSessionDep, runtime: RuntimeDep
