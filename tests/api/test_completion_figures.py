@@ -109,8 +109,8 @@ def seeded(service: Service, database_url: str) -> Seeded:
     parties = Parties(
         clinic=service.register("clinic", "clinic"),
         other_clinic=service.register("clinic 2", "clinic"),
-        authority_a=service.register("authority A", "authority"),
-        authority_b=service.register("authority B", "authority"),
+        authority_a=service.register("authority A", "authority", purposes=("PUBHLTH",)),
+        authority_b=service.register("authority B", "authority", purposes=("PUBHLTH",)),
     )
     reply = submit(service, parties.clinic, load_example(EXAMPLES[0]))
     assert reply.status_code == 200, reply.text
@@ -144,7 +144,14 @@ def seeded(service: Service, database_url: str) -> Seeded:
     # Authority B's own cases, requested by another clinic: 3 evaluated within 30 days.
     for days in (10, 12, 14, None, None, None, None):
         seed.task(b, other, days=days)
+    seed.engine.dispose()
     return Seeded(parties, subject, seed.ids)
+
+
+def _headers(service: Service, party: Party) -> dict[str, str]:
+    if party.role == "authority":
+        return service.headers(party, purpose_of_use="PUBHLTH")
+    return service.headers(party)
 
 
 def _figures(report: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +171,7 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evaluate(service: Service, party: Party, **params: str) -> Any:
-    return service.client.get(EVALUATE, params=params or YEAR, headers=service.headers(party))
+    return service.client.get(EVALUATE, params=params or YEAR, headers=_headers(service, party))
 
 
 def test_an_authority_gets_its_own_figures_with_known_answers(service: Service, seeded: Seeded) -> None:
@@ -215,8 +222,8 @@ def test_small_cells_are_masked_in_the_report(service: Service, seeded: Seeded) 
 
 
 def test_the_threshold_is_a_setting(database_url: str, tmp_path: Path, seeded: Seeded) -> None:
-    with Service.start(database_url, tmp_path / "again", figures_min_cell=1) as strict_off:
-        strict_off.parties = {}
+    # A second app on the same database and keyring, told to suppress nothing.
+    with Service.start(database_url, tmp_path, figures_min_cell=1) as strict_off:
         figures = _figures(_evaluate(strict_off, seeded.parties.authority_b).json())
     assert figures["evaluated-30d"] == 3
 
@@ -231,7 +238,7 @@ def test_another_organization_figures_are_refused(service: Service, seeded: Seed
     assert own.status_code == 200
     auditor = service.register("auditor", "auditor")
     for path in (EVALUATE, CHART):
-        refused = service.client.get(path, params=YEAR, headers=service.headers(auditor))
+        refused = service.client.get(path, params=YEAR, headers=_headers(service, auditor))
         assert refused.status_code == 403
     assert service.client.get(EVALUATE, params=YEAR).status_code == 401
 
@@ -252,7 +259,7 @@ def test_bad_parameters_are_a_400_outcome(
     service: Service, seeded: Seeded, params: dict[str, str], expression: str
 ) -> None:
     for path in (EVALUATE, CHART):
-        reply = service.client.get(path, params=params, headers=service.headers(seeded.parties.authority_a))
+        reply = service.client.get(path, params=params, headers=_headers(service, seeded.parties.authority_a))
         assert reply.status_code == 400, reply.text
         outcome = reply.json()
         assert outcome["resourceType"] == "OperationOutcome"
@@ -261,14 +268,16 @@ def test_bad_parameters_are_a_400_outcome(
 
 def test_an_unknown_measure_is_404(service: Service, seeded: Seeded) -> None:
     reply = service.client.get(
-        "/fhir/Measure/other/$evaluate-measure", params=YEAR, headers=service.headers(seeded.parties.clinic)
+        "/fhir/Measure/other/$evaluate-measure", params=YEAR, headers=_headers(service, seeded.parties.clinic)
     )
     assert reply.status_code == 404 and reply.json()["resourceType"] == "OperationOutcome"
 
 
 def test_the_chart_is_svg_without_patient_identifiers(service: Service, seeded: Seeded) -> None:
     reply = service.client.get(
-        CHART, params=YEAR, headers={**service.headers(seeded.parties.authority_a), "Accept": "image/svg+xml"}
+        CHART,
+        params=YEAR,
+        headers={**_headers(service, seeded.parties.authority_a), "Accept": "image/svg+xml"},
     )
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"].startswith("image/svg+xml")
@@ -282,7 +291,7 @@ def test_the_chart_is_svg_without_patient_identifiers(service: Service, seeded: 
     refused = service.client.get(
         CHART,
         params=YEAR,
-        headers={**service.headers(seeded.parties.authority_a), "Accept": "application/pdf"},
+        headers={**_headers(service, seeded.parties.authority_a), "Accept": "application/pdf"},
     )
     assert refused.status_code == 406
 
