@@ -55,35 +55,32 @@ def _cohort(organization: str, perspective: Perspective, period: Period) -> sa.S
     """One row per case of the organization's figures, with what the counts need to know."""
     t = _tasks
     clock_start = sa.func.coalesce(t.c.arrival_date, utc_date(t.c.authored_at))
-    if perspective is Perspective.authority:
-        transferred_away = sa.exists().where(
-            _transfers.c.task_id == t.c.id, _transfers.c.from_org == organization
-        )
-        owned = t.c.owner_org == organization
-        member = sa.or_(owned, sa.and_(t.c.owner_org != organization, transferred_away))
-        transferred: sa.ColumnElement[bool] = sa.not_(owned)
-        counted_evaluation: sa.ColumnElement[bool] = sa.and_(owned, t.c.evaluated_on.is_not(None))
-    else:
-        member = t.c.requester_org == organization
-        transferred = sa.exists().where(_transfers.c.task_id == t.c.id)
-        counted_evaluation = t.c.evaluated_on.is_not(None)
-    elapsed = days_between(t.c.evaluated_on, clock_start)
-    days = sa.case((sa.not_(counted_evaluation), sa.null()), (elapsed < 0, 0), else_=elapsed)
-    return (
-        sa.select(
+    in_period = sa.and_(clock_start >= period.start, clock_start < period.end)
+
+    def cases(
+        member: sa.ColumnElement[bool], transferred: sa.ColumnElement[bool], evaluation_counts: bool
+    ) -> sa.Select[Any]:
+        counted = t.c.evaluated_on.is_not(None) if evaluation_counts else sa.false()
+        elapsed = days_between(t.c.evaluated_on, clock_start)
+        days = sa.case((sa.not_(counted), sa.null()), (elapsed < 0, 0), else_=elapsed)
+        lost = sa.and_(t.c.status == LOST_STATUS[0], t.c.business_status == LOST_STATUS[1])
+        return sa.select(
             days.label("days"),
             sa.case((transferred, 1), else_=0).label("transferred"),
-            sa.case(
-                (sa.and_(t.c.status == LOST_STATUS[0], t.c.business_status == LOST_STATUS[1]), 1), else_=0
-            ).label("lost"),
+            sa.case((lost, 1), else_=0).label("lost"),
             sa.case((t.c.arrival_date.is_(None), 1), else_=0).label("arrival_unknown"),
-            sa.case((sa.and_(counted_evaluation, t.c.outcome.in_(CONFIRMING_OUTCOMES)), 1), else_=0).label(
-                "confirmed"
-            ),
-        )
-        .where(member, clock_start >= period.start, clock_start < period.end)
-        .subquery("cohort")
-    )
+            sa.case((sa.and_(counted, t.c.outcome.in_(CONFIRMING_OUTCOMES)), 1), else_=0).label("confirmed"),
+        ).where(member, in_period)
+
+    if perspective is Perspective.clinic:
+        transferred = t.c.id.in_(sa.select(_transfers.c.task_id))
+        return cases(t.c.requester_org == organization, transferred, True).subquery("cohort")
+    # An authority: what it owns, and (a second branch, so that each can use its index) what it
+    # transferred away and no longer owns.
+    away = t.c.id.in_(sa.select(_transfers.c.task_id).where(_transfers.c.from_org == organization))
+    owned = cases(t.c.owner_org == organization, sa.false(), True)
+    given_away = cases(sa.and_(t.c.owner_org != organization, away), sa.true(), False)
+    return sa.union_all(owned, given_away).subquery("cohort")
 
 
 def _count_where(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
