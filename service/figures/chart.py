@@ -129,7 +129,7 @@ def render_chart(
             )
             value = f"{count}" if share is None else f"{count} ({share:.0%})"
             _text(svg, centre, _TOP + _PLOT_H - height - 6, value, **{"text-anchor": "middle"})
-        _text(svg, centre, _TOP + _PLOT_H + 20, label, **{"text-anchor": "middle"})
+        _text(svg, centre, _TOP + _PLOT_H + 20, label, **{"text-anchor": "middle", "font-size": "11"})
     rule = (
         f"Counts from 1 to {published.min_cell - 1} (and counts that would reveal them) are suppressed."
         if published.min_cell > 1
