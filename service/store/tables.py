@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -429,3 +430,60 @@ class RetentionHold(Base):
     set_by: Mapped[str] = mapped_column(String(64))
     set_at: Mapped[datetime] = mapped_column(UtcDateTime())
     released_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+# --- follow-up tasks (service/tasks) ----------------------------------------------
+# What the worklist, the overdue job and the completion figures need in clear; the Task
+# resource itself (and the outcome QuestionnaireResponse) is encrypted under the subject key.
+
+
+class FollowupTask(Base):
+    """One follow-up case: an exam needing follow-up, disclosed to one receiving authority.
+
+    ``id`` is the Task resource id. ``focus_id`` (the classification Observation) and
+    ``origin_org`` (the authority first assigned) make creation idempotent per exam and
+    authority. ``outcome`` compares the receiving country's evaluation with the overseas
+    classification: ``confirmed`` or ``revised``; NULL means not evaluated. No clinical value
+    (class, diagnosis, results) is kept in clear.
+    """
+
+    __tablename__ = "followup_tasks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    focus_id: Mapped[str] = mapped_column(String(64))
+    origin_org: Mapped[str] = mapped_column(String(64))
+    owner_org: Mapped[str] = mapped_column(String(64))
+    requester_org: Mapped[str] = mapped_column(String(64), index=True)
+    code: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # FHIR Task.status
+    business_status: Mapped[str | None] = mapped_column(String(32))
+    authored_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    arrival_date: Mapped[date | None] = mapped_column(Date)
+    due_date: Mapped[date] = mapped_column(Date)
+    evaluated_on: Mapped[date | None] = mapped_column(Date)
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    # The outcome QuestionnaireResponse id, once reported.
+    outcome_response_id: Mapped[str | None] = mapped_column(String(64))
+    # When the overdue job raised this task's current due date (NULL: not yet, or re-dated).
+    overdue_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("focus_id", "origin_org"),
+        Index("ix_followup_tasks_owner_status_due", "owner_org", "status", "due_date"),
+        Index("ix_followup_tasks_status_due", "status", "due_date"),
+    )
+
+
+class FollowupTransfer(Base):
+    """A custody change of a follow-up task from one authority to another."""
+
+    __tablename__ = "followup_transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("followup_tasks.id"), index=True)
+    from_org: Mapped[str] = mapped_column(String(64))
+    to_org: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
