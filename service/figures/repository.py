@@ -24,30 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.figures.counts import WINDOWS, CompletionFigures, Perspective
 from service.figures.period import Period
 from service.figures.sql_dates import days_between, utc_date
+from service.store.tables import FollowupTask, FollowupTransfer
 
-# The task table's columns these figures read (owned by service.tasks; no identifiers among them).
-_tasks = sa.table(
-    "followup_tasks",
-    sa.column("id", sa.String),
-    sa.column("owner_org", sa.String),
-    sa.column("requester_org", sa.String),
-    sa.column("status", sa.String),
-    sa.column("business_status", sa.String),
-    sa.column("authored_at", sa.DateTime(timezone=True)),
-    sa.column("arrival_date", sa.Date),
-    sa.column("evaluated_on", sa.Date),
-    sa.column("outcome", sa.String),
-)
-_transfers = sa.table(
-    "followup_transfers",
-    sa.column("task_id", sa.String),
-    sa.column("from_org", sa.String),
-    sa.column("to_org", sa.String),
-)
+# The follow-up tables (owned by service.tasks); only their non-identifying columns are read.
+_tasks = FollowupTask.__table__
+_transfers = FollowupTransfer.__table__
 
 LOST_STATUS = ("failed", "lost-to-follow-up")  # (Task.status, Task.businessStatus)
-# Outcomes of the evaluation that confirm the pre-departure classification; every other
-# outcome of an evaluated case revised it.
+# service.tasks records an evaluated case's outcome as "confirmed" or "revised" (the receiving
+# country's evaluation against the overseas classification): an evaluated case is one or the other.
 CONFIRMING_OUTCOMES = ("confirmed",)
 
 
