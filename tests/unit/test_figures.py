@@ -72,6 +72,9 @@ def test_a_period_covers_its_first_and_last_day(start: str, end: str, first: dat
         ("2026-05-01", "2026-04-30", "periodEnd"),
         ("1990", "2026", "periodEnd"),  # longer than 20 years
         ("2026-01-01T00:00:00Z", "2026", "periodStart"),  # a date, not a dateTime
+        ("\uff12\uff10\uff12\uff16", "2026", "periodStart"),  # fullwidth digits are not FHIR's
+        ("0000", "2026", "periodStart"),
+        ("2026", "9999", "periodEnd"),
     ],
 )
 def test_a_bad_period_names_the_parameter(start: str | None, end: str | None, parameter: str) -> None:
