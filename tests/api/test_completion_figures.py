@@ -266,6 +266,18 @@ def test_bad_parameters_are_a_400_outcome(
         assert outcome["issue"][0]["expression"] == [expression]
 
 
+def test_a_repeated_or_hostile_parameter_is_a_400(service: Service, seeded: Seeded) -> None:
+    headers = _headers(service, seeded.parties.authority_a)
+    for params in (
+        [("periodStart", "2026"), ("periodStart", "2025"), ("periodEnd", "2026")],
+        [("periodStart", "2026\x00"), ("periodEnd", "2026")],
+        [("periodStart", "9" * 5000), ("periodEnd", "2026")],
+    ):
+        reply = service.client.get(EVALUATE, params=params, headers=headers)
+        assert reply.status_code == 400, reply.text
+        assert "9999" not in reply.text  # the value sent is never echoed
+
+
 def test_an_unknown_measure_is_404(service: Service, seeded: Seeded) -> None:
     reply = service.client.get(
         "/fhir/Measure/other/$evaluate-measure", params=YEAR, headers=_headers(service, seeded.parties.clinic)
