@@ -8,6 +8,8 @@ migrant submitted through the API; the figures are read back through
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from mhr_testkit import EXAMPLES, Party, Service, load_example, submit, sync_url
+from mhr_testkit import EXAMPLES, REPO, Party, Service, load_example, submit, sync_url
 
 from service import cli
 from service.store.tables import FollowupTask, FollowupTransfer
@@ -343,3 +345,25 @@ def test_the_command_writes_the_report_and_the_chart(
     ET.fromstring(out.read_bytes())  # noqa: S314 - the command's own output, under test
     assert cli.main([*args[:3], "no such org", *args[4:]]) == 2
     assert cli.main([*args[:5], "2026-13-01", *args[6:]]) == 2
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None
+    or not (REPO / "tools" / "ig" / "node_modules" / "@medplum" / "core").is_dir(),
+    reason="the independent validator is installed by `make ig-tools`",
+)
+def test_served_reports_pass_the_independent_validator(
+    service: Service, seeded: Seeded, tmp_path: Path
+) -> None:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    for name, party in (("authority", seeded.parties.authority_a), ("masked", seeded.parties.authority_b)):
+        (folder / f"{name}.json").write_bytes(_evaluate(service, party).content)
+    done = subprocess.run(
+        ["node", str(REPO / "tools" / "ig" / "validate.mjs"), "--json", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert list(json.loads(done.stdout).values()) == [[], []], done.stdout
