@@ -30,7 +30,8 @@ from service.store.tables import FollowupTask, FollowupTransfer
 _tasks = FollowupTask.__table__
 _transfers = FollowupTransfer.__table__
 
-LOST_STATUS = ("failed", "lost-to-follow-up")  # (Task.status, Task.businessStatus)
+LOST_STATUS = ("failed", "lost-to-follow-up")
+NOT_A_CASE = "entered-in-error"  # Task.status  # (Task.status, Task.businessStatus)
 # service.tasks records an evaluated case's outcome as "confirmed" or "revised" (the receiving
 # country's evaluation against the overseas classification): an evaluated case is one or the other.
 CONFIRMING_OUTCOMES = ("confirmed",)
@@ -40,7 +41,8 @@ def _cohort(organization: str, perspective: Perspective, period: Period) -> sa.S
     """One row per case of the organization's figures, with what the counts need to know."""
     t = _tasks
     clock_start = sa.func.coalesce(t.c.arrival_date, utc_date(t.c.authored_at))
-    in_period = sa.and_(clock_start >= period.start, clock_start < period.end)
+    # A task entered in error was never a case; a cancelled one (consent withdrawn) was, unevaluated.
+    in_period = sa.and_(clock_start >= period.start, clock_start < period.end, t.c.status != NOT_A_CASE)
 
     def cases(
         member: sa.ColumnElement[bool], transferred: sa.ColumnElement[bool], evaluation_counts: bool

@@ -139,6 +139,8 @@ def seeded(service: Service, database_url: str) -> Seeded:
     # Transferred by A to B; B evaluated two of them (B's evaluations, not A's).
     for days in (40, 50, None, None, None):
         seed.task(b, clinic, days=days, transferred_from=a)
+    # Not a case at all.
+    seed.task(a, clinic, days=5, status="entered-in-error")
     # Outside the period: the clock start decides, not the authored date.
     seed.task(a, clinic, arrival=date(2025, 12, 31), authored=datetime(2026, 1, 2, tzinfo=UTC), days=5)
     seed.task(a, clinic, arrival=date(2027, 1, 1), days=5)
