@@ -32,6 +32,7 @@ from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
 from service.request_context import SOURCE
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
+from service.tasks import endpoints as task_endpoints
 
 
 def create_app(
@@ -91,7 +92,17 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(FhirFormats)  # _format, Accept (406 for XML) and _pretty on every /fhir route
     # The generic /fhir/{type} routes come last so that specific ones win.
-    for module in (smart, metadata, organizations, operations, audit, erasures, figures, records):
+    for module in (
+        smart,
+        metadata,
+        organizations,
+        operations,
+        audit,
+        erasures,
+        figures,
+        task_endpoints,
+        records,
+    ):
         app.include_router(module.router)
     install_docs(app, title=f"{app.title}: API docs")
     _document_api(app, settings)

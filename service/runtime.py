@@ -136,6 +136,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
             validator=ProfileValidator.load(settings.ig_dir),
             labeler=SecurityLabeler.load(settings.ig_dir),
             statutory_policies=frozenset(settings.statutory_policies),
+            followup_due_days=dict(settings.followup_due_days),
             fhir_base_url=settings.fhir_base_url,
             offload=Offload(settings.body_work_threads),
         ),

@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     # Consent.policy URIs that mean "disclosure required by law" (a statutory public-health
     # basis) rather than voluntary consent; set per destination jurisdiction.
     statutory_policies: tuple[str, ...] = ("https://mhr.example.org/fhir/policy/statutory-public-health",)
+    # Days from arrival (or, before the arrival is recorded, from the task's creation) to a
+    # follow-up task's due date, by classification code (service.tasks.classes); others: 30.
+    followup_due_days: dict[str, int] = Field(
+        default_factory=lambda: {"B1-pulmonary": 14, "B1-extrapulmonary": 30, "B0": 30, "B2": 30, "B3": 30}
+    )
 
     @field_validator("public_base_url")
     @classmethod

@@ -54,6 +54,9 @@ class Interaction(StrEnum):
     # Completion figures of the follow-up loop (service.figures): counts, no personal data.
     evaluate_measure = "evaluate-measure"  # Measure/$evaluate-measure
     measure_chart = "chart"  # Measure/$chart
+    # Follow-up tasks (service.tasks): the owning authority's own changes, decided by role and owner.
+    task_progress = "task-progress"
+    task_transfer = "task-transfer"
 
 
 # The SMART scope permission (``cruds``) each interaction needs.
@@ -80,6 +83,8 @@ ROLE_ONLY = frozenset(
         Interaction.erasure_status,
         Interaction.retention_hold,
         Interaction.retention_hold_release,
+        Interaction.task_progress,
+        Interaction.task_transfer,
     }
 )
 _ACTION: dict[Interaction, Action] = {
@@ -100,6 +105,8 @@ _ACTION: dict[Interaction, Action] = {
     Interaction.retention_hold_release: Action.update,
     Interaction.evaluate_measure: Action.execute,
     Interaction.measure_chart: Action.execute,
+    Interaction.task_progress: Action.update,
+    Interaction.task_transfer: Action.update,
 }
 
 ROLE_REFUSED = "this client's role may not use this interaction"

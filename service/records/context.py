@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from security.blind_index import BlindIndexer
@@ -21,6 +22,8 @@ class RecordServices:
     fhir_base_url: str
     # Consent policy URIs that mark a statutory public-health basis rather than voluntary consent.
     statutory_policies: frozenset[str] = frozenset()
+    # Follow-up task due days by classification code (settings.followup_due_days).
+    followup_due_days: Mapping[str, int] = field(default_factory=dict)
     # Parsing and validation run here, off the event loop.
     offload: Offload = field(default_factory=lambda: Offload(2))
 

@@ -36,6 +36,7 @@ from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased, kek_version_of
 from service.store.tables import StoredResource, Subject
+from service.tasks.service import reconcile_subject
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,9 @@ class IntakeResult:
             patient_ids=self.patient_ids(),
             detail=detail,
         )
+
+
+_FOLLOWUP_TRIGGERS = frozenset({"Observation", "Consent"})
 
 
 class Intake:
@@ -516,6 +520,10 @@ class Intake:
             await refresh_grants(
                 self.services, self.repo, subject_id, fresh, keys=self.keys, new_subject=subject_id in created
             )
+        # An exam or a Consent can disclose a follow-up classification to an authority, or stop
+        # disclosing it: the migrant's follow-up tasks follow in this same transaction.
+        for subject_id in {w.subject_id for w in result.written if w.resource_type in _FOLLOWUP_TRIGGERS}:
+            await reconcile_subject(self.services, self.repo, self.keys, subject_id, now)
         return result
 
     async def _cipher(self, subject_id: str) -> SubjectCipher:

@@ -466,6 +466,8 @@ class FollowupTask(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))
     # The outcome QuestionnaireResponse id, once reported.
     outcome_response_id: Mapped[str | None] = mapped_column(String(64))
+    # The authority shares the worksheet with the examining clinic (its answer in the worksheet).
+    outcome_shared: Mapped[bool] = mapped_column(Boolean, default=False)
     # When the overdue job raised this task's current due date (NULL: not yet, or re-dated).
     overdue_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
