@@ -55,6 +55,8 @@ PATH_VALUES = {
     "request_id": "r1",
     "hold_id": "1",
     "measure_id": "followup-completion",
+    "task_id": "t1",
+    "response_id": "qr1",
 }
 
 
