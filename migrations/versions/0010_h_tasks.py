@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("outcome", sa.String(16), nullable=True),
         sa.Column("outcome_response_id", sa.String(64), nullable=True),
-        sa.Column("outcome_shared", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("outcome_shared", sa.Boolean(), nullable=False),
         sa.Column("overdue_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(

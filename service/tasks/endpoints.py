@@ -36,7 +36,7 @@ from service.runtime import Runtime
 from service.store.tables import FollowupTask
 from service.tasks.repository import TaskRepository, Worklist
 from service.tasks.service import TaskChange, TaskRefused, admits, change_task, record_outcome, transfer_task
-from service.tasks.worksheet import WorksheetInvalid, check_worksheet, load_questionnaire
+from service.tasks.worksheet import Worksheet, WorksheetInvalid, check_worksheet, load_questionnaire
 
 router = APIRouter(tags=["follow-up tasks"])
 
@@ -343,12 +343,10 @@ def _worksheet_task_id(body: dict[str, Any]) -> str:
     )
 
 
-@router.post(
-    "/fhir/QuestionnaireResponse", status_code=201, summary="the owning authority reports the worksheet"
-)
-async def report_worksheet(
-    request: Request, principal: WorksheetReport, session: SessionDep, runtime: RuntimeDep
-) -> Response:
+async def _checked_worksheet(
+    request: Request, principal: Principal, session: Any, runtime: Runtime, now: datetime
+) -> tuple[FollowupTask, dict[str, Any], Worksheet]:
+    """The worksheet as it would be stored, its task (the caller's own), and its facts."""
     body = await read_fhir_json(request)
     if not isinstance(body, dict) or body.get("resourceType") != "QuestionnaireResponse":
         raise _bad("expected a QuestionnaireResponse", "QuestionnaireResponse", code="structure")
@@ -357,7 +355,6 @@ async def report_worksheet(
     subject = body.get("subject")
     if not isinstance(subject, dict) or subject.get("reference") != f"Patient/{task.subject_id}":
         raise _bad("subject must be the Task's Patient", "QuestionnaireResponse.subject", 422, "value")
-    now = datetime.now(UTC)
     try:
         worksheet = check_worksheet(load_questionnaire(runtime.settings.ig_dir), body, now.date())
     except WorksheetInvalid as exc:
@@ -372,6 +369,32 @@ async def report_worksheet(
     issues = runtime.records.validator.validate(response)
     if any(i.severity in ("error", "fatal") for i in issues):
         raise validation_error(issues)
+    return task, response, worksheet
+
+
+@router.post("/fhir/QuestionnaireResponse/$validate", summary="check a worksheet; nothing is stored")
+async def validate_worksheet(
+    request: Request, principal: WorksheetReport, session: ReadSessionDep, runtime: RuntimeDep
+) -> Response:
+    await _checked_worksheet(request, principal, session, runtime, datetime.now(UTC))
+    return _json(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {"severity": "information", "code": "informational", "diagnostics": "the worksheet is valid"}
+            ],
+        }
+    )
+
+
+@router.post(
+    "/fhir/QuestionnaireResponse", status_code=201, summary="the owning authority reports the worksheet"
+)
+async def report_worksheet(
+    request: Request, principal: WorksheetReport, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    now = datetime.now(UTC)
+    task, response, worksheet = await _checked_worksheet(request, principal, session, runtime, now)
     try:
         await record_outcome(
             runtime.records,

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.store.tables import DisclosureGrant, FollowupTask, FollowupTransfer, Organization
+from service.store.tables import DisclosureGrant, FollowupTask, FollowupTransfer, Organization, Subject
 from service.tasks.transitions import OPEN
 
 
@@ -26,6 +27,11 @@ class Worklist:
     due_to: date | None = None
     offset: int = 0
     limit: int = 20
+
+
+def _not_erased() -> Any:
+    erased = select(Subject.id).where(Subject.id == FollowupTask.subject_id, Subject.erased_at.is_not(None))
+    return ~erased.exists()
 
 
 class TaskRepository:
@@ -98,7 +104,8 @@ class TaskRepository:
 
     async def worklist(self, query: Worklist) -> tuple[list[FollowupTask], int]:
         """One page of tasks (due date, then id) and how many match in all."""
-        conditions = []
+        # An erased migrant's tasks are gone with the key: no worklist shows them.
+        conditions = [_not_erased()]
         if query.owner_org is not None:
             conditions.append(FollowupTask.owner_org == query.owner_org)
         if query.requester_org is not None:
@@ -132,7 +139,8 @@ class TaskRepository:
             .where(
                 FollowupTask.status.in_(sorted(OPEN)),
                 FollowupTask.due_date < today,
-                or_(FollowupTask.overdue_at.is_(None)),
+                FollowupTask.overdue_at.is_(None),
+                _not_erased(),
             )
             .order_by(FollowupTask.due_date, FollowupTask.id)
             .limit(limit)

@@ -3,15 +3,16 @@
 Creation and withdrawal are one reconciliation per migrant (:func:`reconcile_subject`), run in
 the transaction of every write that can change them (an exam, a Consent): a follow-up
 classification version that the grant predicate lets an authority see gets a task for that
-authority (once per exam and authority, whatever happens later), and an open task whose owner
-the predicate no longer admits is cancelled with businessStatus ``consent-withdrawn``.
+authority, unless the exam already has its case (a task not cancelled: the case then moves by
+transfer) or that authority already had one for it; an open task whose owner the predicate no
+longer admits is cancelled with businessStatus ``consent-withdrawn``.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from service.records.subject_keys import OpenedKeys
 from service.store.tables import FollowupTask
 from service.tasks import classes
 from service.tasks.notify import task_event
+from service.tasks.overdue_job import schedule_sweep
 from service.tasks.repository import TaskRepository
 from service.tasks.resource import write_task, write_version
 from service.tasks.transitions import OPEN, WITHDRAWN, Refusal, check_move
@@ -94,13 +96,16 @@ async def reconcile_subject(
             task.closed_at = now
             task.updated_at = now
             await write_task(services, repo, keys, task, now)
+    # One case per exam: a task for it that is not cancelled (open, or closed with a result)
+    # is the case, and moves between authorities by transfer, not by a second task.
+    taken = {t.focus_id for t in existing if t.status != "cancelled"}
     known = {(t.focus_id, t.origin_org) for t in existing} | {(t.focus_id, t.owner_org) for t in existing}
     candidates = await tasks.granted_authorities(subject_id)
     if not candidates:
         return
     for row, classification in await _followup_focuses(repo, keys, subject_id):
         for organization_id, purposes in sorted(candidates.items()):
-            if (row.id, organization_id) in known:
+            if row.id in taken or (row.id, organization_id) in known:
                 continue
             admitted = False
             for purpose in sorted(purposes):
@@ -125,7 +130,8 @@ async def reconcile_subject(
                 updated_at=now,
             )
             await tasks.add(task)
-            known.add((row.id, organization_id))
+            await schedule_sweep(repo.session, task.due_date)
+            taken.add(row.id)
             await write_task(services, repo, keys, task, now)
             await task_event(repo.session, task, "assigned")
 
@@ -172,6 +178,7 @@ async def change_task(
         if new_due != task.due_date:
             task.due_date = new_due
             task.overdue_at = None  # a new due date is raised again once past
+            await schedule_sweep(repo.session, new_due)
     task.status = wanted
     if wanted == "failed":
         task.business_status = change.business_status
@@ -244,15 +251,3 @@ async def record_outcome(
     task.updated_at = now
     await write_task(services, repo, keys, task, now)
     return task
-
-
-async def mark_overdue(repo: RecordRepository, today: date, limit: int = 500) -> int:
-    """Raise every open task past its due date once (per due date); returns how many."""
-    tasks = TaskRepository(repo.session)
-    found = await tasks.newly_overdue(today, limit)
-    now = datetime.now(UTC)
-    for task in found:
-        task.overdue_at = now
-        await task_event(repo.session, task, "overdue")
-    await repo.session.flush()
-    return len(found)

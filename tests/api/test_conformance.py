@@ -225,7 +225,9 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
 ) -> None:
     ids = _submit_examples(service, clinic)
     auditor = service.register("auditor", "auditor")
-    parties = [service.headers(clinic), service.headers(auditor)]
+    # An authority last: it alone reports a follow-up worksheet (QuestionnaireResponse create).
+    authority = service.register("authority", "authority", purposes=("PUBHLTH",))
+    parties = [service.headers(clinic), service.headers(auditor), service.headers(authority)]
     statement = service.client.get("/fhir/metadata").json()
     rest = statement["rest"][0]
     claimed = {r["type"]: r for r in rest["resource"]}

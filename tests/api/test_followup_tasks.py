@@ -17,7 +17,7 @@ from test_disclosure import consent
 
 from service.records.repository import RecordRepository
 from service.store.database import Database
-from service.tasks.service import mark_overdue
+from service.tasks.overdue_job import mark_overdue
 
 B1_EXAMPLE = next(p for p in EXAMPLES if p.name == "exam-adult-b1-pulmonary.json")
 B2_EXAMPLE = next(p for p in EXAMPLES if p.name == "exam-child-igra-b2.json")
@@ -159,7 +159,7 @@ def test_every_authority_transition_and_refusal(loop: Loop) -> None:
     again = loop.op(loop.a, task_id, "progress", status="in-progress")
     assert again.status_code == 409
     # Every version is kept, encrypted: requested, accepted, in-progress, failed.
-    versions = _rows(loop, f"SELECT version_id FROM resource_versions WHERE id = '{task_id}'")  # noqa: S608
+    versions = _rows(loop, f"SELECT version_id FROM resource_versions WHERE id = '{task_id}'")
     assert sorted(v[0] for v in versions) == [1, 2, 3, 4]
 
 
@@ -177,16 +177,27 @@ def test_completed_and_the_clinic_sees_the_status_but_cannot_change_it(loop: Loo
 
 def test_another_authority_neither_sees_nor_moves_the_task(loop: Loop) -> None:
     loop.post_consent(loop.a.organization_id)
-    loop.post_consent(loop.b.organization_id)  # B has its own task for the same exam
+    loop.post_consent(loop.b.organization_id)  # B admitted too: the exam's case stays A's
     a_task = _one_task(loop, loop.a)["id"]
-    b_task = _one_task(loop, loop.b)["id"]
-    assert a_task != b_task
+    assert loop.worklist(loop.b) == []
     assert loop.get(loop.b, f"/fhir/Task/{a_task}").status_code == 404
     assert loop.op(loop.b, a_task, "progress", status="accepted").status_code == 404
+    assert loop.op(loop.b, a_task, "transfer", to=loop.b.organization_id).status_code == 404
     assert loop.worklist(loop.b, owner=f"Organization/{loop.a.organization_id}") == []
     other_clinic = loop.service.register("other clinic", "clinic")
     assert loop.get(other_clinic, f"/fhir/Task/{a_task}").status_code == 404
     assert loop.worklist(other_clinic) == []
+
+
+def test_after_a_withdrawal_a_newly_admitted_authority_gets_the_case(loop: Loop) -> None:
+    consent_id = loop.post_consent(loop.a.organization_id)
+    first = _one_task(loop, loop.a)["id"]
+    loop.withdraw(consent_id)
+    loop.post_consent(loop.b.organization_id)
+    second = _one_task(loop, loop.b)["id"]
+    assert second != first
+    loop.post_consent(loop.a.organization_id)  # A again: it sees its old task, still cancelled
+    assert [(t["id"], t["status"]) for t in loop.worklist(loop.a)] == [(first, "cancelled")]
 
 
 def test_withdrawal_cancels_the_task_and_hides_it(loop: Loop) -> None:
@@ -210,21 +221,20 @@ def test_transfer_refused_without_consent_then_accepted(loop: Loop) -> None:
     assert "does not admit the new authority" in refused.json()["issue"][0]["diagnostics"]
     assert loop.op(loop.a, task_id, "transfer", to=loop.clinic.organization_id).status_code == 422
     assert loop.op(loop.a, task_id, "transfer", to="no-such-org").status_code == 422
-    # B admitted by consent for Consent-free resource types: B gets its own task too, and A's
-    # task can now be handed over.
+    # Once the migrant's consent admits B, A's case can be handed over.
     loop.post_consent(loop.b.organization_id)
-    b_own = {t["id"] for t in loop.worklist(loop.b)}
+    assert loop.worklist(loop.b) == []
     moved = loop.op(loop.a, task_id, "transfer", to=loop.b.organization_id)
     assert moved.status_code == 200, moved.text
     task = moved.json()["parameter"][0]["resource"]
     assert task["owner"] == {"reference": f"Organization/{loop.b.organization_id}"}
     assert task["status"] == "requested"
-    assert task_id in {t["id"] for t in loop.worklist(loop.b)} - b_own
+    assert [t["id"] for t in loop.worklist(loop.b)] == [task_id]
     assert loop.get(loop.a, f"/fhir/Task/{task_id}").status_code == 404  # A lost it
     transfers = _rows(loop, "SELECT task_id, from_org, to_org FROM followup_transfers")
     assert [tuple(r) for r in transfers] == [(task_id, loop.a.organization_id, loop.b.organization_id)]
     assigned = _rows(loop, "SELECT count(*) FROM audit_entries WHERE subtype = 'task-assigned'")
-    assert assigned[0][0] >= 3  # A's task, B's own task, and the transfer
+    assert assigned[0][0] == 2  # A's task, then the transfer to B
 
 
 def test_worklist_filters_and_paging(loop: Loop) -> None:
@@ -342,7 +352,7 @@ def test_the_worksheet_completes_the_task_and_the_clinic_reads_it_where_shared(l
     row = _rows(loop, "SELECT outcome, evaluated_on, arrival_date, outcome_shared FROM followup_tasks")[0]
     assert row[0] == "confirmed"
     assert str(row[1]) == (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
-    stored = _rows(loop, f"SELECT ciphertext FROM resource_versions WHERE id = '{response_id}'")  # noqa: S608
+    stored = _rows(loop, f"SELECT ciphertext FROM resource_versions WHERE id = '{response_id}'")
     assert b"active-tb" not in bytes(stored[0][0])  # encrypted under the migrant's key
     # A second worksheet for a completed task is refused.
     assert _report(loop, loop.a, worksheet(loop, task_id)).status_code == 409
@@ -393,3 +403,67 @@ def test_only_the_owner_reports_and_only_for_a_task_in_progress(loop: Loop) -> N
     unnamed = worksheet(loop, task_id)
     unnamed.pop("basedOn")
     assert _report(loop, loop.a, unnamed).status_code == 422
+
+
+def test_a_sweep_is_queued_for_the_day_after_each_due_date(loop: Loop) -> None:
+    loop.post_consent(loop.a.organization_id)
+    task_id = _one_task(loop, loop.a)["id"]
+    due = datetime.now(UTC).date() + timedelta(days=14)
+    arrival = datetime.now(UTC).date() - timedelta(days=3)
+    assert loop.op(loop.a, task_id, "progress", arrivalDate=arrival.isoformat()).status_code == 200
+    jobs = _rows(loop, "SELECT idempotency_key, state FROM jobs WHERE kind = 'tasks.overdue' ORDER BY id")
+    assert [tuple(j) for j in jobs] == [
+        (f"overdue:{(due + timedelta(days=1)).isoformat()}", "queued"),
+        (f"overdue:{(arrival + timedelta(days=15)).isoformat()}", "queued"),
+    ]
+
+
+def test_validate_checks_a_worksheet_without_storing_it(loop: Loop) -> None:
+    task_id = _in_progress(loop)
+    headers = {**FHIR_HEADERS, **loop.service.headers(loop.a)}
+    url = "/fhir/QuestionnaireResponse/$validate"
+    good = loop.service.client.post(url, content=json.dumps(worksheet(loop, task_id)), headers=headers)
+    assert good.status_code == 200, good.text
+    bad = loop.service.client.post(
+        url, content=json.dumps(worksheet(loop, task_id, tst=None)), headers=headers
+    )
+    assert bad.status_code == 422
+    assert loop.get(loop.a, f"/fhir/Task/{task_id}").json()["status"] == "in-progress"
+    assert (
+        _rows(loop, "SELECT count(*) FROM resources WHERE resource_type = 'QuestionnaireResponse'")[0][0] == 0
+    )
+
+
+def test_an_erased_migrant_leaves_no_task_in_any_worklist(loop: Loop) -> None:
+    loop.post_consent(loop.a.organization_id)
+    task_id = _one_task(loop, loop.a)["id"]
+    admins = loop.service.register("admin A", "admin"), loop.service.register("admin B", "admin")
+
+    def post(party: Party, path: str, body: dict[str, Any] | None = None) -> Any:
+        return loop.service.client.post(
+            path,
+            content=json.dumps(body) if body is not None else None,
+            headers={**FHIR_HEADERS, **loop.service.headers(party)},
+        )
+
+    asked = post(
+        admins[0], "/admin/erasures", {"patient": f"Patient/{loop.patient}", "reason": "gdpr-art17-1b"}
+    )
+    assert asked.status_code == 201, asked.text
+    assert post(admins[1], f"/admin/erasures/{asked.json()['id']}/approve").status_code == 200
+    assert loop.worklist(loop.clinic) == []
+    assert loop.worklist(loop.a) == []
+    assert loop.get(loop.a, f"/fhir/Task/{task_id}").status_code == 404
+    assert loop.get(loop.clinic, f"/fhir/Task/{task_id}").status_code == 410
+
+    async def sweep() -> int:
+        database = Database(loop.service.settings.database_url)
+        try:
+            async with database.transaction() as session:
+                return await mark_overdue(
+                    RecordRepository(session), datetime.now(UTC).date() + timedelta(days=60)
+                )
+        finally:
+            await database.dispose()
+
+    assert asyncio.run(sweep()) == 0
