@@ -24,6 +24,7 @@ from service.audit.tally import run_flusher, stop_flusher
 from service.bulk import endpoints as bulk
 from service.capability import load_capability_statement
 from service.errors import FHIR_JSON, install_error_handlers
+from service.figures import endpoints as figures
 from service.jobs.background import BackgroundWork
 from service.keyring_match import KeyringMismatch, check_and_record
 from service.logging_setup import configure_logging
@@ -100,6 +101,7 @@ def create_app(
         audit,
         erasures,
         bulk,
+        figures,
         task_endpoints,
         records,
     ):

@@ -890,6 +890,9 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("request_id")
     for p in erasure.choices.values():
         p.set_defaults(handler=cmd_erasure)
+    from service.figures.cli import register as register_figures
+
+    register_figures(sub)
     return parser
 
 

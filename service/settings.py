@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     export_retention_hours: float = Field(default=24.0, gt=0, le=24 * 30)
     export_subjects_per_step: int = Field(default=200, ge=1, le=10_000)
     export_step_pause_seconds: float = Field(default=0.0, ge=0, le=60)
+    # Completion figures (service.figures): a count from 1 to this minus one is suppressed in
+    # every report and chart, so that a figure never points at a handful of migrants.
+    figures_min_cell: int = Field(default=5, ge=1, le=100)
     log_level: str = "INFO"
     deployment_name: str = "mhr.example.org/dev"
     # Consent.policy URIs that mean "disclosure required by law" (a statutory public-health

@@ -52,6 +52,9 @@ class Interaction(StrEnum):
     erasure_status = "erasure-status"
     retention_hold = "retention-hold"
     retention_hold_release = "retention-hold-release"
+    # Completion figures of the follow-up loop (service.figures): counts, no personal data.
+    evaluate_measure = "evaluate-measure"  # Measure/$evaluate-measure
+    measure_chart = "chart"  # Measure/$chart
     # Follow-up tasks (service.tasks): the owning authority's own changes, decided by role and owner.
     task_progress = "task-progress"
     task_transfer = "task-transfer"
@@ -70,6 +73,8 @@ PERMISSION: dict[Interaction, str] = {
     Interaction.validate: "c",
     Interaction.update: "u",
     Interaction.delete: "d",
+    Interaction.evaluate_measure: "r",
+    Interaction.measure_chart: "r",
 }
 # Decided by the role alone: no SMART scope names them (the admin role's ceiling is
 # Organization.rs), so the scope check does not apply.
@@ -101,6 +106,8 @@ _ACTION: dict[Interaction, Action] = {
     Interaction.erasure_status: Action.read,
     Interaction.retention_hold: Action.create,
     Interaction.retention_hold_release: Action.update,
+    Interaction.evaluate_measure: Action.execute,
+    Interaction.measure_chart: Action.execute,
     Interaction.task_progress: Action.update,
     Interaction.task_transfer: Action.update,
 }
@@ -286,4 +293,15 @@ RetentionHoldSetter = Annotated[
 ]
 RetentionHoldReleaser = Annotated[
     Principal, Depends(requires(Rule(Interaction.retention_hold_release, ADMIN, "Patient")))
+]
+
+# Completion figures: an authority's own (the tasks it owns), a clinic organization's own (the
+# tasks it requested, for its programme managers). Counts only; the route reports the caller's
+# organization and no other.
+FIGURE_READERS = frozenset({Role.authority, Role.clinic})
+MeasureEvaluate = Annotated[
+    Principal, Depends(requires(Rule(Interaction.evaluate_measure, FIGURE_READERS, "Measure")))
+]
+MeasureChart = Annotated[
+    Principal, Depends(requires(Rule(Interaction.measure_chart, FIGURE_READERS, "Measure")))
 ]

@@ -23,6 +23,7 @@ JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "
 # AuditEvent search streams NDJSON when asked (its route decides).
 NDJSON_FORMATS = frozenset({"ndjson", "application/ndjson", "application/fhir+ndjson"})
 _ANY = frozenset({"*/*", "application/*"})
+IMAGE_OPERATIONS = ("/$chart",)
 
 
 def _media(value: str) -> str:
@@ -53,7 +54,9 @@ class FhirFormats:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/fhir"):
+        path = str(scope.get("path", ""))
+        # An operation answering an image (Measure/$chart) negotiates its own format.
+        if scope["type"] != "http" or not path.startswith("/fhir") or path.endswith(IMAGE_OPERATIONS):
             await self.app(scope, receive, send)
             return
         raw = bytes(scope.get("query_string", b""))

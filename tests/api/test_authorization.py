@@ -57,6 +57,9 @@ PATH_VALUES = {
     "group_id": "g1",
     "export_id": "e" * 32,
     "file_name": "Patient.ndjson",
+    "measure_id": "followup-completion",
+    "task_id": "t1",
+    "response_id": "qr1",
 }
 
 
