@@ -41,3 +41,16 @@ async def enqueue_delivery(session: AsyncSession, subscription_id: str, through_
     return await enqueue(
         session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:{through_event}"
     )
+
+
+async def enqueue_handshake(session: AsyncSession, subscription_id: str, version_id: int) -> int | None:
+    """Queue the delivery job that handshakes a subscription just (re)requested: the worker finds
+    it ``requested`` and sends the handshake before any event. Keyed by the subscription's version."""
+    try:
+        kind = load_kinds().get(DELIVERY_KIND)
+    except UnknownJobKind:
+        log.warning("no subscription delivery worker installed: events kept for $events only")
+        return None
+    return await enqueue(
+        session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:v{version_id}"
+    )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.store.tables import SubscriptionEvent, SubscriptionRow
@@ -110,6 +110,8 @@ class SubscriptionRepository:
                 SubscriptionRow.topic == topic,
                 SubscriptionRow.organization_id.in_(orgs),
                 SubscriptionRow.status.in_(RECORDING),
+                # Past its end a subscription records nothing more (its events stay for $events).
+                or_(SubscriptionRow.end_at.is_(None), SubscriptionRow.end_at > datetime.now(UTC)),
             )
             .order_by(SubscriptionRow.id)
         )
