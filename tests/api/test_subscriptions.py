@@ -3,6 +3,7 @@ writes publish to them, $status and $events with consent decided again, and with
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -482,3 +483,123 @@ def test_an_authority_without_a_subscription_is_on_the_accounting_as_not_notifie
     notices = [d for d in _disclosures(w) if "notice" in d]
     assert [n["notice"] for n in notices] == [["withdrawal-notice.no-subscription"]]
     assert _sql(w.service, "SELECT count(*) AS n FROM subscription_events")[0].n == 0
+
+
+def _replace_consent(w: World, consent_id: str, body: dict[str, Any]) -> None:
+    response = w.service.client.put(
+        f"/fhir/Consent/{consent_id}",
+        content=json.dumps({**body, "id": consent_id}),
+        headers={**FHIR_HEADERS, **w.service.headers(w.clinic)},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_a_narrowed_consent_is_a_withdrawal_notice_too(world_service: World) -> None:
+    w = world_service
+    sid = _subscribe(w.service, w.authority, WITHDRAWALS)
+    consent_id = w.post_consent(consent(w.patient, w.authority.organization_id))
+    read = w.service.client.get(
+        f"/fhir/Observation/{w.observation}", headers=w.service.headers(w.authority, purpose_of_use="PUBHLTH")
+    )
+    assert read.status_code == 200
+    # The migrant now shares vaccinations only: the Observations it admitted are no longer visible.
+    _replace_consent(
+        w, consent_id, consent(w.patient, w.authority.organization_id, classes=("Immunization",))
+    )
+    told = _status_parameters(_events(w.service, w.authority, sid).json())
+    assert [e["focus"]["reference"] for e in told["notification-event"]] == [
+        f"{w.service.settings.fhir_base_url}/Consent/{consent_id}/_history/2"
+    ]
+    # Widening it again is no withdrawal: nothing more is told.
+    _replace_consent(w, consent_id, consent(w.patient, w.authority.organization_id))
+    again = _status_parameters(_events(w.service, w.authority, sid).json())
+    assert again["events-since-subscription-start"] == "1"
+
+
+def test_a_correction_publishes_its_new_version(world_service: World) -> None:
+    w = world_service
+    w.post_consent(consent(w.patient, w.authority.organization_id))
+    sid = _subscribe(w.service, w.authority)
+    headers = {**FHIR_HEADERS, **w.service.headers(w.clinic)}
+    current = w.service.client.get(f"/fhir/Observation/{w.observation}", headers=headers).json()
+    current["status"] = "amended"
+    put = w.service.client.put(
+        f"/fhir/Observation/{w.observation}", content=json.dumps(current), headers=headers
+    )
+    assert put.status_code == 200, put.text
+    focuses = _focuses(_events(w.service, w.authority, sid).json())
+    assert focuses == [f"{w.service.settings.fhir_base_url}/Observation/{w.observation}/_history/2"]
+    # The other authority, whom no consent names, is told nothing.
+    other = _subscribe(w.service, w.other)
+    assert (
+        submit(w.service, w.clinic, _exam_with_consent(w.service, w.clinic, w.authority)).status_code == 200
+    )
+    assert (
+        _status_parameters(_events(w.service, w.other, other).json())["events-since-subscription-start"]
+        == "0"
+    )
+
+
+def test_a_subscription_that_is_off_or_ended_records_nothing(world_service: World) -> None:
+    w = world_service
+    off = _subscribe(w.service, w.authority, status="off")
+    ended = _subscribe(w.service, w.authority, end="2020-01-01T00:00:00Z")
+    w.post_consent(consent(w.patient, w.authority.organization_id))
+    for sid in (off, ended):
+        assert (
+            _status_parameters(_events(w.service, w.authority, sid).json())["events-since-subscription-start"]
+            == "0"
+        )
+
+
+def test_concurrent_writers_number_a_subscriptions_events_without_gaps_or_repeats(service: Service) -> None:
+    from service.store.database import Database
+    from service.subscriptions.events import Event, Focus, publish
+
+    authority = service.register("authority", "authority", purposes=("PUBHLTH",))
+    sid = _subscribe(service, authority)
+
+    async def writer(database: Database, n: int) -> None:
+        async with database.transaction() as session:
+            await publish(
+                session,
+                [
+                    Event(
+                        Topic.record_visible,
+                        authority.organization_id,
+                        Focus("Observation", f"o{n}-{k}", 1),
+                        purpose="PUBHLTH",
+                    )
+                    for k in range(3)
+                ],
+            )
+
+    async def run() -> None:
+        database = Database(service.settings.database_url)
+        try:
+            await asyncio.gather(*(writer(database, n) for n in range(6)))
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+    numbers = [
+        r.event_number
+        for r in _sql(
+            service,
+            "SELECT event_number FROM subscription_events WHERE subscription_id = :s ORDER BY event_number",
+            s=sid,
+        )
+    ]
+    assert numbers == list(range(1, 19))
+    assert (
+        _sql(service, "SELECT events_issued FROM subscriptions WHERE id = :s", s=sid)[0].events_issued == 18
+    )
+    # Each writer's three events are consecutive: numbers follow commit order, one transaction at a time.
+    rows = _sql(
+        service,
+        "SELECT event_number, focus_id FROM subscription_events"
+        " WHERE subscription_id = :s ORDER BY event_number",
+        s=sid,
+    )
+    for start in range(0, 18, 3):
+        assert len({r.focus_id.split("-")[0] for r in rows[start : start + 3]}) == 1
