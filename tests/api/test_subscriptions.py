@@ -603,3 +603,33 @@ def test_concurrent_writers_number_a_subscriptions_events_without_gaps_or_repeat
     )
     for start in range(0, 18, 3):
         assert len({r.focus_id.split("-")[0] for r in rows[start : start + 3]}) == 1
+
+
+def test_task_topics_are_published_to_the_task_owner(service: Service) -> None:
+    from service.store.database import Database
+    from service.subscriptions.events import Event, Focus, publish
+
+    owner = service.register("owner", "authority", purposes=("PUBHLTH",))
+    bystander = service.register("bystander", "authority", purposes=("PUBHLTH",))
+    assigned = _subscribe(service, owner, Topic.task_assigned.value)
+    overdue = _subscribe(service, owner, Topic.task_overdue.value)
+    elsewhere = _subscribe(service, bystander, Topic.task_assigned.value)
+
+    async def run() -> None:
+        database = Database(service.settings.database_url)
+        try:
+            async with database.transaction() as session:
+                published = await publish(
+                    session, [Event(Topic.task_assigned, owner.organization_id, Focus("Task", "t1", 1))]
+                )
+                assert [(p.subscription_id, p.event_number) for p in published] == [(assigned, 1)]
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+    base = service.settings.fhir_base_url
+    assert _focuses(_events(service, owner, assigned).json()) == [f"{base}/Task/t1/_history/1"]
+    for party, sid in ((owner, overdue), (bystander, elsewhere)):
+        assert (
+            _status_parameters(_events(service, party, sid).json())["events-since-subscription-start"] == "0"
+        )
