@@ -33,6 +33,7 @@ from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
 from service.request_context import SOURCE
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
+from service.subscriptions import endpoints as subscriptions
 from service.tasks import endpoints as task_endpoints
 
 
@@ -103,6 +104,7 @@ def create_app(
         bulk,
         figures,
         task_endpoints,
+        subscriptions,
         records,
     ):
         app.include_router(module.router)

@@ -60,6 +60,7 @@ PATH_VALUES = {
     "measure_id": "followup-completion",
     "task_id": "t1",
     "response_id": "qr1",
+    "subscription_id": "s1",
 }
 
 

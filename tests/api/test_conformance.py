@@ -14,6 +14,7 @@ import pytest
 from mhr_testkit import EXAMPLES, FHIR_HEADERS, REPO, Party, Service, load_example, submit
 
 from service.records.intake import CONDITIONAL_CREATE_TYPES
+from service.records.resource_types import STORED_TYPES
 from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
 
 VALIDATOR = REPO / "tools" / "ig" / "validate.mjs"
@@ -24,6 +25,8 @@ needs_validator = pytest.mark.skipif(
 )
 BASE = "https://mhr.example.org/fhir/StructureDefinition"
 PROBE_ID = "0c1f5e1e-0000-4000-8000-000000000000"
+# $status and $events are defined by the Subscriptions R5 Backport IG (service.subscriptions).
+SUBSCRIPTIONS_BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/"
 
 
 @pytest.fixture
@@ -225,13 +228,11 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
 ) -> None:
     ids = _submit_examples(service, clinic)
     auditor = service.register("auditor", "auditor")
-    # An authority last: it alone reports a follow-up worksheet (QuestionnaireResponse create).
+    # An authority last: it alone reports a follow-up worksheet (QuestionnaireResponse create) and
+    # manages Subscriptions, so its token asks for both its reads and system/Subscription.cruds.
     authority = service.register("authority", "authority", purposes=("PUBHLTH",))
-    parties = [
-        service.headers(clinic),
-        service.headers(auditor),
-        service.headers(authority, purpose_of_use="PUBHLTH"),
-    ]
+    subscriber = service.headers(authority, "system/*.rs system/Subscription.cruds", purpose_of_use="PUBHLTH")
+    parties = [service.headers(clinic), service.headers(auditor), subscriber]
     statement = service.client.get("/fhir/metadata").json()
     rest = statement["rest"][0]
     claimed = {r["type"]: r for r in rest["resource"]}
@@ -308,7 +309,10 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     assert system == {op["name"] for op in rest.get("operation", [])}
     routes = {(rtype, op) for rtype, op in routes if not rtype.startswith("$")}
     # A type-level route for every type that can be created (here: validate).
-    creatable = {t for t, r in claimed.items() if "create" in {i["code"] for i in r.get("interaction", [])}}
+    # (The generic routes serve the stored clinical types; Subscription has routes of its own.)
+    creatable = {
+        t for t, r in claimed.items() if "create" in {i["code"] for i in r.get("interaction", [])}
+    } & STORED_TYPES
     routes = {(t, op) for rtype, op in routes for t in (creatable if rtype == "{resource_type}" else {rtype})}
     operations = {(t, op["name"]) for t, r in claimed.items() for op in r.get("operation", [])}
     assert operations == routes
@@ -316,6 +320,7 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     published = (
         "http://hl7.org/fhir/OperationDefinition/",
         "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/",
+        SUBSCRIPTIONS_BACKPORT,
     )
     for op in [op for r in claimed.values() for op in r.get("operation", [])] + rest.get("operation", []):
         assert op["definition"] in guide or op["definition"].startswith(published), op

@@ -205,7 +205,8 @@ def test_v1_scope_spelling_is_granted_as_v2(service: Service, requested: str, gr
             "system/Observation.c",
         ),
         # Asking for more than allowed is not an error while something remains.
-        ("authority", None, "system/*.cruds", "system/*.rs"),
+        # (An authority also manages its own Subscriptions.)
+        ("authority", None, "system/*.cruds", "system/*.rs system/Subscription.cruds"),
         (
             "authority",
             None,
@@ -233,7 +234,8 @@ def test_granted_scopes_are_within_requested_and_registered(
     ("kind", "registered", "requested"),
     [
         ("authority", None, "system/Patient.c"),  # authorities never write
-        ("authority", None, "system/*.cud"),
+        # (its only writes are its own Subscriptions: system/*.cud grants Subscription.cud)
+        ("authority", None, "system/Observation.cud"),
         ("auditor", None, "system/Patient.rs"),  # auditors read no clinical data
         ("admin", None, "system/Observation.rs"),
         ("clinic", "system/Organization.rs", "system/Observation.rs"),
