@@ -20,7 +20,8 @@ _SCOPE = re.compile(r"^system/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<perm>[cruds]
 # What each role may ever be granted, whatever its registration says.
 ROLE_CEILING: dict[Role, tuple[str, ...]] = {
     Role.clinic: ("system/*.cruds",),
-    Role.authority: ("system/*.rs",),
+    # Reads what consent permits; manages its own Subscriptions (service.subscriptions).
+    Role.authority: ("system/*.rs", "system/Subscription.cruds"),
     Role.auditor: ("system/AuditEvent.rs", "system/Organization.rs"),
     Role.admin: ("system/Organization.rs",),
 }

@@ -31,6 +31,7 @@ from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
 from service.request_context import SOURCE
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Settings, load_settings
+from service.subscriptions import endpoints as subscriptions
 
 
 def create_app(
@@ -90,7 +91,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(FhirFormats)  # _format, Accept (406 for XML) and _pretty on every /fhir route
     # The generic /fhir/{type} routes come last so that specific ones win.
-    for module in (smart, metadata, organizations, operations, audit, erasures, records):
+    for module in (smart, metadata, organizations, operations, audit, erasures, subscriptions, records):
         app.include_router(module.router)
     install_docs(app, title=f"{app.title}: API docs")
     _document_api(app, settings)

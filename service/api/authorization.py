@@ -270,3 +270,20 @@ RetentionHoldSetter = Annotated[
 RetentionHoldReleaser = Annotated[
     Principal, Depends(requires(Rule(Interaction.retention_hold_release, ADMIN, "Patient")))
 ]
+
+# Subscriptions (service.subscriptions): a receiving authority manages its own, and reads their
+# $status and $events (as reads); clinics, auditors and admins have none.
+AUTHORITY = frozenset({Role.authority})
+SubscriptionCreate = Annotated[
+    Principal, Depends(requires(Rule(Interaction.create, AUTHORITY, "Subscription")))
+]
+SubscriptionRead = Annotated[Principal, Depends(requires(Rule(Interaction.read, AUTHORITY, "Subscription")))]
+SubscriptionUpdate = Annotated[
+    Principal, Depends(requires(Rule(Interaction.update, AUTHORITY, "Subscription")))
+]
+SubscriptionDelete = Annotated[
+    Principal, Depends(requires(Rule(Interaction.delete, AUTHORITY, "Subscription")))
+]
+SubscriptionSearch = Annotated[
+    Principal, Depends(requires(Rule(Interaction.search, AUTHORITY, "Subscription")))
+]

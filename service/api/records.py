@@ -40,7 +40,7 @@ from service.api.prefer import Return, http_date, outcome_of_write, return_prefe
 from service.api.resource_path import KnownType
 from service.api.responses import FhirResponse, search_url
 from service.api.shaping import only_elements
-from service.audit.disclosures import Disclosure, disclosures_for_patient
+from service.audit.disclosures import WITHDRAWAL_NOTICE, Disclosure, disclosures_for_patient
 from service.audit.events import Action, AuditEntity, EventType, Outcome
 from service.errors import FHIR_JSON, FhirError
 from service.identity.repository import IdentityRepository
@@ -719,6 +719,8 @@ def _disclosure_parameter(disclosure: Disclosure, names: dict[str, str]) -> dict
     parts.extend({"name": "resourceType", "valueCode": t} for t in disclosure.resource_types)
     if disclosure.consent:
         parts.append({"name": "consent", "valueReference": {"reference": disclosure.consent}})
+    if disclosure.subtype == WITHDRAWAL_NOTICE:  # told of a withdrawal: notified, or not subscribed
+        parts.append({"name": "notice", "valueCode": f"{WITHDRAWAL_NOTICE}.{disclosure.detail}"})
     return {"name": "disclosure", "part": parts}
 
 

@@ -21,6 +21,10 @@ from service.store.tables import AuditEntry, AuditRef
 
 log = logging.getLogger(__name__)
 
+# The subtype of a disclosure entry that tells an authority a consent it received data under was
+# withdrawn or narrowed (service.subscriptions.changes writes them): the Consent's id is disclosed.
+WITHDRAWAL_NOTICE = "withdrawal-notice"
+
 
 @dataclass(frozen=True)
 class Disclosure:
@@ -30,6 +34,11 @@ class Disclosure:
     purpose: str | None
     resource_types: tuple[str, ...]
     consent: str | None  # "Consent/<id>/_history/<version>" that permitted it
+    # What kind of disclosure: the interaction that disclosed data (read, search-type ...), or
+    # "withdrawal-notice" (the authority was told a consent it received data under was
+    # withdrawn or narrowed; ``detail`` says whether it was notified or had no subscription).
+    subtype: str = ""
+    detail: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +48,8 @@ class Disclosure:
             "purpose": self.purpose,
             "resourceTypes": list(self.resource_types),
             "consent": self.consent,
+            "subtype": self.subtype,
+            "detail": self.detail,
         }
 
 
@@ -61,6 +72,8 @@ def _disclosure(entry_id: int, content: bytes) -> Disclosure:
         purpose=data.get("purpose"),
         resource_types=tuple(sorted({e["type"] for e in data.get("entities", ()) if e.get("type")})),
         consent=consent,
+        subtype=str(data.get("subtype", "")),
+        detail=data.get("detail"),
     )
 
 

@@ -74,16 +74,25 @@ class Audience:
 NOBODY = Audience()
 
 
-def _grant_conditions(g: FromClause, version: FromClause) -> ColumnElement[bool]:
-    at = bindparam("grant_at", type_=UtcDateTime())
+def admits(g: FromClause, version: FromClause, at: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """Grant row ``g`` admits this ``resource_versions`` row at ``at``, to ``g``'s organization
+    and purpose. The rule of :func:`visible`, for a statement that asks *which* audiences
+    may see a version (who to notify) rather than whether one may."""
     return and_(
         g.c.subject_id == version.c.subject_id,
-        g.c.organization_id == bindparam("grant_org"),
-        g.c.purpose == bindparam("grant_purpose"),
         g.c.resource_type == version.c.resource_type,
         g.c.labels_token == version.c.labels_token,
         or_(g.c.valid_from.is_(None), g.c.valid_from <= at),
         or_(g.c.valid_to.is_(None), g.c.valid_to > at),
+    )
+
+
+def _grant_conditions(g: FromClause, version: FromClause) -> ColumnElement[bool]:
+    at = bindparam("grant_at", type_=UtcDateTime())
+    return and_(
+        g.c.organization_id == bindparam("grant_org"),
+        g.c.purpose == bindparam("grant_purpose"),
+        admits(g, version, at),
     )
 
 

@@ -36,6 +36,7 @@ from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased, kek_version_of
 from service.store.tables import StoredResource, Subject
+from service.subscriptions.changes import WriteWatch, Written
 
 log = logging.getLogger(__name__)
 
@@ -512,10 +513,18 @@ class Intake:
             if written.resource_type == "Consent":
                 consents[written.subject_id][written.resource_id] = (written.version_id, written.body)
         created = {p.resource_id for p in new_patients}
+        # Subscriptions: who may see what before and after the grants change (service.subscriptions).
+        watch = await WriteWatch.begin(self.repo.session, set(consents) - created, now)
         for subject_id, fresh in consents.items():
             await refresh_grants(
                 self.services, self.repo, subject_id, fresh, keys=self.keys, new_subject=subject_id in created
             )
+        await watch.finish(
+            self.repo.session,
+            [Written(w.resource_type, w.resource_id, w.version_id, w.subject_id) for w in result.written],
+            {w.resource_id: w.version_id for w in result.written if w.resource_type == "Consent"},
+            AuditAgent(actor.client_id, actor.organization_id, actor.role, actor.person),
+        )
         return result
 
     async def _cipher(self, subject_id: str) -> SubjectCipher:

@@ -429,3 +429,63 @@ class RetentionHold(Base):
     set_by: Mapped[str] = mapped_column(String(64))
     set_at: Mapped[datetime] = mapped_column(UtcDateTime())
     released_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+# --- subscriptions (service/subscriptions; FHIR Subscriptions R5 Backport IG 1.1.0 for R4) --------
+class SubscriptionRow(Base):
+    """An authority's Subscription, as columns: the FHIR resource is rendered from them.
+
+    No PHI: a topic canonical, an endpoint of the authority's own, the authority's reason text.
+    ``headers_sealed`` holds the channel headers (often a bearer secret) encrypted under the
+    service's subscription header key; they are never answered back.
+    """
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    # The purpose of use of the token that wrote it: the grants its record events are checked with.
+    purpose: Mapped[str] = mapped_column(String(32))
+    topic: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))  # requested, active, error, off
+    reason: Mapped[str] = mapped_column(String(1000))
+    endpoint: Mapped[str] = mapped_column(Text)
+    payload_type: Mapped[str] = mapped_column(String(64))  # the channel's MIME type
+    payload_content: Mapped[str] = mapped_column(String(16))  # id-only or empty
+    headers_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    heartbeat_seconds: Mapped[int | None] = mapped_column(Integer)
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer)
+    max_count: Mapped[int | None] = mapped_column(Integer)
+    end_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The last event number issued (the IG's eventsSinceSubscriptionStart); bumped under a row
+    # lock by the transaction that writes the event, so numbers are gap-free and ordered.
+    events_issued: Mapped[int] = mapped_column(BigInteger)
+    # The last event number the delivery worker handed over (0: none yet).
+    events_delivered: Mapped[int] = mapped_column(BigInteger)
+    # Set by delivery when the status becomes error: an operator-facing text, no PHI.
+    error: Mapped[str | None] = mapped_column(String(300))
+    version_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_updated: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_subscriptions_org_topic", "organization_id", "topic", "status"),)
+
+
+class SubscriptionEvent(Base):
+    """One event of one subscription, numbered from 1 per subscription (the IG's eventNumber).
+
+    Ids only: the focus (type, id, version) and the migrant's pseudonymous id, with which the
+    consent is decided again when the event is delivered or fetched through ``$events``.
+    """
+
+    __tablename__ = "subscription_events"
+
+    subscription_id: Mapped[str] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="CASCADE"), primary_key=True
+    )
+    event_number: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    focus_type: Mapped[str] = mapped_column(String(64))
+    focus_id: Mapped[str] = mapped_column(String(64))
+    focus_version: Mapped[int | None] = mapped_column(Integer)
+    subject_id: Mapped[str | None] = mapped_column(String(64))

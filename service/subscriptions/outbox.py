@@ -1,0 +1,56 @@
+"""The contract between publishing an event and delivering it: the ``subscription-delivery`` job.
+
+:func:`service.subscriptions.events.publish` enqueues one job per subscription and transaction,
+in the transaction that wrote the events; the job kind and its handler belong to the delivery
+worker (service.subscriptions.delivery), which sends every pending event of the subscription in
+order of event number, whichever job it runs under.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.jobs import enqueue
+from service.jobs.kinds import JobPayload, UnknownJobKind, load_kinds
+
+log = logging.getLogger(__name__)
+
+DELIVERY_KIND = "subscription-delivery"
+
+
+class DeliveryPayload(JobPayload):
+    """Deliver what is pending for this subscription (its id only: no PHI in jobs)."""
+
+    subscription_id: str
+
+
+async def enqueue_delivery(session: AsyncSession, subscription_id: str, through_event: int) -> int | None:
+    """Queue delivery of the subscription's events up to ``through_event``; the job's id.
+
+    Keyed by the last event number, so that a retried transaction queues one job and a later
+    event always gets a job of its own (a finished job for an earlier number does not hide it).
+    Without the delivery kind in this installation, events are still kept for ``$events``.
+    """
+    try:
+        kind = load_kinds().get(DELIVERY_KIND)
+    except UnknownJobKind:
+        log.warning("no subscription delivery worker installed: events kept for $events only")
+        return None
+    return await enqueue(
+        session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:{through_event}"
+    )
+
+
+async def enqueue_handshake(session: AsyncSession, subscription_id: str, version_id: int) -> int | None:
+    """Queue the delivery job that handshakes a subscription just (re)requested: the worker finds
+    it ``requested`` and sends the handshake before any event. Keyed by the subscription's version."""
+    try:
+        kind = load_kinds().get(DELIVERY_KIND)
+    except UnknownJobKind:
+        log.warning("no subscription delivery worker installed: events kept for $events only")
+        return None
+    return await enqueue(
+        session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:v{version_id}"
+    )
