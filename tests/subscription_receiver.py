@@ -66,6 +66,8 @@ class Receiver:
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.answer_status = 200
+        self.holding = threading.Event()
+        self.holding.set()  # set: answer at once; cleared: hold every answer until set again
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -79,20 +81,22 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's spelling
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 status = receiver.answer_status
                 if 200 <= status < 300:
+                    headers = {k.lower(): v for k, v in self.headers.items()}
                     with receiver._lock:
-                        receiver.received.append(
-                            Received(self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(body))
-                        )
+                        receiver.received.append(Received(self.path, headers, json.loads(body)))
+                    # Holding: the notification arrived, its answer waits (a sender killed now
+                    # never learns that it was received).
+                    receiver.holding.wait()
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet in tests
+            def log_message(self, format: str, *args: Any) -> None:
                 return
 
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
