@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from mhr_testkit import FHIR_HEADERS, Service, sync_url
+from mhr_testkit import FHIR_HEADERS, REPO, Service, sync_url
 from subscription_receiver import Receiver, receiver
 from test_disclosure import World, consent, make_world
 
@@ -251,3 +256,69 @@ def test_a_quiet_subscription_gets_a_heartbeat(fast: Service, hook: Receiver) ->
     beat = hook.notifications("heartbeat")[0]
     assert beat.parameter("events-since-subscription-start")["valueString"] == "0"
     assert beat.event_numbers == []
+
+
+# --- a real worker process, killed with SIGKILL while a notification is in flight -------------
+
+
+def _worker_env(service: Service) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MHR_")}
+    env.update(
+        {
+            "MHR_ENV": "test",
+            "MHR_DATABASE_URL": service.settings.database_url,
+            "MHR_PUBLIC_BASE_URL": "http://testserver",
+            "MHR_KEYRING_PATH": str(service.settings.keyring_path),
+            "MHR_JOB_LEASE_SECONDS": "2",
+            "MHR_JOB_POLL_SECONDS": "0.1",
+            "MHR_SUBSCRIPTION_RETRY_BASE_SECONDS": "0.1",
+            "MHR_SUBSCRIPTION_RETRY_CAP_SECONDS": "0.5",
+        }
+    )
+    return env
+
+
+def _spawn_worker(service: Service, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "worker", "--workers", "1"],
+            cwd=REPO,
+            env=_worker_env(service),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_event_numbers(
+    fast: Service, hook: Receiver, tmp_path: Path
+) -> None:
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    hook.holding.clear()  # the next notification arrives but is not answered
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    issued = row(fast, subscription_id)["events_issued"]
+    first = _spawn_worker(fast, tmp_path / "worker-1.log")
+    try:
+        hook.wait_for(lambda r: len(r.notifications()) == 1, 60, "the first notification to arrive")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    hook.holding.set()
+    # The killed attempt never committed: nothing counts as delivered yet.
+    assert row(fast, subscription_id)["events_delivered"] == 0
+    held = hook.notifications()[0].event_numbers
+    second = _spawn_worker(fast, tmp_path / "worker-2.log")
+    try:
+        deadline = time.monotonic() + 60
+        while row(fast, subscription_id)["events_delivered"] != issued:
+            assert time.monotonic() < deadline, (tmp_path / "worker-2.log").read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    numbers = hook.event_numbers()
+    # The held notification again (the IG's duplicate: same event numbers), then all in order.
+    assert numbers[: len(held)] == held
+    assert numbers[len(held) :] == list(range(1, issued + 1))
