@@ -50,7 +50,7 @@ from service.settings import Settings
 from service.store.tables import SubscriptionDeliveryState, SubscriptionRow
 from service.subscriptions.backport import EMPTY, EVENT_NOTIFICATION, HANDSHAKE
 from service.subscriptions.delivery_audit import event_delivery_record, handshake_record
-from service.subscriptions.delivery_rows import channel_of, delivery_state, lock_subscription, touch, utcnow
+from service.subscriptions.delivery_rows import channel_of, lock_delivery, touch, utcnow
 from service.subscriptions.heartbeat import schedule_heartbeat
 from service.subscriptions.notification import NotifiedEvent, SubscriptionState, notification_bundle
 from service.subscriptions.outbox import DELIVERY_KIND, DeliveryPayload
@@ -64,6 +64,7 @@ log = logging.getLogger("mhr.subscriptions")
 # subscription does not hold a worker (or, on SQLite, the write lock) for long.
 MAX_NOTIFICATIONS_PER_JOB = 20
 DEFAULT_EVENTS_PER_NOTIFICATION = 10
+MAX_EVENT_NUMBER = 2**62
 
 _rng = random.Random()  # noqa: S311 - jitter, not a secret
 
@@ -89,8 +90,9 @@ class RetryPolicy:
         return ceiling * (0.5 + _rng.random() / 2)
 
 
-def _state(row: SubscriptionRow) -> SubscriptionState:
-    return SubscriptionState(row.id, row.topic, row.status, row.events_issued, row.error)
+def _state(row: SubscriptionRow, latest_event: int = 0) -> SubscriptionState:
+    # The row was read when the job started; events committed since are counted too.
+    return SubscriptionState(row.id, row.topic, row.status, max(row.events_issued, latest_event), row.error)
 
 
 def _focus_reference(event: EventRow) -> str:
@@ -120,6 +122,7 @@ class Delivery:
         self.records = RecordRepository(session)
         self.events = SubscriptionRepository(session)
         self.request_id = f"job-{job.job_id}"
+        self.cursor = row.events_delivered  # the last event number done (sent or withheld)
 
     async def _audit(self, record: AuditRecord) -> None:
         await record_audit(self.session, record, request_id=self.request_id, source=SOURCE)
@@ -157,14 +160,26 @@ class Delivery:
         return grant is not None, grant
 
     async def push_pending(self, now: datetime) -> bool:
-        """Send pending events until none is left or one fails; True if any is left."""
+        """Send pending events until none is left or one fails; True if some may be left.
+
+        The cursor is written once, at the end: an update of the subscription row takes its lock,
+        which an intake publishing an event needs too, so it is taken just before the commit."""
         row = self.row
+        cursor = row.events_delivered
+        try:
+            return await self._push_after(cursor)
+        finally:
+            if self.cursor != cursor:
+                row.events_delivered = self.cursor
+
+    async def _push_after(self, cursor: int) -> bool:
+        row = self.row
+        self.cursor = cursor
         per_notification = row.max_count or DEFAULT_EVENTS_PER_NOTIFICATION
         id_only = row.payload_content != EMPTY
         for _ in range(MAX_NOTIFICATIONS_PER_JOB):
-            pending = await self.events.events(
-                row.id, row.events_delivered + 1, row.events_issued, per_notification
-            )
+            # No upper bound: events committed while this job runs are delivered by it too.
+            pending = await self.events.events(row.id, self.cursor + 1, MAX_EVENT_NUMBER, per_notification)
             if not pending:
                 return False
             sent: list[tuple[EventRow, GrantMatch | None]] = []
@@ -175,7 +190,7 @@ class Delivery:
             if sent:
                 bundle = notification_bundle(
                     self.fhir_base,
-                    _state(row),
+                    _state(row, pending[-1].event_number),
                     EVENT_NOTIFICATION,
                     [
                         NotifiedEvent(e.event_number, e.occurred_at, _focus_reference(e) if id_only else None)
@@ -193,17 +208,17 @@ class Delivery:
                 self.state.last_sent_at = utcnow()
                 self.state.failing_since, self.state.failures, self.state.retry_at = None, 0, None
             # Delivered, or withheld (no consent now): either way these numbers are done.
-            row.events_delivered = pending[-1].event_number
+            self.cursor = pending[-1].event_number
             log.info(
                 "subscription events delivered",
                 extra={
                     "subscription_id": row.id,
-                    "through_event": row.events_delivered,
+                    "through_event": self.cursor,
                     "sent": len(sent),
                     "withheld": len(pending) - len(sent),
                 },
             )
-        return row.events_delivered < row.events_issued
+        return True  # the job's share is used up: a follow-on job goes on from the cursor
 
     async def _failed(self, outcome: str, now: datetime) -> None:
         state, row = self.state, self.row
@@ -240,12 +255,12 @@ class Delivery:
 
 
 async def _run(job: JobContext[DeliveryPayload], session: AsyncSession) -> None:
-    row = await lock_subscription(session, job.payload.subscription_id)
-    if row is None:
+    locked = await lock_delivery(session, job.payload.subscription_id)
+    if locked is None:
         return  # deleted with its events: nothing to deliver
+    row, state = locked
     if row.status not in ("requested", "active"):
         return  # error or off: events are kept for $events; the authority re-activates
-    state = await delivery_state(session, row.id)
     now = utcnow()
     if row.status == "active" and state.retry_at is not None and now < state.retry_at:
         return  # backing off: the retry job due then does the work

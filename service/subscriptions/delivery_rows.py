@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs import JobContext
@@ -19,22 +20,42 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def lock_subscription(session: AsyncSession, subscription_id: str) -> SubscriptionRow | None:
-    """The subscription, row-locked until the job's transaction ends (PostgreSQL; SQLite's
-    transaction already holds its only write lock)."""
-    found = await session.execute(
-        select(SubscriptionRow).where(SubscriptionRow.id == subscription_id).with_for_update()
+async def lock_delivery(
+    session: AsyncSession, subscription_id: str
+) -> tuple[SubscriptionRow, SubscriptionDeliveryState] | None:
+    """The subscription and its delivery state, the state row locked until the job's transaction
+    ends, so that one job at a time pushes this subscription (in order). None if it is gone.
+
+    The lock is on the delivery state, not on the subscription: an intake that publishes an event
+    bumps the subscription's event counter, and must not wait for a POST in flight. (On SQLite
+    the job's transaction holds the database's only write lock anyway.)
+    """
+    exists = await session.execute(select(SubscriptionRow.id).where(SubscriptionRow.id == subscription_id))
+    if exists.first() is None:
+        return None
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    await session.execute(
+        dialect.insert(SubscriptionDeliveryState)
+        .values(subscription_id=subscription_id, failures=0)
+        .on_conflict_do_nothing(index_elements=["subscription_id"])
     )
-    return found.scalar_one_or_none()
-
-
-async def delivery_state(session: AsyncSession, subscription_id: str) -> SubscriptionDeliveryState:
-    state = await session.get(SubscriptionDeliveryState, subscription_id)
-    if state is None:
-        state = SubscriptionDeliveryState(subscription_id=subscription_id, failures=0)
-        session.add(state)
-        await session.flush()
-    return state
+    state = (
+        await session.execute(
+            select(SubscriptionDeliveryState)
+            .where(SubscriptionDeliveryState.subscription_id == subscription_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    # Read after the lock: what the job that held it before us committed.
+    row = (
+        await session.execute(
+            select(SubscriptionRow)
+            .where(SubscriptionRow.id == subscription_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    return None if row is None else (row, state)
 
 
 def channel_of(row: SubscriptionRow, job: JobContext[Any]) -> Channel:

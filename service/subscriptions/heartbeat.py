@@ -21,7 +21,7 @@ from service.jobs import JobContext, JobKind, enqueue
 from service.jobs.kinds import JobPayload, register
 from service.store.tables import SubscriptionDeliveryState, SubscriptionRow
 from service.subscriptions.backport import HEARTBEAT
-from service.subscriptions.delivery_rows import channel_of, delivery_state, lock_subscription, utcnow
+from service.subscriptions.delivery_rows import channel_of, lock_delivery, utcnow
 from service.subscriptions.notification import SubscriptionState, notification_bundle
 from service.subscriptions.sender import DELIVERED, new_client, post_notification
 
@@ -49,10 +49,12 @@ async def schedule_heartbeat(
 
 
 async def _run(job: JobContext[HeartbeatPayload], session: AsyncSession) -> None:
-    row = await lock_subscription(session, job.payload.subscription_id)
-    if row is None or row.status != "active" or not row.heartbeat_seconds:
+    locked = await lock_delivery(session, job.payload.subscription_id)
+    if locked is None:
+        return  # deleted: the chain ends
+    row, state = locked
+    if row.status != "active" or not row.heartbeat_seconds:
         return  # the chain ends; activation starts a new one
-    state = await delivery_state(session, row.id)
     now = utcnow()
     period = timedelta(seconds=row.heartbeat_seconds)
     owed = state.last_sent_at is None or state.last_sent_at + period <= now
