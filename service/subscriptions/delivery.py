@@ -39,7 +39,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.events import AuditRecord
-from service.audit.recorder import record_audit
+from service.audit.recorder import PendingEntry, insert_entries, record_audit
 from service.jobs import JobContext, JobKind, enqueue
 from service.jobs.kinds import register
 from service.records.grant_predicate import GrantFilter
@@ -63,7 +63,9 @@ log = logging.getLogger("mhr.subscriptions")
 # Per job at most this many notifications; the rest goes to a follow-on job, so that one busy
 # subscription does not hold a worker (or, on SQLite, the write lock) for long.
 MAX_NOTIFICATIONS_PER_JOB = 20
-DEFAULT_EVENTS_PER_NOTIFICATION = 10
+# Without the subscriber's maxCount: a receiver catching up after an outage gets its backlog
+# in notifications of this many events (each still numbered; receivers deduplicate by number).
+DEFAULT_EVENTS_PER_NOTIFICATION = 50
 MAX_EVENT_NUMBER = 2**62
 
 _rng = random.Random()  # noqa: S311 - jitter, not a secret
@@ -199,8 +201,18 @@ class Delivery:
                     row.payload_content,
                 )
                 outcome = await post_notification(self.client, self.channel, bundle)
-                for event, grant in sent:
-                    await self._audit(event_delivery_record(row, event, grant, outcome, id_only=id_only))
+                # One entry per event, inserted together (two statements for the notification).
+                await insert_entries(
+                    self.session,
+                    [
+                        PendingEntry(
+                            event_delivery_record(row, event, grant, outcome, id_only=id_only),
+                            self.request_id,
+                            SOURCE,
+                        )
+                        for event, grant in sent
+                    ],
+                )
                 self.state.last_outcome = outcome
                 if outcome != DELIVERED:
                     await self._failed(outcome, utcnow())
