@@ -322,3 +322,18 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_event_numbe
     # The held notification again (the IG's duplicate: same event numbers), then all in order.
     assert numbers[: len(held)] == held
     assert numbers[len(held) :] == list(range(1, issued + 1))
+
+
+def test_a_retry_period_under_72_hours_is_refused_outside_development(tmp_path: Path) -> None:
+    from service.settings import Environment, Settings, SettingsError
+
+    settings = Settings(
+        env=Environment.production,
+        public_base_url="https://mhr.example.org",
+        deployment_name="mhr.example.org/prod",
+        keyring_path=tmp_path / "keyring.json",
+        subscription_retry_hours=24,
+    )
+    with pytest.raises(SettingsError, match="MHR_SUBSCRIPTION_RETRY_HOURS is below 72"):
+        settings.check_safe_to_start()
+    Settings(**{**settings.model_dump(), "subscription_retry_hours": 72}).check_safe_to_start()
