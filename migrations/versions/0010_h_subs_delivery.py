@@ -27,7 +27,7 @@ def upgrade() -> None:
             primary_key=True,
         ),
         sa.Column("failing_since", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("failures", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("failures", sa.Integer(), nullable=False),
         sa.Column("retry_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_outcome", sa.String(32), nullable=True),
