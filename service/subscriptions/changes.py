@@ -155,7 +155,10 @@ class WriteWatch:
         ):
             if a.resource_type in _NOT_EVENTS:
                 continue
-            if (a.resource_type, a.resource_id, a.version_id) in new_versions or a.seen not in seen_before:
+            written_now = (a.resource_type, a.resource_id, a.version_id) in new_versions
+            # An older version is news only where this write changed the migrant's consents.
+            newly_admitted = a.subject_id in self._consent_subjects and a.seen not in seen_before
+            if written_now or newly_admitted:
                 events.append(
                     Event(
                         Topic.record_visible,

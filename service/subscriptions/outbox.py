@@ -13,7 +13,7 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs import enqueue
-from service.jobs.kinds import JobPayload, UnknownJobKind, load_kinds
+from service.jobs.kinds import JobKind, JobPayload, UnknownJobKind, load_kinds
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,19 @@ class DeliveryPayload(JobPayload):
     subscription_id: str
 
 
+def _delivery_kind() -> JobKind[JobPayload] | None:
+    try:
+        return load_kinds().get(DELIVERY_KIND)
+    except UnknownJobKind:
+        if not _warned:
+            _warned.append(True)  # once per process: every write would say it again
+            log.warning("no subscription delivery worker installed: events kept for $events only")
+        return None
+
+
+_warned: list[bool] = []
+
+
 async def enqueue_delivery(session: AsyncSession, subscription_id: str, through_event: int) -> int | None:
     """Queue delivery of the subscription's events up to ``through_event``; the job's id.
 
@@ -33,10 +46,8 @@ async def enqueue_delivery(session: AsyncSession, subscription_id: str, through_
     event always gets a job of its own (a finished job for an earlier number does not hide it).
     Without the delivery kind in this installation, events are still kept for ``$events``.
     """
-    try:
-        kind = load_kinds().get(DELIVERY_KIND)
-    except UnknownJobKind:
-        log.warning("no subscription delivery worker installed: events kept for $events only")
+    kind = _delivery_kind()
+    if kind is None:
         return None
     return await enqueue(
         session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:{through_event}"
@@ -46,10 +57,8 @@ async def enqueue_delivery(session: AsyncSession, subscription_id: str, through_
 async def enqueue_handshake(session: AsyncSession, subscription_id: str, version_id: int) -> int | None:
     """Queue the delivery job that handshakes a subscription just (re)requested: the worker finds
     it ``requested`` and sends the handshake before any event. Keyed by the subscription's version."""
-    try:
-        kind = load_kinds().get(DELIVERY_KIND)
-    except UnknownJobKind:
-        log.warning("no subscription delivery worker installed: events kept for $events only")
+    kind = _delivery_kind()
+    if kind is None:
         return None
     return await enqueue(
         session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:v{version_id}"

@@ -200,15 +200,11 @@ class Subscriptions:
                 expression="content",
             )
         rows = await self.repo.events(row.id, first, last, MAX_EVENTS_PER_QUERY)
-        visible = await self._still_visible(row, rows, records)
+        visible = await still_visible(row, rows, records)
         shown = [e for e in rows if e.event_number in visible]
-        notified = [
-            NotifiedEvent(
-                e.event_number, e.occurred_at, _focus_reference(e) if shown_content == ID_ONLY else None
-            )
-            for e in shown
-        ]
-        bundle = notification_bundle(self.fhir_base, self.state(row), QUERY_EVENT, notified, shown_content)
+        bundle = notification_bundle(
+            self.fhir_base, self.state(row), QUERY_EVENT, notified(shown, shown_content), shown_content
+        )
         disclosed = (
             tuple((e.focus_type, e.focus_id, e.focus_version) for e in shown)
             if shown_content == ID_ONLY
@@ -216,18 +212,27 @@ class Subscriptions:
         )
         return EventsAnswer(bundle, disclosed)
 
-    async def _still_visible(
-        self, row: SubscriptionRow, events: list[EventRow], records: RecordRepository
-    ) -> set[int]:
-        """Event numbers whose focus the subscriber may see now (record events: the grant predicate)."""
-        if row.topic != Topic.record_visible.value:
-            # Withdrawal notices name the Consent that no longer admits anything; task events
-            # name the authority's own Task. Neither is gated by the record's grants.
-            return {e.event_number for e in events}
-        refs = {(e.focus_type, e.focus_id, e.focus_version) for e in events if e.focus_type in STORED_TYPES}
-        audience = Audience(grant=GrantFilter(row.organization_id, row.purpose, datetime.now(UTC)))
-        seen = await records.visible_references(refs, audience)
-        return {e.event_number for e in events if (e.focus_type, e.focus_id, e.focus_version) in seen}
+
+async def still_visible(row: SubscriptionRow, events: list[EventRow], records: RecordRepository) -> set[int]:
+    """The numbers of the events whose focus the subscriber may see now: for record events, the
+    grant predicate with the subscription's organization and purpose (one statement for all).
+    The same decision for ``$events`` and for delivery (service.subscriptions.delivery)."""
+    if row.topic != Topic.record_visible.value:
+        # Withdrawal notices name the Consent that no longer admits anything; task events
+        # name the authority's own Task. Neither is gated by the record's grants.
+        return {e.event_number for e in events}
+    refs = {(e.focus_type, e.focus_id, e.focus_version) for e in events if e.focus_type in STORED_TYPES}
+    audience = Audience(grant=GrantFilter(row.organization_id, row.purpose, datetime.now(UTC)))
+    seen = await records.visible_references(refs, audience)
+    return {e.event_number for e in events if (e.focus_type, e.focus_id, e.focus_version) in seen}
+
+
+def notified(events: list[EventRow], content: str) -> list[NotifiedEvent]:
+    """Events as a notification shows them: with their focus for id-only, without for empty."""
+    return [
+        NotifiedEvent(e.event_number, e.occurred_at, _focus_reference(e) if content == ID_ONLY else None)
+        for e in events
+    ]
 
 
 def _focus_reference(event: EventRow) -> str:

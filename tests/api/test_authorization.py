@@ -54,6 +54,7 @@ PATH_VALUES = {
     "org_id": "o1",
     "request_id": "r1",
     "hold_id": "1",
+    "subscription_id": "s1",
 }
 
 
