@@ -107,6 +107,16 @@ class Settings(BaseSettings):
     done_job_retention_days: int = Field(default=30, ge=1, le=3650)
     # Modules imported at start-up that register further job kinds (a JSON list in MHR_JOB_MODULES).
     job_modules: tuple[str, ...] = ()
+    # Subscription delivery (service.subscriptions.delivery, README "Delivery"): a failed POST is
+    # retried with exponential backoff from the base up to the cap, for this many hours after the
+    # first failure (at least 72 outside development), then the subscription is set to error.
+    subscription_retry_hours: float = Field(default=72.0, gt=0, le=24 * 365)
+    subscription_retry_base_seconds: float = Field(default=5.0, gt=0, le=3600)
+    subscription_retry_cap_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    # One POST to a receiver: connect and whole-request timeouts (a subscription's own timeout
+    # may shorten the latter). Short, because a job holds its transaction while it waits.
+    subscription_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    subscription_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     # Per-client rate limit, a token bucket in cost units: a write costs more than a search,
     # a search more than a read. Enforced per process (per replica).
     rate_limit_enabled: bool = True
@@ -219,6 +229,11 @@ class Settings(BaseSettings):
                 problem = keyring_permissions_problem(self.keyring_path)
                 if problem:
                     problems.append(f"keyring {self.keyring_path}: {problem}")
+            if self.subscription_retry_hours < 72:
+                problems.append(
+                    "MHR_SUBSCRIPTION_RETRY_HOURS is below 72: receivers must get at least three "
+                    "days to come back before their subscription is set to error"
+                )
             if self.test_exit_after_commits:
                 problems.append("MHR_TEST_EXIT_AFTER_COMMITS is a test fault; unset it outside development")
             if self.deployment_name == "mhr.example.org/dev":

@@ -23,6 +23,8 @@ BUILTIN_MODULES = (
     "service.bulk.jobs",
     "service.jobs.purge",
     "service.tasks.overdue_job",
+    "service.subscriptions.delivery",
+    "service.subscriptions.heartbeat",
 )
 
 

@@ -625,3 +625,29 @@ class SubscriptionEvent(Base):
     focus_id: Mapped[str] = mapped_column(String(64))
     focus_version: Mapped[int | None] = mapped_column(Integer)
     subject_id: Mapped[str | None] = mapped_column(String(64))
+
+
+# --- subscription delivery (service.subscriptions.delivery) ------------------------------------
+
+
+class SubscriptionDeliveryState(Base):
+    """Where delivery of one subscription stands, besides its cursor (``events_delivered``).
+
+    ``failing_since`` is the first failed attempt of the current run of failures: retries go on
+    until MHR_SUBSCRIPTION_RETRY_HOURS after it, then the subscription is ``error``. No endpoint,
+    no header and no PHI here.
+    """
+
+    __tablename__ = "subscription_delivery_state"
+
+    subscription_id: Mapped[str] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="CASCADE"), primary_key=True
+    )
+    failing_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    # No attempt before this (the backoff); a job that runs earlier leaves the work to the retry.
+    retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The last notification of any type the receiver accepted: heartbeats count from it.
+    last_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The outcome of the last attempt, a fixed code ("delivered", "http-503", "unreachable" ...).
+    last_outcome: Mapped[str | None] = mapped_column(String(32))

@@ -1,0 +1,78 @@
+"""The rows a delivery or heartbeat job works on: the locked subscription, its delivery state,
+and its channel (endpoint and decrypted headers, in memory for one job only)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.jobs import JobContext
+from service.store.tables import SubscriptionDeliveryState, SubscriptionRow
+from service.subscriptions.headers import open_headers
+from service.subscriptions.sender import Channel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+async def lock_delivery(
+    session: AsyncSession, subscription_id: str
+) -> tuple[SubscriptionRow, SubscriptionDeliveryState] | None:
+    """The subscription and its delivery state, the state row locked until the job's transaction
+    ends, so that one job at a time pushes this subscription (in order). None if it is gone.
+
+    The lock is on the delivery state, not on the subscription: an intake that publishes an event
+    bumps the subscription's event counter, and must not wait for a POST in flight. (On SQLite
+    the job's transaction holds the database's only write lock anyway.)
+    """
+    exists = await session.execute(select(SubscriptionRow.id).where(SubscriptionRow.id == subscription_id))
+    if exists.first() is None:
+        return None
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    await session.execute(
+        dialect.insert(SubscriptionDeliveryState)
+        .values(subscription_id=subscription_id, failures=0)
+        .on_conflict_do_nothing(index_elements=["subscription_id"])
+    )
+    state = (
+        await session.execute(
+            select(SubscriptionDeliveryState)
+            .where(SubscriptionDeliveryState.subscription_id == subscription_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    # Read after the lock: what the job that held it before us committed.
+    row = (
+        await session.execute(
+            select(SubscriptionRow)
+            .where(SubscriptionRow.id == subscription_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    return None if row is None else (row, state)
+
+
+def channel_of(row: SubscriptionRow, job: JobContext[Any]) -> Channel:
+    settings = job.runtime.settings
+    timeout = settings.subscription_timeout_seconds
+    if row.timeout_seconds is not None:
+        timeout = min(timeout, float(row.timeout_seconds))
+    return Channel(
+        endpoint=row.endpoint,
+        headers=tuple(open_headers(job.runtime.keys, row.id, row.headers_sealed)),
+        payload_type=row.payload_type,
+        timeout_seconds=timeout,
+        connect_timeout_seconds=settings.subscription_connect_timeout_seconds,
+    )
+
+
+def touch(row: SubscriptionRow, now: datetime) -> None:
+    """A status the service changed is a new version of the resource the authority reads."""
+    row.version_id += 1
+    row.last_updated = now
