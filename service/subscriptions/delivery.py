@@ -56,6 +56,7 @@ from service.subscriptions.notification import NotifiedEvent, SubscriptionState,
 from service.subscriptions.outbox import DELIVERY_KIND, DeliveryPayload
 from service.subscriptions.repository import EventRow, SubscriptionRepository
 from service.subscriptions.sender import DELIVERED, new_client, post_notification
+from service.subscriptions.task_gate import TASK_TOPICS, tasks_still_owned
 from service.subscriptions.topics import Topic
 
 log = logging.getLogger("mhr.subscriptions")
@@ -149,8 +150,11 @@ class Delivery:
 
     async def _permit(self, event: EventRow, at: datetime) -> tuple[bool, GrantMatch | None]:
         """May the organization be told of this event now, and on which grant?"""
+        if self.row.topic in TASK_TOPICS:
+            owned = await tasks_still_owned(self.records.session, self.row.organization_id, [event.focus_id])
+            return event.focus_id in owned, None
         if self.row.topic != Topic.record_visible.value:
-            return True, None  # a Consent withdrawn, the authority's own Task: not record grants
+            return True, None  # a Consent withdrawn: told whatever the record grants say now
         if event.focus_type not in STORED_TYPES or event.focus_version is None:
             return False, None
         grant = await self.records.permit_for_version(

@@ -28,6 +28,7 @@ from service.subscriptions.notification import (
 from service.subscriptions.outbox import enqueue_handshake
 from service.subscriptions.repository import EventRow, SubscriptionRepository
 from service.subscriptions.resource import SubscriptionRequest, parse_subscription, render
+from service.subscriptions.task_gate import TASK_TOPICS, tasks_still_owned
 from service.subscriptions.topics import Topic
 
 MAX_PER_ORGANIZATION = 100
@@ -217,9 +218,13 @@ async def still_visible(row: SubscriptionRow, events: list[EventRow], records: R
     """The numbers of the events whose focus the subscriber may see now: for record events, the
     grant predicate with the subscription's organization and purpose (one statement for all).
     The same decision for ``$events`` and for delivery (service.subscriptions.delivery)."""
+    if row.topic in TASK_TOPICS:
+        owned = await tasks_still_owned(
+            records.session, row.organization_id, (e.focus_id for e in events if e.focus_type == "Task")
+        )
+        return {e.event_number for e in events if e.focus_id in owned}
     if row.topic != Topic.record_visible.value:
-        # Withdrawal notices name the Consent that no longer admits anything; task events
-        # name the authority's own Task. Neither is gated by the record's grants.
+        # Withdrawal notices name the Consent that no longer admits anything: not gated.
         return {e.event_number for e in events}
     refs = {(e.focus_type, e.focus_id, e.focus_version) for e in events if e.focus_type in STORED_TYPES}
     audience = Audience(grant=GrantFilter(row.organization_id, row.purpose, datetime.now(UTC)))

@@ -1,7 +1,8 @@
 """The one place a follow-up task event leaves its use-case: ``task_event``.
 
-Today it writes an audit entry (pseudonymous ids and the event kind only, never PHI); the
-subscription topics task-assigned / task-overdue hang off this function too.
+It writes an audit entry (pseudonymous ids and the event kind only, never PHI) and publishes
+the event on the subscription topic task-assigned or task-overdue to the task's owner, in the
+caller's transaction (service.subscriptions; delivery checks the owner still holds the task).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, E
 from service.audit.recorder import record_audit
 from service.request_context import current_request_id
 from service.store.tables import FollowupTask
+from service.subscriptions.events import Event, Focus, publish
+from service.subscriptions.topics import Topic
 
 TaskEventKind = Literal["assigned", "overdue"]
 SOURCE = "mhr-tasks"
+TOPICS: dict[TaskEventKind, Topic] = {"assigned": Topic.task_assigned, "overdue": Topic.task_overdue}
 
 
 async def task_event(session: AsyncSession, task: FollowupTask, kind: TaskEventKind) -> None:
@@ -36,3 +40,6 @@ async def task_event(session: AsyncSession, task: FollowupTask, kind: TaskEventK
         recipients=(task.owner_org,),
     )
     await record_audit(session, record, request_id=current_request_id(), source=SOURCE)
+    await publish(
+        session, [Event(TOPICS[kind], task.owner_org, Focus("Task", task.id), subject_id=task.subject_id)]
+    )

@@ -80,6 +80,11 @@ def _patient_of(reply: Any) -> str:
 
 @pytest.fixture
 def loop(service: Service) -> Loop:
+    return make_loop(service)
+
+
+def make_loop(service: Service) -> Loop:
+    """A clinic, authorities A and B, and a B1 exam submitted: the start of every follow-up case."""
     clinic = service.register("clinic", "clinic")
     a = service.register("authority A", "authority", purposes=("PUBHLTH",))
     b = service.register("authority B", "authority", purposes=("PUBHLTH",))
