@@ -489,7 +489,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr worker``: the audit integrator and job workers, without the HTTP server, until SIGTERM."""
     import signal
 
-    from service.jobs.background import BackgroundWork
+    from service.background import BackgroundWork
     from service.lifecycle import SHUTDOWN
     from service.runtime import build_runtime, close_runtime, open_keyring
 
