@@ -22,6 +22,7 @@ from service.asgi import RequestMiddleware
 from service.audit.events import AuditRecord
 from service.audit.tally import run_flusher, stop_flusher
 from service.background import BackgroundWork
+from service.bulk import endpoints as bulk
 from service.capability import load_capability_statement
 from service.errors import FHIR_JSON, install_error_handlers
 from service.keyring_match import KeyringMismatch, check_and_record
@@ -90,7 +91,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(FhirFormats)  # _format, Accept (406 for XML) and _pretty on every /fhir route
     # The generic /fhir/{type} routes come last so that specific ones win.
-    for module in (smart, metadata, organizations, operations, audit, erasures, records):
+    for module in (smart, metadata, organizations, operations, audit, erasures, bulk, records):
         app.include_router(module.router)
     install_docs(app, title=f"{app.title}: API docs")
     _document_api(app, settings)

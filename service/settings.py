@@ -129,6 +129,14 @@ class Settings(BaseSettings):
     # after its Nth committed request transaction, before that request is answered.
     # Refused outside development and test.
     test_exit_after_commits: int = Field(default=0, ge=0)
+    # Bulk Data export (service.bulk, README "Bulk export"): where the encrypted output files
+    # live, how long a finished export's files are kept before the purge job removes them, how
+    # many migrants one checkpointed step writes, and a pause between steps that leaves the
+    # database to other work while a large export runs (0: none).
+    export_dir: Path = DEFAULT_VAR_DIR / "exports"
+    export_retention_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    export_subjects_per_step: int = Field(default=200, ge=1, le=10_000)
+    export_step_pause_seconds: float = Field(default=0.0, ge=0, le=60)
     log_level: str = "INFO"
     deployment_name: str = "mhr.example.org/dev"
     # Consent.policy URIs that mean "disclosure required by law" (a statutory public-health

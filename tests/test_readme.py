@@ -15,15 +15,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from e2e_helpers import free_port
+from e2e_helpers import free_port, wait_until_ready
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from mhr_testkit import REPO
@@ -152,16 +150,7 @@ def make_run(tmp_path: Path) -> Iterator[tuple[Path, int]]:
             start_new_session=True,  # make and the server it starts: one process group to stop
         )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("make run did not start:\n" + log_path.read_text()[-4000:])
-            time.sleep(0.3)
+        wait_until_ready(f"http://127.0.0.1:{port}", process, log_path, timeout=180, what="make run")
         yield checkout, port
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -45,6 +45,7 @@ class Interaction(StrEnum):
     transaction = "transaction"
     validate = "validate"  # $validate: a create's checks, nothing stored
     everything = "everything"  # Patient/$everything
+    export = "export"  # Bulk Data $export: kick-off, status, files
     # Erasure (admins, under a two-person rule): operations on no resource type a scope names.
     erasure_request = "erasure-request"
     erasure_approve = "erasure-approve"
@@ -59,6 +60,7 @@ PERMISSION: dict[Interaction, str] = {
     Interaction.vread: "r",
     Interaction.history: "r",
     Interaction.everything: "r",
+    Interaction.export: "r",
     Interaction.search: "s",
     Interaction.create: "c",
     Interaction.transaction: "c",
@@ -82,6 +84,7 @@ _ACTION: dict[Interaction, Action] = {
     Interaction.vread: Action.read,
     Interaction.history: Action.read,
     Interaction.everything: Action.read,
+    Interaction.export: Action.execute,
     Interaction.search: Action.execute,
     Interaction.create: Action.create,
     Interaction.transaction: Action.create,
@@ -254,6 +257,13 @@ OrganizationRead = Annotated[Principal, Depends(requires(Rule(Interaction.read, 
 OrganizationSearch = Annotated[
     Principal, Depends(requires(Rule(Interaction.search, ALL_ROLES, "Organization")))
 ]
+
+# Bulk Data export (service.bulk): receiving authorities only; each exported type also needs
+# its read scope (checked by the kick-off). Groups: an authority reads its own.
+AUTHORITY = frozenset({Role.authority})
+BulkExporter = Annotated[Principal, Depends(requires(Rule(Interaction.export, AUTHORITY, "Patient")))]
+GroupRead = Annotated[Principal, Depends(requires(Rule(Interaction.read, AUTHORITY, "Group")))]
+GroupSearch = Annotated[Principal, Depends(requires(Rule(Interaction.search, AUTHORITY, "Group")))]
 
 # Erasure: admins only, under a two-person rule the use-case enforces (a 403 of its own).
 ADMIN = frozenset({Role.admin})

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from service.runtime import Runtime
 
 # Kinds that ship with the service; settings.job_modules adds more.
-BUILTIN_MODULES = ("service.records.relabel_job", "service.keys.rewrap_job")
+BUILTIN_MODULES = ("service.records.relabel_job", "service.keys.rewrap_job", "service.bulk.jobs")
 
 
 class JobPayload(BaseModel):

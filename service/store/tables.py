@@ -429,3 +429,54 @@ class RetentionHold(Base):
     set_by: Mapped[str] = mapped_column(String(64))
     set_at: Mapped[datetime] = mapped_column(UtcDateTime())
     released_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+# --- Bulk Data export (service.bulk) -------------------------------------------------------------
+
+
+class BulkExport(Base):
+    """One $export kick-off: who asked, what for, and where the background job has got to.
+
+    Pseudonymous ids and parameters only (the kick-off's ``_type``, ``_since``, ``_until`` and
+    the Group id are not PHI). ``wrapped_key`` is the export's file key wrapped by the key
+    provider (never in clear); ``cursor_subject`` is the checkpoint: the last migrant (subject
+    pseudonym) whose resources are written, so that a restarted job resumes after it.
+    """
+
+    __tablename__ = "bulk_exports"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), index=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[str | None] = mapped_column(String(64))
+    types: Mapped[list[str]] = mapped_column(JSON)
+    since: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    until: Mapped[datetime] = mapped_column(UtcDateTime())
+    request_url: Mapped[str] = mapped_column(Text)
+    # queued, running, complete, failed, cancelled, expired
+    state: Mapped[str] = mapped_column(String(16))
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    cursor_subject: Mapped[str | None] = mapped_column(String(64))
+    subjects_done: Mapped[int] = mapped_column(Integer)
+    resources_done: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    error: Mapped[str | None] = mapped_column(String(300))
+
+
+class BulkExportFile(Base):
+    """One output file of an export (one per resource type): how much of it is committed.
+
+    ``byte_length`` and ``records`` are the checkpoint of the file: bytes beyond them were
+    written by an attempt that did not commit and are cut off before the next append.
+    """
+
+    __tablename__ = "bulk_export_files"
+
+    export_id: Mapped[str] = mapped_column(ForeignKey("bulk_exports.id"), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    byte_length: Mapped[int] = mapped_column(BigInteger)
+    records: Mapped[int] = mapped_column(Integer)
+    resources: Mapped[int] = mapped_column(BigInteger)

@@ -54,6 +54,9 @@ PATH_VALUES = {
     "org_id": "o1",
     "request_id": "r1",
     "hold_id": "1",
+    "group_id": "g1",
+    "export_id": "e" * 32,
+    "file_name": "Patient.ndjson",
 }
 
 

@@ -225,7 +225,12 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
 ) -> None:
     ids = _submit_examples(service, clinic)
     auditor = service.register("auditor", "auditor")
-    parties = [service.headers(clinic), service.headers(auditor)]
+    authority = service.register("authority", "authority", purposes=("PUBHLTH",))
+    parties = [
+        service.headers(clinic),
+        service.headers(auditor),
+        service.headers(authority, purpose_of_use="PUBHLTH"),
+    ]
     statement = service.client.get("/fhir/metadata").json()
     rest = statement["rest"][0]
     claimed = {r["type"]: r for r in rest["resource"]}
@@ -297,14 +302,19 @@ def test_capability_statement_claims_exactly_what_the_router_supports(
     # Operations: exactly the $-routes of the app, each with a resolvable definition.
     paths = service.client.get("/openapi.json").json()["paths"]
     routes = {(path.split("/")[2], path.rsplit("$", 1)[1]) for path in paths if "$" in path}
+    # System-level operations (/fhir/$export) are the statement's rest.operation.
+    system = {op for rtype, op in routes if rtype.startswith("$")}
+    assert system == {op["name"] for op in rest.get("operation", [])}
+    routes = {(rtype, op) for rtype, op in routes if not rtype.startswith("$")}
     # A type-level route for every type that can be created (here: validate).
     creatable = {t for t, r in claimed.items() if "create" in {i["code"] for i in r.get("interaction", [])}}
     routes = {(t, op) for rtype, op in routes for t in (creatable if rtype == "{resource_type}" else {rtype})}
     operations = {(t, op["name"]) for t, r in claimed.items() for op in r.get("operation", [])}
     assert operations == routes
     guide = {json.loads(p.read_text())["url"] for p in (REPO / "fhir").glob("OperationDefinition-*.json")}
-    for resource in claimed.values():
-        for op in resource.get("operation", []):
-            assert op["definition"] in guide or op["definition"].startswith(
-                "http://hl7.org/fhir/OperationDefinition/"
-            ), op
+    published = (
+        "http://hl7.org/fhir/OperationDefinition/",
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/",
+    )
+    for op in [op for r in claimed.values() for op in r.get("operation", [])] + rest.get("operation", []):
+        assert op["definition"] in guide or op["definition"].startswith(published), op

@@ -22,6 +22,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_ready(
+    base_url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60, what: str = "server"
+) -> None:
+    """Poll ``/readyz`` until 200; fail with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not start:\n" + log_path.read_text(errors="replace")[-4000:])
+        time.sleep(0.2)
+
+
 @dataclass
 class LiveServer:
     base_url: str
@@ -66,16 +82,7 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[LiveServer]:
             )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
-                time.sleep(0.2)
+            wait_until_ready(base, process, log_path)
             yield LiveServer(base, registry, process, log_path)
         finally:
             process.terminate()

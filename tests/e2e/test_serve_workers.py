@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from e2e_helpers import free_port, server_env
+from e2e_helpers import free_port, server_env, wait_until_ready
 from mhr_testkit import EXAMPLES, REPO, Party, Service, live_token, load_example, submit, sync_url
 
 DRAIN_SECONDS = 2.0
@@ -60,16 +60,7 @@ def workers_running(database_url: str, tmp_path: Path, count: int = 2, **env: st
         )
     workers = Workers(process, port, log_path)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{workers.base_url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.2)
+        wait_until_ready(workers.base_url, process, log_path, timeout=90)
         # Both workers up, so that both take part in what follows: each logs its start (the
         # logging test checks that it does; without those lines, a fixed wait stands in).
         started = time.monotonic()
