@@ -21,11 +21,11 @@ from service.api.search_docs import document_searches
 from service.asgi import RequestMiddleware
 from service.audit.events import AuditRecord
 from service.audit.tally import run_flusher, stop_flusher
+from service.background import BackgroundWork
 from service.bulk import endpoints as bulk
 from service.capability import load_capability_statement
 from service.errors import FHIR_JSON, install_error_handlers
 from service.figures import endpoints as figures
-from service.jobs.background import BackgroundWork
 from service.keyring_match import KeyringMismatch, check_and_record
 from service.logging_setup import configure_logging
 from service.ratelimit import RateLimiter, TokenEndpointLimits
@@ -56,7 +56,7 @@ def create_app(
             if owned:
                 await close_runtime(app.state.runtime)
             raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None
-        # The audit integrator and the job workers of this process (service.jobs.background).
+        # The audit integrator and the job workers of this process (service.background).
         background = BackgroundWork(app.state.runtime, job_workers=settings.job_workers)
         background.start()
         flusher = start_refusal_flusher(app.state.runtime)

@@ -489,7 +489,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr worker``: the audit integrator and job workers, without the HTTP server, until SIGTERM."""
     import signal
 
-    from service.jobs.background import BackgroundWork
+    from service.background import BackgroundWork
     from service.lifecycle import SHUTDOWN
     from service.runtime import build_runtime, close_runtime, open_keyring
 
@@ -649,9 +649,10 @@ def cmd_erasure(args: argparse.Namespace, settings: Settings) -> int:
     needs another account, or an admin client over the API, to approve."""
     import getpass
 
+    from service.domain.errors import DomainError
     from service.erasure.repository import ErasureRepository
     from service.erasure.requests import Admin, approve_erasure, request_erasure
-    from service.errors import FhirError
+    from service.errors import fhir_error
     from service.request_context import SOURCE
     from service.runtime import build_runtime, close_runtime
 
@@ -711,7 +712,8 @@ def cmd_erasure(args: argparse.Namespace, settings: Settings) -> int:
                         "state": made.state,
                         "receipt": made.receipt,
                     }
-            except FhirError as exc:
+            except DomainError as refused:
+                exc = fhir_error(refused)
                 if patient_id:
                     async with runtime.database.transaction() as session:
                         await record_audit(

@@ -1,8 +1,11 @@
 """Every error the FHIR API returns is an OperationOutcome made here.
 
-Routes and use-cases raise ``FhirError`` (or a subclass); the handlers below
-turn it, Starlette's routing errors and FastAPI's validation errors into an
-OperationOutcome with the matching status. A 500 says only its correlation id:
+Use-cases raise domain errors (``service.domain.errors``: NotFound, Gone,
+Conflict, ...) and know nothing of HTTP; ``DOMAIN_OUTCOMES`` below is the one
+place that gives each kind its status and issue code. HTTP plumbing raises
+``FhirError`` directly. The handlers below turn both, Starlette's routing
+errors and FastAPI's validation errors into an OperationOutcome with the
+matching status. A 500 says only its correlation id:
 exception text can carry PHI or internals.
 """
 
@@ -23,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
+from service.domain import errors as domain
 from service.request_context import current_request_id
 
 log = logging.getLogger(__name__)
@@ -146,6 +150,38 @@ def database_unavailable_response() -> Response:
     )
 
 
+# Each kind of domain error: its HTTP status and the FHIR issue type its problems default to.
+DOMAIN_OUTCOMES: dict[type[domain.DomainError], tuple[int, str]] = {
+    domain.Invalid: (400, "invalid"),
+    domain.Forbidden: (403, "forbidden"),
+    domain.NotFound: (404, "not-found"),
+    domain.NotSupported: (405, "not-supported"),
+    domain.Conflict: (409, "conflict"),
+    domain.Gone: (410, "deleted"),
+    domain.PreconditionFailed: (412, "conflict"),
+    domain.TooCostly: (413, "too-costly"),
+    domain.Unprocessable: (422, "processing"),
+    domain.IntegrityFailure: (500, "exception"),
+    domain.Unavailable: (503, "transient"),
+}
+
+
+def fhir_error(exc: domain.DomainError | FhirError) -> FhirError:
+    """The FHIR answer to a refusal: a domain error mapped by its kind, a FhirError as it is."""
+    if isinstance(exc, FhirError):
+        return exc
+    kind = next(k for k in type(exc).__mro__ if k in DOMAIN_OUTCOMES)
+    status, default_code = DOMAIN_OUTCOMES[kind]
+    issues = [
+        OutcomeIssue(p.code or default_code, p.diagnostics, severity=p.severity, expression=p.expression)
+        for p in exc.problems
+    ]
+    headers = {}
+    if isinstance(exc, domain.NotSupported) and exc.allowed:
+        headers["Allow"] = ", ".join(exc.allowed)
+    return FhirError(status, issues, headers)
+
+
 def not_found(resource_type: str) -> FhirError:
     # One message for "does not exist" and "exists but not yours": no existence oracle.
     return FhirError.single(404, "not-found", f"{resource_type} not found")
@@ -220,9 +256,14 @@ def _allowed_methods(request: Request) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def fhir_error(_: Request, exc: Exception) -> Response:
+    async def answer_fhir_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, FhirError)
         return outcome_response(exc.status, exc.issues, exc.headers)
+
+    async def domain_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, domain.DomainError)
+        mapped = fhir_error(exc)
+        return outcome_response(mapped.status, mapped.issues, mapped.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -256,7 +297,8 @@ def install_error_handlers(app: FastAPI) -> None:
             {"X-Request-Id": request_id},
         )
 
-    app.add_exception_handler(FhirError, fhir_error)
+    app.add_exception_handler(FhirError, answer_fhir_error)
+    app.add_exception_handler(domain.DomainError, domain_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     # Database errors are answered here (in the routing layer) rather than by the server-error

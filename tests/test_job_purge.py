@@ -17,7 +17,7 @@ from jobs_testkinds import EFFECT, Effect
 
 from security.keys import LocalKeyring
 from service.jobs import enqueue, queue
-from service.jobs.background import BackgroundWork
+from service.background import BackgroundWork
 from service.jobs.kinds import load_kinds
 from service.jobs.purge import PURGE_DONE, schedule_purge, today
 from service.jobs.worker import Worker

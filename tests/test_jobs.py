@@ -26,9 +26,9 @@ from jobs_testkinds import ALWAYS_FAILS, CRASHES, EFFECT, EFFECTS_DDL, Effect, R
 from mhr_testkit import EXAMPLES, Service, load_example, submit, sync_url
 
 from security.keys import LocalKeyring
+from service.background import BackgroundWork
 from service.cli import main as cli_main
 from service.jobs import enqueue, queue
-from service.jobs.background import BackgroundWork
 from service.jobs.kinds import load_kinds
 from service.jobs.worker import Worker
 from service.metrics import REGISTRY

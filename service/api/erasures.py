@@ -34,9 +34,10 @@ from service.api.deps import Principal, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse
 from service.audit.events import Action, AuditEntity, AuditRecord, EventType, Outcome
+from service.domain.errors import DomainError
 from service.erasure.repository import ErasureRepository
 from service.erasure.requests import Admin, approve_erasure, release_hold, request_erasure, set_hold
-from service.errors import FhirError, not_found
+from service.errors import FhirError, fhir_error, not_found
 from service.store.tables import ErasureRequest, RetentionHold
 
 router = APIRouter(tags=["erasure"])
@@ -119,11 +120,12 @@ async def request(
         made = await request_erasure(
             session, _admin(principal), patient_id, str(reason or ""), datetime.now(UTC)
         )
-    except FhirError as exc:
+    except DomainError as refused:
+        exc = fhir_error(refused)
         exc.audit = _record(
             principal, "erasure-request", Action.create, patient_id, ok=False, detail=f"status-{exc.status}"
         )
-        raise
+        raise exc from None
     await audit(
         session, _record(principal, "erasure-request", Action.create, patient_id, ok=True, detail=made.reason)
     )
@@ -141,11 +143,12 @@ async def approve(
         done = await approve_erasure(
             session, _admin(principal), request_id, runtime.log_signer, datetime.now(UTC)
         )
-    except FhirError as exc:
+    except DomainError as refused:
+        exc = fhir_error(refused)
         exc.audit = _record(
             principal, "erasure-approve", Action.delete, patient_id, ok=False, detail=f"status-{exc.status}"
         )
-        raise
+        raise exc from None
     await audit(
         session, _record(principal, "erasure-approve", Action.delete, patient_id, ok=True, detail="erased")
     )
@@ -167,11 +170,12 @@ async def hold(request: Request, principal: RetentionHoldSetter, session: Sessio
     basis = body.get("legalBasis") if isinstance(body, dict) else None
     try:
         made = await set_hold(session, _admin(principal), patient_id, basis, datetime.now(UTC))
-    except FhirError as exc:
+    except DomainError as refused:
+        exc = fhir_error(refused)
         exc.audit = _record(
             principal, "retention-hold", Action.create, patient_id, ok=False, detail=f"status-{exc.status}"
         )
-        raise
+        raise exc from None
     await audit(
         session, _record(principal, "retention-hold", Action.create, patient_id, ok=True, detail="hold-set")
     )

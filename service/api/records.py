@@ -42,7 +42,8 @@ from service.api.responses import FhirResponse, search_url
 from service.api.shaping import only_elements
 from service.audit.disclosures import WITHDRAWAL_NOTICE, Disclosure, disclosures_for_patient
 from service.audit.events import Action, AuditEntity, EventType, Outcome
-from service.errors import FHIR_JSON, FhirError
+from service.domain.errors import DomainError
+from service.errors import FHIR_JSON, FhirError, fhir_error
 from service.identity.repository import IdentityRepository
 from service.records.access import Permit, Visibility
 from service.records.context import Actor
@@ -99,9 +100,9 @@ async def _guarded(
     reader = Reader(runtime.records, RecordRepository(session))
     try:
         return await fetch(reader, _visibility(principal))
-    except FhirError as exc:
+    except (FhirError, DomainError) as refused:
         raise await _denied(
-            principal, subtype, exc, resource_type, resource_id, session, runtime, version_id
+            principal, subtype, fhir_error(refused), resource_type, resource_id, session, runtime, version_id
         ) from None
 
 
@@ -485,7 +486,8 @@ async def _dry_run(
                     ) from None
             finally:
                 await scratch.rollback()
-    except FhirError as exc:
+    except (FhirError, DomainError) as refused:
+        exc = fhir_error(refused)
         await audit_read(
             runtime,
             [

@@ -24,7 +24,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,9 +37,6 @@ from service.audit.recorder import PendingEntry, insert_entries
 from service.request_context import SOURCE
 from service.store.database import Database
 from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode, AuditQuarantine, AuditRef
-
-if TYPE_CHECKING:
-    from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -328,12 +324,12 @@ async def run_integrator(
         await asyncio.sleep(interval)
 
 
-def start_integrator(runtime: Runtime) -> asyncio.Task[None]:
-    """Start the background integrator for this process (called from the app lifespan)."""
-    signer = runtime.log_signer
-    return asyncio.create_task(
-        run_integrator(runtime.database, signer, signer.name), name="mhr-audit-integrator"
-    )
+def start_integrator(database: Database, signer: NoteSigner) -> asyncio.Task[None]:
+    """Start the background integrator for this process (called by the process's background work).
+
+    It takes the database and the log signer, not the Runtime: audit/ sits below the composition
+    root that builds the Runtime, and must not import it."""
+    return asyncio.create_task(run_integrator(database, signer, signer.name), name="mhr-audit-integrator")
 
 
 async def stop_integrator(task: asyncio.Task[None]) -> None:

@@ -39,7 +39,7 @@ from service.audit.recorder import PendingEntry, insert_entries
 from service.bulk.files import ExportFiles, open_file_key
 from service.bulk.groups import says_class_b
 from service.bulk.repository import ExportRepository
-from service.errors import FhirError
+from service.domain.errors import DomainError, Gone
 from service.records.codec import open_version
 from service.records.grant_predicate import Audience, GrantFilter
 from service.records.masking import ReferenceMask
@@ -188,9 +188,9 @@ def _open(
     silently, as it no longer exists; one failing its integrity check: left out and reported)."""
     try:
         return open_version(keys, wrapped.get(row.subject_id), row)
-    except FhirError as error:
-        if error.status == 410:
-            return None
+    except Gone:
+        return None
+    except DomainError:
         problems.append(
             orjson.dumps(
                 {

@@ -19,10 +19,10 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.signed_note import NoteSigner
+from service.domain.errors import Conflict, Forbidden, Gone, Invalid, NotFound
 from service.erasure.erase import AlreadyErased, NoSuchSubject, erase_subject
 from service.erasure.receipt import receipt_body, sign_receipt
 from service.erasure.repository import ErasureRepository
-from service.errors import FhirError
 from service.store.tables import ErasureRequest, RetentionHold
 
 # GDPR Art. 17(1) grounds, by code.
@@ -44,52 +44,47 @@ class Admin:
     person: str | None = None
 
 
-def _conflict(text: str, code: str = "conflict") -> FhirError:
-    return FhirError.single(409, code, text)
-
-
 async def _check_holds(repo: ErasureRepository, subject_id: str, now: datetime) -> None:
     holds = await repo.active_holds(subject_id)
     if holds:
         hold = holds[0]
-        raise _conflict(
-            f"erasure blocked by retention hold {hold.id} (legal basis: {hold.legal_basis})", "business-rule"
+        raise Conflict(
+            f"erasure blocked by retention hold {hold.id} (legal basis: {hold.legal_basis})",
+            code="business-rule",
         )
     statutory = await repo.statutory_consents(subject_id, now)
     if statutory:
         consent_id, version = statutory[0]
-        raise _conflict(
+        raise Conflict(
             f"erasure blocked by Consent/{consent_id}/_history/{version}, in force on a statutory "
             "legal basis (GDPR Art. 17(3))",
-            "business-rule",
+            code="business-rule",
         )
 
 
 async def _subject_to_erase(repo: ErasureRepository, subject_id: str) -> None:
     subject = await repo.subject_for_update(subject_id)
     if subject is None:
-        raise FhirError.single(404, "not-found", "Patient not found")
+        raise NotFound("Patient not found")
     if subject.erased_at is not None:
         done = await repo.completed_request(subject_id)
         named = f" (erasure request {done.id})" if done is not None else ""
-        raise FhirError.single(410, "deleted", f"this migrant was already erased{named}")
+        raise Gone(f"this migrant was already erased{named}")
 
 
 async def request_erasure(
     session: AsyncSession, admin: Admin, patient_id: str, reason: str, now: datetime
 ) -> ErasureRequest:
     if reason not in REASONS:
-        raise FhirError.single(
-            400, "invalid", "reason must be one of " + ", ".join(sorted(REASONS)), expression="reason"
-        )
+        raise Invalid("reason must be one of " + ", ".join(sorted(REASONS)), expression="reason")
     repo = ErasureRepository(session)
     await _subject_to_erase(repo, patient_id)
     organization_id = await repo.submitting_organization(patient_id)
     if organization_id is None:
-        raise FhirError.single(404, "not-found", "Patient not found")
+        raise NotFound("Patient not found")
     already = await repo.open_request(patient_id)
     if already is not None:
-        raise _conflict(f"erasure request {already.id} for this migrant awaits approval")
+        raise Conflict(f"erasure request {already.id} for this migrant awaits approval")
     await _check_holds(repo, patient_id, now)
     request = ErasureRequest(
         id=uuid.uuid4().hex,
@@ -119,13 +114,11 @@ async def approve_erasure(
     repo = ErasureRepository(session)
     request = await repo.request(request_id, for_update=True)
     if request is None:
-        raise FhirError.single(404, "not-found", "erasure request not found")
+        raise NotFound("erasure request not found")
     if request.state == "erased":
-        raise FhirError.single(410, "deleted", "this erasure request was already approved and carried out")
+        raise Gone("this erasure request was already approved and carried out")
     if _same_admin(admin, request):
-        raise FhirError.single(
-            403, "forbidden", "two-person rule: the admin who requested an erasure may not approve it"
-        )
+        raise Forbidden("two-person rule: the admin who requested an erasure may not approve it")
     await _subject_to_erase(repo, request.subject_id)
     await _check_holds(repo, request.subject_id, now)
     try:
@@ -133,7 +126,7 @@ async def approve_erasure(
             session, request.subject_id, organization_id=request.organization_id, at=now
         )
     except (AlreadyErased, NoSuchSubject):
-        raise FhirError.single(410, "deleted", "this migrant was already erased") from None
+        raise Gone("this migrant was already erased") from None
     request.approved_by = admin.client_id
     request.approved_by_person = admin.person
     request.approved_at = now
@@ -145,14 +138,12 @@ async def approve_erasure(
 
 def _legal_basis(text: object) -> str:
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_LEGAL_BASIS:
-        raise FhirError.single(
-            400,
-            "invalid",
+        raise Invalid(
             f"legalBasis must be a text of 1 to {MAX_LEGAL_BASIS} characters",
             expression="legalBasis",
         )
     if not text.isprintable():
-        raise FhirError.single(400, "invalid", "legalBasis must be printable text", expression="legalBasis")
+        raise Invalid("legalBasis must be printable text", expression="legalBasis")
     return text.strip()
 
 
@@ -172,9 +163,9 @@ async def release_hold(session: AsyncSession, hold_id: int, now: datetime) -> Re
     repo = ErasureRepository(session)
     hold = await repo.hold(hold_id)
     if hold is None:
-        raise FhirError.single(404, "not-found", "retention hold not found")
+        raise NotFound("retention hold not found")
     if hold.released_at is not None:
-        raise _conflict(f"retention hold {hold.id} was already released")
+        raise Conflict(f"retention hold {hold.id} was already released")
     hold.released_at = now
     await repo.flush()
     return hold

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from security.envelope import IntegrityError, resource_aad
 from security.keys import KekRetired
-from service.errors import FhirError
+from service.domain.errors import Gone, IntegrityFailure, Unavailable
 from service.records.repository import VersionRow
 from service.records.subject_keys import OpenedKeys, SubjectErased
 
@@ -27,7 +27,7 @@ class WrappedKey(Protocol):
     def key_version(self) -> int: ...
 
 
-def integrity_failure(row: VersionRow) -> FhirError:
+def integrity_failure(row: VersionRow) -> IntegrityFailure:
     # An integrity event: logged with pseudonymous coordinates only, answered opaquely.
     log.error(
         "stored resource failed its integrity check",
@@ -38,15 +38,15 @@ def integrity_failure(row: VersionRow) -> FhirError:
             "version_id": row.version_id,
         },
     )
-    return FhirError.single(500, "exception", "stored data failed its integrity check")
+    return IntegrityFailure("stored data failed its integrity check")
 
 
-def erased(resource_type: str) -> FhirError:
+def erased(resource_type: str) -> Gone:
     """The answer to the clinic that submitted an erased migrant's data (everyone else: 404)."""
-    return FhirError.single(410, "deleted", f"{resource_type} was erased at the migrant's request")
+    return Gone(f"{resource_type} was erased at the migrant's request")
 
 
-def retired_key_refusal(row: VersionRow) -> FhirError:
+def retired_key_refusal(row: VersionRow) -> Unavailable:
     # Not tampering: the KEK version that wraps this migrant's key was retired before it was
     # re-wrapped (`mhr keys status` counts these). Logged as its own integrity-class event.
     log.error(
@@ -61,18 +61,17 @@ def retired_key_refusal(row: VersionRow) -> FhirError:
     return retired_key_outcome()
 
 
-def retired_key_outcome() -> FhirError:
-    return FhirError.single(
-        503,
-        "exception",
+def retired_key_outcome() -> Unavailable:
+    return Unavailable(
         "this record's key is wrapped under a retired key-encryption key; an operator can see "
         "such records with `mhr keys status`",
+        code="exception",
     )
 
 
 def open_version(keys: OpenedKeys, subject: WrappedKey | None, row: VersionRow) -> bytes:
-    """The stored canonical JSON of one version; raises FhirError(500) on any integrity failure
-    and FhirError(410) for an erased migrant (its key destroyed on purpose)."""
+    """The stored canonical JSON of one version; raises IntegrityFailure on any integrity failure,
+    Gone for an erased migrant (its key destroyed on purpose), Unavailable under a retired KEK."""
     try:
         if subject is None:
             raise IntegrityError

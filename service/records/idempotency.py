@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from security.blind_index import BlindIndexer
-from service.errors import FhirError
+from service.domain.errors import Conflict, DomainError, Invalid, Unprocessable
 from service.records.idempotency_repository import IdempotencyRepository
 
 MAX_KEY_LENGTH = 255
@@ -37,7 +37,7 @@ class RequestKey:
     key_hash: bytes
     request_hash: bytes
     expires_at: datetime | None
-    mismatch_status: int
+    mismatch: type[DomainError]  # the refusal of a different request under the same key
     mismatch_diagnostics: str
 
 
@@ -103,9 +103,7 @@ def header_key(
     if len(key) >= 2 and key[0] == key[-1] == '"':  # the header is a structured-field string
         key = key[1:-1]
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not all(" " <= ch <= "~" for ch in key):
-        raise FhirError.single(
-            400,
-            "invalid",
+        raise Invalid(
             f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
         )
     scope = f"client:{client_id}"
@@ -114,7 +112,7 @@ def header_key(
         indexer.token("idempotency-key", scope, key),
         _request_hash(indexer, scope, request),
         now + timedelta(seconds=ttl_seconds),
-        422,
+        Unprocessable,
         "this Idempotency-Key was already used for a different request; use a new key for a new request",
     )
 
@@ -133,7 +131,7 @@ def exam_key(indexer: BlindIndexer, organization_id: str, bundle: dict[str, Any]
         indexer.token("bundle-identifier", scope, f"{system.strip()}|{value.strip()}"),
         _request_hash(indexer, scope, canonical_json(bundle)),
         None,
-        409,
+        Conflict,
         "this Bundle.identifier already names a different submission from this clinic; "
         "correct a stored exam with new versions (PUT), or give a new exam its own identifier",
     )
@@ -155,9 +153,9 @@ class Idempotency:
                 return None
             row = await self.repo.get(key.scope, key.key_hash)
             if row is None:
-                raise FhirError.single(409, "conflict", "a request with this key is in progress; retry")
+                raise Conflict("a request with this key is in progress; retry")
         if row.request_hash != key.request_hash:
-            raise FhirError.single(key.mismatch_status, "conflict", key.mismatch_diagnostics)
+            raise key.mismatch(key.mismatch_diagnostics, code="conflict")
         if row.outcome is None:
             # Pending rows are only ever visible to the transaction that claimed them (an
             # intake retried after losing a race for a migrant): it still holds the key.

@@ -22,7 +22,16 @@ import orjson
 from security.envelope import SubjectCipher, ciphertext_digest, resource_aad
 from security.keys import KekRetired
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
-from service.errors import FhirError, OutcomeIssue
+from service.domain.errors import (
+    DomainError,
+    Invalid,
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    Problem,
+    TooCostly,
+    Unprocessable,
+)
 from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
 from service.records.codec import erased, retired_key_outcome
@@ -61,28 +70,25 @@ class PatientRaceLost(Exception):
 CONDITIONAL_CREATE_TYPES: Final = IDENTIFIED_TYPES
 
 
-def validation_error(issues: list[Issue]) -> FhirError:
+def validation_error(issues: list[Issue]) -> DomainError:
     errors = [i for i in issues if i.severity in ("error", "fatal")]
     # FHIR REST: 400 when the resource fails basic FHIR rules, 422 when valid FHIR breaks a profile.
-    status = 400 if any(i.basic for i in errors) else 422
-    return FhirError(
-        status,
-        [OutcomeIssue(i.code, i.diagnostics, severity=i.severity, expression=i.expression) for i in errors],
-    )
+    kind = Invalid if any(i.basic for i in errors) else Unprocessable
+    return kind.of([Problem(i.diagnostics, i.expression, i.code, i.severity) for i in errors])
 
 
-def _invalid(diagnostics: str, expression: str, code: str = "invalid", status: int = 400) -> FhirError:
-    return FhirError.single(status, code, diagnostics, expression=expression)
+def _invalid(
+    diagnostics: str, expression: str, code: str = "invalid", kind: type[DomainError] = Invalid
+) -> DomainError:
+    return kind(diagnostics, expression=expression, code=code)
 
 
 def refuse_service_written(resource_type: Any) -> None:
     """A create or update of a type only the service writes: that interaction does not exist."""
     if isinstance(resource_type, str) and resource_type in SERVICE_WRITTEN_TYPES:
-        raise FhirError.single(
-            405,
-            "not-supported",
+        raise NotSupported(
             f"{resource_type} is written by the service for every write; clients read it",
-            headers={"Allow": "GET"},
+            allowed=("GET",),
         )
 
 
@@ -206,7 +212,7 @@ class Intake:
             raise _invalid("a transaction needs at least one entry", "Bundle.entry", "required")
         if len(entries) > MAX_ENTRIES:
             raise _invalid(
-                f"at most {MAX_ENTRIES} entries per transaction", "Bundle.entry", "too-costly", 413
+                f"at most {MAX_ENTRIES} entries per transaction", "Bundle.entry", "too-costly", TooCostly
             )
         for index, entry in enumerate(entries):
             resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -216,7 +222,7 @@ class Intake:
                     f"{rtype} is written by the service for every write; a client cannot submit one",
                     f"Bundle.entry[{index}].resource",
                     "business-rule",
-                    422,
+                    Unprocessable,
                 )
         # A resubmitted exam (same Bundle.identifier) is answered from its first submission.
         key = exam_key(self.services.indexer, actor.organization_id, bundle)
@@ -315,16 +321,14 @@ class Intake:
                 current = await self.repo.current_for_update(rtype, target[1])
                 if current is None or current.organization_id != actor.organization_id:
                     # Unknown and someone else's look the same.
-                    raise FhirError.single(404, "not-found", f"{rtype} not found", expression=where or None)
+                    raise NotFound(f"{rtype} not found", expression=where or None)
                 # A transaction entry carries its own (request.ifMatch), as a PUT its header.
                 expected = if_match if if_match is not None else request.get("ifMatch")
                 if expected is not None and (
                     not isinstance(expected, str)
                     or expected.strip() not in (f'W/"{current.version_id}"', f'"{current.version_id}"')
                 ):
-                    raise FhirError.single(
-                        412,
-                        "conflict",
+                    raise PreconditionFailed(
                         "If-Match does not name the current version",
                         expression=f"{where}.request.ifMatch" if where else None,
                     )
@@ -371,7 +375,12 @@ class Intake:
         # Only this clinic's own resources: matching another clinic's would reveal that it exists.
         matches = await self.repo.resources_with_identifier(actor.organization_id, rtype, token)
         if len(matches) > 1:
-            raise _invalid("ifNoneExist matches more than one resource", expression, "multiple-matches", 412)
+            raise _invalid(
+                "ifNoneExist matches more than one resource",
+                expression,
+                "multiple-matches",
+                PreconditionFailed,
+            )
         return (matches[0] if matches else None), token
 
     def _rewrite_references(
@@ -443,7 +452,9 @@ class Intake:
                 reference = subject_reference(item.resource)
                 target = parse_relative(reference) if reference else None
                 if target is None or target[0] != "Patient":
-                    raise _invalid("the resource must reference its Patient", where, "required", 422)
+                    raise _invalid(
+                        "the resource must reference its Patient", where, "required", Unprocessable
+                    )
                 subject = target[1]
                 if subject not in patients_in_bundle:
                     row = self._referenced.get(("Patient", subject))
@@ -452,7 +463,9 @@ class Intake:
                     if row is None or row.organization_id != actor.organization_id:
                         raise _invalid("referenced resource not found", where, "not-found")
             if item.subject_id is not None and item.subject_id != subject:
-                raise _invalid("a resource cannot move to another migrant", where, "business-rule", 422)
+                raise _invalid(
+                    "a resource cannot move to another migrant", where, "business-rule", Unprocessable
+                )
             item.subject_id = subject
 
     # --- writing --------------------------------------------------------------------
@@ -543,7 +556,7 @@ class Intake:
             else:
                 subject = await self.repo.subject(subject_id)
             if subject is None:
-                raise FhirError.single(404, "not-found", "Patient not found")
+                raise NotFound("Patient not found")
             try:
                 cipher = self.keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
             except SubjectErased:

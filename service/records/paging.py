@@ -30,7 +30,7 @@ import orjson
 
 from security.blind_index import BlindIndexer
 from security.sealed_tokens import TokenSealer
-from service.errors import FhirError
+from service.domain.errors import Invalid
 
 _KEY_PURPOSE = "search-cursor.v2"
 # Room for the position and the indexes of 50 identifiers (the most one search may name).
@@ -119,9 +119,6 @@ def decode_cursor(indexer: BlindIndexer, token: str, scope: CursorScope) -> Page
                 )
         except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError, OverflowError):
             pass
-    raise FhirError.single(
-        400,
-        "invalid",
-        "_cursor is not a cursor of this search: follow the next link as given",
-        expression="_cursor",
+    raise Invalid(
+        "_cursor is not a cursor of this search: follow the next link as given", expression="_cursor"
     )

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from service.errors import FhirError, not_found
+from service.domain.errors import Gone, Invalid, NotFound
 from service.records.access import TENANCY, Permit, Visibility
 from service.records.codec import WrappedKey, erased, open_version
 from service.records.context import RecordServices
@@ -61,9 +61,7 @@ def history_version(position: PagePosition) -> int:
     """The version a next history page starts below (from a cursor this service signed)."""
     number = position.resource_id
     if not (number.isascii() and number.isdigit() and len(number) <= 9):
-        raise FhirError.single(
-            400, "invalid", "_cursor is not a cursor of this history", expression="_cursor"
-        )
+        raise Invalid("_cursor is not a cursor of this history", expression="_cursor")
     return int(number)
 
 
@@ -111,7 +109,7 @@ class Reader:
             r if body is r.body else replace(r, body=body) for r, body in zip(results, bodies, strict=True)
         ]
 
-    async def _absent(self, visibility: Visibility, resource_type: str, resource_id: str) -> FhirError:
+    async def _absent(self, visibility: Visibility, resource_type: str, resource_id: str) -> NotFound | Gone:
         """404 for what the caller may not see; 410 Gone to the clinic that submitted a resource of
         a migrant since erased. The check runs on every clinic miss alike, so its cost tells
         another clinic nothing; authorities and everyone else get 404 (no existence oracle)."""
@@ -120,7 +118,8 @@ class Reader:
             resource_type, resource_id, organization_id
         ):
             return erased(resource_type)
-        return not_found(resource_type)
+        # One message for "does not exist" and "exists but not yours": no existence oracle.
+        return NotFound(f"{resource_type} not found")
 
     async def _read_one(self, visibility: Visibility, resource_type: str, resource_id: str) -> ReadResult:
         found = await self.repo.current_for_read(resource_type, resource_id, visibility.audience)

@@ -47,7 +47,7 @@ class BackgroundWork:
         self._schedule: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._integrator = start_integrator(self.runtime)
+        self._integrator = start_integrator(self.runtime.database, self.runtime.log_signer)
         self._worker_tasks = [
             asyncio.create_task(worker.run(), name=f"mhr-job-worker-{i}")
             for i, worker in enumerate(self.workers)
