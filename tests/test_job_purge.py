@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from jobs_testkinds import EFFECT, Effect
 
 from security.keys import LocalKeyring
-from service.jobs import enqueue, queue
 from service.background import BackgroundWork
+from service.jobs import enqueue, queue
 from service.jobs.kinds import load_kinds
 from service.jobs.purge import PURGE_DONE, schedule_purge, today
 from service.jobs.worker import Worker

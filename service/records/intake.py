@@ -44,9 +44,8 @@ from service.records.references import iter_references, parse_relative, rewrite_
 from service.records.repository import RecordRepository, WriteBatch
 from service.records.resource_types import IDENTIFIED_TYPES, SERVICE_WRITTEN_TYPES, STORED_TYPES
 from service.records.subject_keys import SUBJECT_KEY_VERSION, OpenedKeys, SubjectErased, kek_version_of
+from service.records.write_observers import CommittedWrite, Written, new_observers
 from service.store.tables import StoredResource, Subject
-from service.subscriptions.changes import WriteWatch, Written
-from service.tasks.service import reconcile_subject
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +174,6 @@ class IntakeResult:
             patient_ids=self.patient_ids(),
             detail=detail,
         )
-
-
-_FOLLOWUP_TRIGGERS = frozenset({"Observation", "Consent"})
 
 
 class Intake:
@@ -530,22 +526,30 @@ class Intake:
             if written.resource_type == "Consent":
                 consents[written.subject_id][written.resource_id] = (written.version_id, written.body)
         created = {p.resource_id for p in new_patients}
-        # Subscriptions: who may see what before and after the grants change (service.subscriptions).
-        watch = await WriteWatch.begin(self.repo.session, set(consents) - created, now)
+        # Features that follow a write in its transaction (subscription events, follow-up
+        # tasks; service.records.write_observers) see the grants before and after.
+        observers = new_observers()
+        for observer in observers:
+            await observer.before_grants(self.repo, frozenset(set(consents) - created), now)
         for subject_id, fresh in consents.items():
             await refresh_grants(
                 self.services, self.repo, subject_id, fresh, keys=self.keys, new_subject=subject_id in created
             )
-        # An exam or a Consent can disclose a follow-up classification to an authority, or stop
-        # disclosing it: the migrant's follow-up tasks follow in this same transaction.
-        for subject_id in {w.subject_id for w in result.written if w.resource_type in _FOLLOWUP_TRIGGERS}:
-            await reconcile_subject(self.services, self.repo, self.keys, subject_id, now)
-        await watch.finish(
-            self.repo.session,
-            [Written(w.resource_type, w.resource_id, w.version_id, w.subject_id) for w in result.written],
-            {w.resource_id: w.version_id for w in result.written if w.resource_type == "Consent"},
-            AuditAgent(actor.client_id, actor.organization_id, actor.role, actor.person),
+        write = CommittedWrite(
+            services=self.services,
+            repo=self.repo,
+            keys=self.keys,
+            written=[
+                Written(w.resource_type, w.resource_id, w.version_id, w.subject_id) for w in result.written
+            ],
+            consent_versions={
+                w.resource_id: w.version_id for w in result.written if w.resource_type == "Consent"
+            },
+            agent=AuditAgent(actor.client_id, actor.organization_id, actor.role, actor.person),
+            at=now,
         )
+        for observer in observers:
+            await observer.after_grants(write)
         return result
 
     async def _cipher(self, subject_id: str) -> SubjectCipher:

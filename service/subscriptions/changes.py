@@ -28,6 +28,7 @@ from service.audit.disclosures import WITHDRAWAL_NOTICE, Disclosure, disclosures
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.records.grant_predicate import GRANTS, admits
+from service.records.write_observers import Written
 from service.request_context import SOURCE, current_request_id
 from service.store.tables import ResourceVersion, StoredResource, UtcDateTime
 from service.subscriptions.events import Event, Focus, publish
@@ -62,16 +63,6 @@ class Admission:
     @property
     def seen(self) -> tuple[str, str, str, str, int]:
         return (self.organization_id, self.purpose, self.resource_type, self.resource_id, self.version_id)
-
-
-@dataclass(frozen=True)
-class Written:
-    """A version the write created."""
-
-    resource_type: str
-    resource_id: str
-    version_id: int
-    subject_id: str
 
 
 async def admissions(session: AsyncSession, subject_ids: Iterable[str], at: datetime) -> list[Admission]:

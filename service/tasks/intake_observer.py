@@ -1,0 +1,30 @@
+"""Follow-up tasks for an intake: an exam or a Consent can disclose a follow-up classification
+to an authority, or stop disclosing it; the migrant's tasks follow in the same transaction.
+
+Loaded by service.records.write_observers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from service.records.repository import RecordRepository
+from service.records.write_observers import CommittedWrite, WriteObserver
+from service.tasks.service import reconcile_subject
+
+# The resource types whose writes can change which authority a classification is disclosed to.
+FOLLOWUP_TRIGGERS = frozenset({"Observation", "Consent"})
+
+
+class FollowupTasks:
+    async def before_grants(self, repo: RecordRepository, subjects: frozenset[str], at: datetime) -> None:
+        return None  # tasks are decided on the grants as they are after the write
+
+    async def after_grants(self, write: CommittedWrite) -> None:
+        subjects = sorted({w.subject_id for w in write.written if w.resource_type in FOLLOWUP_TRIGGERS})
+        for subject_id in subjects:
+            await reconcile_subject(write.services, write.repo, write.keys, subject_id, write.at)
+
+
+def observer() -> WriteObserver:
+    return FollowupTasks()
