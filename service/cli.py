@@ -893,8 +893,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in erasure.choices.values():
         p.set_defaults(handler=cmd_erasure)
     from service.figures.cli import register as register_figures
+    from service.tasks.cli import register as register_tasks
 
     register_figures(sub)
+    register_tasks(sub)
     return parser
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from mhr_testkit import Party, Service
 from test_followup_tasks import Loop, _one_task, make_loop
 from test_subscriptions import _events, _focuses, _status_parameters, _subscribe
 
+from service import cli
 from service.records.repository import RecordRepository
 from service.store.database import Database
 from service.subscriptions.topics import Topic
@@ -92,3 +94,32 @@ def test_an_overdue_task_notifies_its_owner_once(loop: Loop) -> None:
     assert asyncio.run(sweep(31)) == 0
     base = loop.service.settings.fhir_base_url
     assert _task_focuses(loop, loop.a, overdue) == [f"{base}/Task/{task_id}"]
+
+
+def test_the_overdue_command_raises_and_notifies_once(
+    loop: Loop,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MHR_ENV", "development")
+    monkeypatch.setenv("MHR_DATABASE_URL", database_url)
+    monkeypatch.setenv("MHR_KEYRING_PATH", str(tmp_path / "keyring.json"))
+    monkeypatch.chdir(tmp_path)
+    overdue = _subscribe(loop.service, loop.a, OVERDUE)
+    loop.post_consent(loop.a.organization_id)
+    task_id = _one_task(loop, loop.a)["id"]
+    assert cli.main(["tasks", "overdue"]) == 0  # nothing is due today
+    later = (datetime.now(UTC).date() + timedelta(days=40)).isoformat()
+    assert cli.main(["tasks", "overdue", "--as-of", later]) == 0
+    assert cli.main(["tasks", "overdue", "--as-of", later]) == 0  # once per due date
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        f"0 task(s) raised as overdue as of {datetime.now(UTC).date().isoformat()}",
+        f"1 task(s) raised as overdue as of {later}",
+        f"0 task(s) raised as overdue as of {later}",
+    ]
+    base = loop.service.settings.fhir_base_url
+    assert _task_focuses(loop, loop.a, overdue) == [f"{base}/Task/{task_id}"]
+    assert cli.main(["tasks", "overdue", "--as-of", "next week"]) == 2
+    assert "not a date" in capsys.readouterr().err
