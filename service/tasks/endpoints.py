@@ -231,8 +231,20 @@ def _parameters(body: Any) -> dict[str, Any]:
     return found
 
 
-def _refused(exc: TaskRefused) -> FhirError:
-    return FhirError.single(exc.status, exc.code, exc.diagnostics, expression="Task.status")
+def _refused(
+    exc: TaskRefused,
+    principal: Principal,
+    subtype: str,
+    task: FollowupTask,
+    expression: str = "Task.status",
+    action: Action = Action.update,
+) -> FhirError:
+    """The refusal's OperationOutcome, carrying its audit entry (written by the error handler)."""
+    error = FhirError.single(exc.status, exc.code, exc.diagnostics, expression=expression)
+    error.audit = _record(
+        principal, subtype, action, task, outcome=Outcome.minor_failure, detail=f"status-{exc.status}"
+    )
+    return error
 
 
 @router.post("/fhir/Task/{resource_id}/$progress", summary="the owning authority moves its task on")
@@ -268,16 +280,7 @@ async def progress(
             datetime.now(UTC),
         )
     except TaskRefused as exc:
-        error = _refused(exc)
-        error.audit = _record(
-            principal,
-            "task-progress",
-            Action.update,
-            task,
-            outcome=Outcome.minor_failure,
-            detail=f"status-{exc.status}",
-        )
-        raise error from None
+        raise _refused(exc, principal, "task-progress", task) from None
     await audit(session, _record(principal, "task-progress", Action.update, task, detail=task.status))
     return _json(await _task_body(runtime, session, task))
 
@@ -304,16 +307,7 @@ async def transfer(
             datetime.now(UTC),
         )
     except TaskRefused as exc:
-        error = FhirError.single(exc.status, exc.code, exc.diagnostics, expression="Parameters.parameter.to")
-        error.audit = _record(
-            principal,
-            "task-transfer",
-            Action.update,
-            task,
-            outcome=Outcome.minor_failure,
-            detail=f"status-{exc.status}",
-        )
-        raise error from None
+        raise _refused(exc, principal, "task-transfer", task, "Parameters.parameter.to") from None
     await audit(session, _record(principal, "task-transfer", Action.update, task, detail="transferred"))
     return _json(
         {
@@ -407,16 +401,7 @@ async def report_worksheet(
             now,
         )
     except TaskRefused as exc:
-        error = _refused(exc)
-        error.audit = _record(
-            principal,
-            "create",
-            Action.create,
-            task,
-            outcome=Outcome.minor_failure,
-            detail=f"status-{exc.status}",
-        )
-        raise error from None
+        raise _refused(exc, principal, "create", task, action=Action.create) from None
     record = rest_record(
         principal,
         "create",
