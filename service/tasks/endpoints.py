@@ -104,7 +104,11 @@ def _json(content: dict[str, Any], status: int = 200) -> Response:
     return FhirResponse(content, status_code=status)
 
 
-@router.get("/fhir/Task/{resource_id}", summary="read a follow-up task (its owner or its requester)")
+@router.get(
+    "/fhir/Task/{resource_id}",
+    response_class=FhirResponse,
+    summary="read a follow-up task (its owner or its requester)",
+)
 async def read_task(
     resource_id: str, principal: TaskRead, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
@@ -141,7 +145,7 @@ SEARCH_PARAMS = frozenset({"owner", "requester", "status", "period", "code", "pa
 IGNORED = frozenset({"_format", "_pretty"})
 
 
-@router.get("/fhir/Task", summary="the follow-up worklist (own tasks only)")
+@router.get("/fhir/Task", response_class=FhirResponse, summary="the follow-up worklist (own tasks only)")
 async def search_tasks(
     request: Request, principal: TaskSearch, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
@@ -247,7 +251,11 @@ def _refused(
     return error
 
 
-@router.post("/fhir/Task/{resource_id}/$progress", summary="the owning authority moves its task on")
+@router.post(
+    "/fhir/Task/{resource_id}/$progress",
+    response_class=FhirResponse,
+    summary="the owning authority moves its task on",
+)
 async def progress(
     resource_id: str, request: Request, principal: TaskProgress, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
@@ -285,7 +293,11 @@ async def progress(
     return _json(await _task_body(runtime, session, task))
 
 
-@router.post("/fhir/Task/{resource_id}/$transfer", summary="the owning authority hands the case on")
+@router.post(
+    "/fhir/Task/{resource_id}/$transfer",
+    response_class=FhirResponse,
+    summary="the owning authority hands the case on",
+)
 async def transfer(
     resource_id: str, request: Request, principal: TaskTransfer, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
@@ -366,7 +378,11 @@ async def _checked_worksheet(
     return task, response, worksheet
 
 
-@router.post("/fhir/QuestionnaireResponse/$validate", summary="check a worksheet; nothing is stored")
+@router.post(
+    "/fhir/QuestionnaireResponse/$validate",
+    response_class=FhirResponse,
+    summary="check a worksheet; nothing is stored",
+)
 async def validate_worksheet(
     request: Request, principal: WorksheetReport, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
@@ -382,7 +398,10 @@ async def validate_worksheet(
 
 
 @router.post(
-    "/fhir/QuestionnaireResponse", status_code=201, summary="the owning authority reports the worksheet"
+    "/fhir/QuestionnaireResponse",
+    response_class=FhirResponse,
+    status_code=201,
+    summary="the owning authority reports the worksheet",
 )
 async def report_worksheet(
     request: Request, principal: WorksheetReport, session: SessionDep, runtime: RuntimeDep
@@ -415,7 +434,11 @@ async def report_worksheet(
     return FhirResponse(response, status_code=201, headers={"Location": location})
 
 
-@router.get("/fhir/QuestionnaireResponse/{resource_id}", summary="read a follow-up worksheet")
+@router.get(
+    "/fhir/QuestionnaireResponse/{resource_id}",
+    response_class=FhirResponse,
+    summary="read a follow-up worksheet",
+)
 async def read_worksheet(
     resource_id: str, principal: WorksheetRead, session: ReadSessionDep, runtime: RuntimeDep
 ) -> Response:
