@@ -449,8 +449,9 @@ async def retire_index(
         )
         await _write_state(session, phase.current, None, now)
         await audit(session, "index-key-retire", ("Key", f"{BLIND_INDEX_PURPOSE}/{phase.previous}"))
-    # After the commit: every process stops using the key as it re-reads the state; destroying it
-    # first could fail a lookup still computing under it.
+    # After the commit, and once every process has re-read the state and stopped computing under
+    # the key: destroying it at once could fail a lookup still made under it (a stale token handle).
+    await asyncio.sleep(index_keys_module.SETTLE_SECONDS)
     if phase.previous in keys.blind_index_kids():
         try:
             keys.retire_secret(BLIND_INDEX_PURPOSE, phase.previous)

@@ -485,6 +485,9 @@ class Intake:
         }
         if not await self.repo.claim_match_keys(actor.organization_id, claims):
             raise PatientRaceLost
+        # Read once: the indexer of new migrants changes when a rotation settles, and a migrant's
+        # row must name the key its tokens are made under.
+        new_indexer = self.services.indexer
         for patient in new_patients:
             wrapped, cipher = self.keys.create(patient.resource_id)
             self._batch.subjects.append(
@@ -495,11 +498,11 @@ class Intake:
                     "kek_version": kek_version_of(wrapped),
                     "created_at": now,
                     "erased_at": None,
-                    "index_key_id": self.services.indexer.kid,
+                    "index_key_id": new_indexer.kid,
                 }
             )
             self._ciphers[patient.resource_id] = cipher
-            self._indexers[patient.resource_id] = self.services.indexer
+            self._indexers[patient.resource_id] = new_indexer
         per_subject: dict[str, list[WrittenVersion]] = defaultdict(list)
         for item in planned:
             if item.method == "existing":

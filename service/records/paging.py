@@ -33,8 +33,9 @@ from security.sealed_tokens import TokenSealer
 from service.domain.errors import Invalid
 
 _KEY_PURPOSE = "search-cursor.v2"
-# Room for the position and the indexes of 50 identifiers (the most one search may name).
-_MAX_CURSOR = 4096
+# Room for the position and the indexes of 50 identifiers (the most one search may name), each
+# under both keys of an index key rotation.
+_MAX_CURSOR = 8192
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
