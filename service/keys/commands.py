@@ -159,7 +159,11 @@ async def _dispatch(args: argparse.Namespace, runtime: Runtime, audit: lifecycle
         found = await lifecycle.status(database, keys)
         # A key wrapped under the old version by a write that committed behind the run's cursor
         # (a process that had not yet taken up the rotation): another pass takes it.
-        if found.stale - found.under_retired <= 0 or attempt > FOLLOW_UP_PASSES:
+        # Headers sealed under the old version by a process that had not yet taken it up, too.
+        if (
+            found.stale - found.under_retired <= 0
+            and found.headers_stale <= found.headers_below(found.min_decrypt)
+        ) or attempt > FOLLOW_UP_PASSES:
             break
         started = await lifecycle.start(database, keys, f"{run_id}.{attempt}", args.batch_size)
         print(f"another pass for {started.to_rewrap} subject keys written meanwhile", flush=True)
