@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -326,3 +327,77 @@ def test_a_recorded_index_key_the_provider_does_not_hold_refuses_start_up(
         Service.start(database_url, tmp_path, job_workers=0, **provider_settings),  # type: ignore[arg-type]
     ):
         pass
+
+
+class Traffic:
+    """Searches by identifier and writes to the same migrants from another thread, as the re-index
+    moves them; every answer that is not exact is kept."""
+
+    def __init__(self, service: Service, clinic: Party, expected: dict[tuple[str, str], list[str]]) -> None:
+        self.service, self.clinic, self.expected = service, clinic, expected
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.searches = self.writes = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(timeout=120)
+
+    def _run(self) -> None:
+        headers = {**FHIR_HEADERS, **self.service.headers(self.clinic)}
+        while not self.stop.is_set():
+            for ident, found in self.expected.items():
+                system, value = ident
+                reply = self.service.client.get(
+                    "/fhir/Patient", params={"identifier": f"{system}|{value}"}, headers=headers
+                )
+                self.searches += 1
+                got = sorted(e["resource"]["id"] for e in reply.json().get("entry", []))
+                if reply.status_code != 200 or got != found:
+                    self.failures.append(f"search {reply.status_code} {len(got)}")
+                observation = {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+                    "subject": {"reference": f"Patient/{found[0]}"},
+                    "effectiveDateTime": "2025-03-06T09:30:00Z",
+                    "valueQuantity": {
+                        "value": 170,
+                        "unit": "cm",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "cm",
+                    },
+                }
+                written = self.service.client.post(
+                    "/fhir/Observation", content=json.dumps(observation), headers=headers
+                )
+                self.writes += 1
+                if written.status_code != 201:
+                    self.failures.append(f"write {written.status_code}")
+
+
+def test_the_reindex_runs_online_beside_searches_and_writes_to_the_migrants_it_moves(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MHR_ENV", "test")
+    monkeypatch.setenv("MHR_DATABASE_URL", database_url)
+    monkeypatch.setenv("MHR_KEYRING_PATH", str(tmp_path / "keyring.json"))
+    # The real settle window, shortened: the service takes the rotation up through its own
+    # once-a-second re-read (no test hook), before the first migrant moves.
+    monkeypatch.setattr(index_keys, "SETTLE_SECONDS", 2.5)
+    with Service.start(database_url, tmp_path, job_workers=0) as service:
+        clinic = service.register("clinic", "clinic")
+        exams = [_exam(n) for n in range(6)]
+        expected = {ident: [_patient_id(submit(service, clinic, bundle))] for bundle, ident in exams}
+        with Traffic(service, clinic, expected) as traffic:
+            assert cli_main(["keys", "rotate-index", "--wait", "--batch-size", "1"]) == 0
+        assert traffic.failures == [] and traffic.searches > 6 and traffic.writes > 6
+        found = _status(capsys)
+        assert found["to_reindex"] == 0 and list(found["migrants_per_index_key"]) == [found["current_kid"]]
+        for ident, pid in expected.items():
+            assert _find(service, clinic, ident) == pid
