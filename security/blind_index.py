@@ -133,20 +133,22 @@ class BlindIndexer:
     keyed here. Either way the key is not kept as an attribute.
     """
 
-    __slots__ = ("_mac_of", "_size")
+    __slots__ = ("_mac_of", "_size", "kid")
 
-    def __init__(self, key: bytes | Mac, *, size: int = 16) -> None:
+    def __init__(self, key: bytes | Mac, *, size: int = 16, kid: str | None = None) -> None:
         if not _MIN_SIZE <= size <= _MAX_SIZE:
             raise ValueError("blind index size must be between 8 and 32 bytes")
         self._mac_of = _keyed_mac(key) if isinstance(key, bytes | bytearray) else key
         self._size = size
+        # The id of the key (service.records.index_keys records which key indexed which rows).
+        self.kid = kid
 
     @property
     def size(self) -> int:
         return self._size
 
     def __repr__(self) -> str:
-        return f"BlindIndexer(size={self._size})"
+        return f"BlindIndexer(size={self._size}, kid={self.kid!r})"
 
     def _mac(self, message: bytes) -> bytes:
         return self._mac_of(message)[: self._size]

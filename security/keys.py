@@ -167,6 +167,22 @@ class KeyProvider(Protocol):
         """HMAC-SHA256 (32 bytes) of ``message`` under the current blind-index key."""
         ...
 
+    def blind_index_kid(self) -> str:
+        """The kid of the blind-index key this provider made last (the one a rotation adds)."""
+        ...
+
+    def blind_index_kids(self) -> tuple[str, ...]:
+        """The kids of every blind-index key held (several while one is being rotated)."""
+        ...
+
+    def blind_index_mac_for(self, kid: str, message: bytes) -> bytes | None:
+        """HMAC-SHA256 of ``message`` under blind-index key ``kid``; None if it is not held.
+
+        Which key indexes what is the database's record (``service.records.index_keys``), not
+        the provider's "current": a rotation makes the new key current here before any row uses it.
+        """
+        ...
+
     def token_key_id(self) -> str:
         """The kid of the key new access tokens are signed with."""
         ...
@@ -817,6 +833,16 @@ class LocalKeyring(KeyProvider):
         mac = self._mac(BLIND_INDEX_PURPOSE, self._state.secrets[BLIND_INDEX_PURPOSE].current, message)
         assert mac is not None  # the current kid is always held
         return mac
+
+    def blind_index_kid(self) -> str:
+        return self._state.secrets[BLIND_INDEX_PURPOSE].current
+
+    def blind_index_kids(self) -> tuple[str, ...]:
+        self._follow_file()
+        return tuple(sorted(self._state.secrets[BLIND_INDEX_PURPOSE].keys))
+
+    def blind_index_mac_for(self, kid: str, message: bytes) -> bytes | None:
+        return self._mac(BLIND_INDEX_PURPOSE, kid, message)
 
     def token_key_id(self) -> str:
         return self._state.secrets[TOKEN_PURPOSE].current

@@ -503,6 +503,26 @@ class Pkcs11Keys(KeyProvider, KekLifecycle):
         assert mac is not None  # the current kid is always held
         return mac
 
+    def blind_index_kid(self) -> str:
+        return self._keys.hmac_current[BLIND_INDEX_PURPOSE]
+
+    def blind_index_kids(self) -> tuple[str, ...]:
+        return tuple(sorted(self._keys.hmac[BLIND_INDEX_PURPOSE]))
+
+    def blind_index_mac_for(self, kid: str, message: bytes) -> bytes | None:
+        try:
+            return self._hmac(BLIND_INDEX_PURPOSE, kid, message)
+        except PKCS11Error:
+            if kid == self._keys.hmac_current[BLIND_INDEX_PURPOSE]:
+                raise
+            # Another process may have destroyed this (retired) key: the handle is stale.
+            self.reload()
+            return (
+                None
+                if kid not in self._keys.hmac[BLIND_INDEX_PURPOSE]
+                else self._hmac(BLIND_INDEX_PURPOSE, kid, message)
+            )
+
     def token_key_id(self) -> str:
         return self._keys.hmac_current[TOKEN_PURPOSE]
 

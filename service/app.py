@@ -29,6 +29,7 @@ from service.figures import endpoints as figures
 from service.keyring_match import KeyringMismatch, check_and_record
 from service.logging_setup import configure_logging
 from service.ratelimit import RateLimiter, TokenEndpointLimits
+from service.records.index_keys import UnknownIndexKey
 from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
 from service.request_context import SOURCE
 from service.runtime import Runtime, build_runtime, close_runtime
@@ -53,6 +54,14 @@ def create_app(
         try:
             await check_and_record(app.state.runtime.database, app.state.runtime.keys)
         except KeyringMismatch as exc:
+            if owned:
+                await close_runtime(app.state.runtime)
+            raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None
+        # Which blind-index keys are in use before the first request (a rotation may be under way).
+        try:
+            async with app.state.runtime.database.reading() as session:
+                await app.state.runtime.records.index_keys.refresh(session)
+        except UnknownIndexKey as exc:
             if owned:
                 await close_runtime(app.state.runtime)
             raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None

@@ -23,6 +23,7 @@ from service.jobs.worker import Worker, worker_name
 from service.keys.status import refresh_subject_key_metric
 from service.lifecycle import SHUTDOWN
 from service.metrics import JOBS
+from service.records.index_keys import REFRESH_SECONDS
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -45,6 +46,7 @@ class BackgroundWork:
         self._stopping_since: float | None = None
         self._drain_watch: asyncio.Task[None] | None = None
         self._schedule: asyncio.Task[None] | None = None
+        self._index_follow: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._integrator = start_integrator(self.runtime.database, self.runtime.log_signer)
@@ -53,6 +55,7 @@ class BackgroundWork:
             for i, worker in enumerate(self.workers)
         ]
         self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
+        self._index_follow = asyncio.create_task(self._follow_index_keys(), name="mhr-index-keys")
         self._drain_watch = asyncio.create_task(self._watch_drain(), name="mhr-job-drain-watch")
         if self.workers:
             # Who runs jobs schedules the periodic ones (one job per day whoever schedules it).
@@ -87,10 +90,11 @@ class BackgroundWork:
             self._drain_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain_watch
-        if self._metrics is not None:
-            self._metrics.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics
+        for looping in (self._metrics, self._index_follow):
+            if looping is not None:
+                looping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await looping
         if self._integrator is not None:
             await stop_integrator(self._integrator)
 
@@ -117,6 +121,19 @@ class BackgroundWork:
         for labels, count in found.items():
             JOBS.labels(*labels).set(count)
         self._seen |= found.keys()
+
+    async def _follow_index_keys(self) -> None:
+        """Re-read which blind-index keys are in use (service.records.index_keys): a rotation
+        started by `mhr keys rotate-index` in another process is taken up within a second."""
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                async with self.runtime.database.reading() as session:
+                    await self.runtime.records.index_keys.refresh(session)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not read the index key state", extra={"error_type": type(exc).__name__})
 
     async def _count_forever(self) -> None:
         while True:

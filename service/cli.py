@@ -128,7 +128,8 @@ def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr keys init``: the one way keys come to exist outside development;
     ``mhr keys upgrade``: add what an older keyring lacks, keeping every key it holds;
-    ``rotate``, ``rewrap``, ``status``, ``retire``: the KEK's lifecycle (service.keys)."""
+    ``rotate``, ``rewrap``, ``status``, ``retire``: the KEK's lifecycle (service.keys);
+    ``rotate-index``, ``reindex``, ``retire-index``: the blind-index key's."""
     from service.keys import commands as key_commands
 
     if args.action in key_commands.ACTIONS:
@@ -798,7 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.keys.commands import add_arguments as add_key_lifecycle_arguments
 
     add_key_lifecycle_arguments(keys_parser)
-    for action in ("rotate", "rewrap", "status", "retire", "adopt"):
+    from service.keys.commands import ACTIONS as KEY_LIFECYCLE_ACTIONS
+
+    for action in KEY_LIFECYCLE_ACTIONS:
         keys_parser.choices[action].set_defaults(handler=cmd_keys)
 
     token = sub.add_parser("token", help="sign a client assertion and print an access token")

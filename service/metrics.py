@@ -37,6 +37,12 @@ JOB_RUNS = Counter(
     ("kind", "outcome"),
     registry=REGISTRY,
 )
+INDEX_SUBJECTS = Gauge(
+    "mhr_index_migrants",
+    "Live migrants by the blind-index key (kid) their tokens are under, as last counted here",
+    ("index_key",),
+    registry=REGISTRY,
+)
 SUBJECT_KEYS = Gauge(
     "mhr_subject_keys",
     "Live subject keys by the KEK version that wraps them, as last counted by this process",

@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 
 from security.access_tokens import AccessTokenCodec
-from security.blind_index import BlindIndexer
 from security.keys import CheckpointSigning, KeyProvider, KeyringError, LocalKeyring
 from security.signed_note import NoteSigner
 from service.audit.tally import RefusalTally
@@ -21,6 +20,7 @@ from service.identity.jwks import JwksCache
 from service.identity.tokens import TokenPolicy
 from service.offload import Offload
 from service.records.context import RecordServices
+from service.records.index_keys import IndexKeys
 from service.records.labels import SecurityLabeler
 from service.records.subject_keys import SubjectKeys
 from service.settings import Settings
@@ -132,7 +132,7 @@ def build_runtime(settings: Settings, *, keys: KeyProvider | None = None) -> Run
         capability_statement=orjson.dumps(capability),
         records=RecordServices(
             keys=SubjectKeys(keys),
-            indexer=BlindIndexer(keys.blind_index_mac),
+            index_keys=IndexKeys(keys),
             validator=ProfileValidator.load(settings.ig_dir),
             labeler=SecurityLabeler.load(settings.ig_dir),
             statutory_policies=frozenset(settings.statutory_policies),

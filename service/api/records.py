@@ -136,7 +136,10 @@ async def _denied(
     )
     # An id that names nothing was typed by the caller and could be anything, a passport
     # number included: the audit trail keeps only a keyed hash of it.
-    hashed = "hmac:" + runtime.records.indexer.token("requested-id", resource_type, resource_id).hex()
+    # It names the index key that made it: after a rotation an auditor who asks which id was
+    # requested computes the hash under that key (while it is held); the entry itself never changes.
+    indexer = runtime.records.indexer
+    hashed = f"hmac:{indexer.kid}:" + indexer.token("requested-id", resource_type, resource_id).hex()
     record = rest_record(
         principal,
         subtype,
@@ -219,7 +222,7 @@ async def _write(
         ]
     )
     key = header_key(
-        runtime.records.indexer,
+        runtime.records.index_keys.live,
         principal.client_id,
         idempotency_key,
         fingerprint + b"\n" + canonical_json(body),
@@ -607,7 +610,7 @@ async def everything(
     types = [t for t in (page.types or sorted(STORED_TYPES)) if principal.may(t, "r")]
     indexer = runtime.records.indexer
     scope = CursorScope(principal.client_id, f"Patient/{patient_id}/$everything", page.echo)
-    cursor = decode_cursor(indexer, page.cursor, scope) if page.cursor else None
+    cursor = decode_cursor(runtime.records.index_keys.live, page.cursor, scope) if page.cursor else None
     result = await _guarded(
         principal,
         "everything",
@@ -792,7 +795,7 @@ async def history(
     )
     indexer = runtime.records.indexer
     scope = CursorScope(principal.client_id, f"{resource_type}/{resource_id}/_history", page.echo)
-    cursor = decode_cursor(indexer, page.cursor, scope) if page.cursor else None
+    cursor = decode_cursor(runtime.records.index_keys.live, page.cursor, scope) if page.cursor else None
     before = history_version(cursor.after) if cursor else None
     found = await _guarded(
         principal,
@@ -937,7 +940,7 @@ async def _search(
     parsed = parse_search(
         resource_type,
         params,
-        runtime.records.indexer,
+        runtime.records.index_keys.live,
         lenient=_lenient(request),
         fhir_base_url=runtime.settings.fhir_base_url,
     )
@@ -945,7 +948,7 @@ async def _search(
     # A migrant's identifier never goes into a link we write: links name the search without
     # it, and a next page's cursor carries its blind indexes, sealed.
     scope = CursorScope(principal.client_id, resource_type, parsed.linkable)
-    cursor = decode_cursor(indexer, parsed.cursor, scope) if parsed.cursor else None
+    cursor = decode_cursor(runtime.records.index_keys.live, parsed.cursor, scope) if parsed.cursor else None
     hidden = cursor.hidden if cursor else tuple((kind, tuple(tokens)) for kind, tokens in parsed.hidden)
     if cursor:
         parsed.filter.token_groups.extend((kind, list(tokens)) for kind, tokens in cursor.hidden)

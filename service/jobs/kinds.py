@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 BUILTIN_MODULES = (
     "service.records.relabel_job",
     "service.keys.rewrap_job",
+    "service.keys.reindex_job",
     "service.bulk.jobs",
     "service.jobs.purge",
     "service.tasks.overdue_job",

@@ -7,11 +7,14 @@ import asyncio
 import json
 import sys
 import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from service.jobs import queue
 from service.keys import lifecycle
+from service.keys.index_rotation import IndexRotationRefused, IndexStatus
 from service.keys.progress import Progress
+from service.keys.reindex_job import DEFAULT_BATCH as REINDEX_BATCH_SIZE
 from service.keys.rewrap_job import DEFAULT_BATCH
 from service.keys.status import KekStatus
 
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
     from service.runtime import Runtime
     from service.settings import Settings
 
-ACTIONS = ("rotate", "rewrap", "status", "retire", "adopt")
+ACTIONS = ("rotate", "rewrap", "status", "retire", "adopt", "rotate-index", "reindex", "retire-index")
 FOLLOW_UP_PASSES = 3
 
 
@@ -37,6 +40,22 @@ def add_arguments(keys_parser: argparse._SubParsersAction) -> None:  # type: ign
     retire.add_argument(
         "--force", action="store_true", help="even if live subject keys are still wrapped under them"
     )
+    for name, what in (
+        ("rotate-index", "make a new blind-index key and move every migrant's index tokens to it (online)"),
+        ("reindex", "queue (again) the moving of migrants still under the previous index key"),
+    ):
+        parser = keys_parser.add_parser(name, help=what)
+        parser.add_argument("--wait", action="store_true", help="work the batches here too and show progress")
+        parser.add_argument("--batch-size", type=int, default=REINDEX_BATCH_SIZE, help="migrants per job")
+        parser.add_argument("--run-id", help="name the run (default: a new one)")
+    retire_index = keys_parser.add_parser(
+        "retire-index", help="destroy the previous blind-index key once no migrant is under it (irreversible)"
+    )
+    retire_index.add_argument(
+        "--forget-exam-keys",
+        action="store_true",
+        help="forget exam submissions remembered under it (they cannot be re-keyed)",
+    )
     adopt = keys_parser.add_parser(
         "adopt",
         help="after restoring a backup into MHR_DATABASE_URL: take its subject keys from the live database",
@@ -44,15 +63,18 @@ def add_arguments(keys_parser: argparse._SubParsersAction) -> None:  # type: ign
     adopt.add_argument("--from", dest="live_url", required=True, metavar="LIVE_DATABASE_URL")
 
 
-def _print_status(found: KekStatus) -> None:
-    print(json.dumps(found.as_json(), indent=2))
+def _print_status(found: KekStatus, index: IndexStatus | None = None) -> None:
+    out = found.as_json()
+    if index is not None:
+        out["blind_index"] = index.as_json()
+    print(json.dumps(out, indent=2))
 
 
 def run(args: argparse.Namespace, settings: Settings, audit: lifecycle.Audit) -> int:
     from service.runtime import build_runtime, close_runtime, open_keyring
 
-    # A token is opened read-write only for the commands that create or destroy a KEK.
-    writable = args.action in ("rotate", "retire")
+    # A token is opened read-write only for the commands that create or destroy a key.
+    writable = args.action in ("rotate", "retire", "rotate-index", "retire-index")
 
     async def work() -> int:
         runtime = build_runtime(settings, keys=open_keyring(settings, writable=writable))
@@ -66,6 +88,9 @@ def run(args: argparse.Namespace, settings: Settings, audit: lifecycle.Audit) ->
     except lifecycle.KeyLifecycleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except IndexRotationRefused as exc:
+        print(f"mhr: refused: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _dispatch(args: argparse.Namespace, runtime: Runtime, audit: lifecycle.Audit) -> int:
@@ -79,8 +104,16 @@ async def _dispatch(args: argparse.Namespace, runtime: Runtime, audit: lifecycle
         )
         return 0
     if args.action == "status":
-        _print_status(await lifecycle.status(database, keys))
+        from service.keys.index_rotation import index_status
+
+        async with database.reading() as session:
+            index = await index_status(session, keys, datetime.now(UTC))
+        _print_status(await lifecycle.status(database, keys), index)
         return 0
+    if args.action in ("rotate-index", "reindex", "retire-index"):
+        from service.keys.index_commands import run_index_action
+
+        return await run_index_action(args, runtime, audit)
     if args.action == "adopt":
         from service.keys.restore import adopt_live_subject_keys
         from service.store.database import Database
@@ -126,7 +159,11 @@ async def _dispatch(args: argparse.Namespace, runtime: Runtime, audit: lifecycle
         found = await lifecycle.status(database, keys)
         # A key wrapped under the old version by a write that committed behind the run's cursor
         # (a process that had not yet taken up the rotation): another pass takes it.
-        if found.stale - found.under_retired <= 0 or attempt > FOLLOW_UP_PASSES:
+        # Headers sealed under the old version by a process that had not yet taken it up, too.
+        if (
+            found.stale - found.under_retired <= 0
+            and found.headers_stale <= found.headers_below(found.min_decrypt)
+        ) or attempt > FOLLOW_UP_PASSES:
             break
         started = await lifecycle.start(database, keys, f"{run_id}.{attempt}", args.batch_size)
         print(f"another pass for {started.to_rewrap} subject keys written meanwhile", flush=True)

@@ -14,6 +14,7 @@ from security.keys import KEK_PURPOSE, KekLifecycle, KekRef, KeyProvider, Keyrin
 from service.jobs import queue
 from service.jobs.kinds import REGISTRY, load_kinds
 from service.keys.progress import Progress
+from service.keys.rewrap import subscription_headers_per_version
 from service.keys.rewrap_job import REWRAP_BATCH, start_rewrap
 from service.keys.status import KekStatus, kek_status
 from service.store.database import Database
@@ -124,10 +125,16 @@ async def retire(
         raise KeyLifecycleError(f"cannot retire below v{below}: the current KEK is v{current.version}")
     async with database.reading() as session:
         stranded = await _left(session, below)
+        headers = sum(n for v, n in (await subscription_headers_per_version(session)).items() if v < below)
     if stranded and not force:
         raise KeyLifecycleError(
             f"{stranded} live subject keys are still wrapped under KEK versions below v{below}: run "
             "`mhr keys rewrap --wait` first (or --force to make their data unreadable)"
+        )
+    if headers and not force:
+        raise KeyLifecycleError(
+            f"{headers} subscriptions' sealed channel headers are still wrapped under KEK versions below "
+            f"v{below}: run `mhr keys rewrap --wait` first (or --force: their notifications then fail)"
         )
     try:
         destroyed = lifecycle.retire_kek_below(below)

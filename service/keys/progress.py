@@ -16,7 +16,7 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def describe(done: int, total: int, elapsed: float) -> str:
+def describe(done: int, total: int, elapsed: float, unit: str = "subject keys") -> str:
     """``[#####-----]  50%  500/1000 subject keys  250/s  ETA 0:00:02``"""
     total = max(total, done)
     fraction = done / total if total else 1.0
@@ -24,14 +24,15 @@ def describe(done: int, total: int, elapsed: float) -> str:
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = _clock((total - done) / rate) if rate > 0 else "--:--:--"
     return (
-        f"[{'#' * filled}{'-' * (_BAR - filled)}] {fraction:4.0%}  {done}/{total} subject keys  "
+        f"[{'#' * filled}{'-' * (_BAR - filled)}] {fraction:4.0%}  {done}/{total} {unit}  "
         f"{rate:.0f}/s  ETA {eta}"
     )
 
 
 class Progress:
-    def __init__(self, out: TextIO, total: int) -> None:
+    def __init__(self, out: TextIO, total: int, unit: str = "subject keys") -> None:
         self._out = out
+        self._unit = unit
         self._total = total
         self._tty = out.isatty()
         self._start = time.monotonic()
@@ -42,7 +43,7 @@ class Progress:
         return time.monotonic() - self._start
 
     def update(self, done: int, *, final: bool = False) -> None:
-        line = describe(done, self._total, self.elapsed)
+        line = describe(done, self._total, self.elapsed, self._unit)
         if self._tty:
             self._out.write("\r" + line + ("\n" if final else ""))
             self._out.flush()

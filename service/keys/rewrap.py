@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.envelope import IntegrityError
 from security.keys import KekRetired, KeyProvider
+from security.sealed_headers import headers_kek_version, rewrapped_headers
 from service.records.subject_keys import kek_version_of, rewrapped
-from service.store.tables import Subject
+from service.store.tables import Subject, SubscriptionRow
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,69 @@ def _rewrap_all(keys: KeyProvider, pairs: list[tuple[str, bytes]]) -> list[bytes
             log.error(
                 "subject key failed its integrity check",
                 extra={"event": "integrity", "subject_id": subject_id},
+            )
+            out.append(None)
+    return out
+
+
+async def subscription_headers_per_version(session: AsyncSession) -> dict[int, int]:
+    """Sealed subscription channel headers per KEK version of their data key (read from each
+    blob's clear header: subscriptions are few, and no column records it)."""
+    counts: dict[int, int] = {}
+    for blob in (
+        await session.execute(
+            select(SubscriptionRow.headers_sealed).where(SubscriptionRow.headers_sealed.is_not(None))
+        )
+    ).scalars():
+        if blob is None:
+            continue
+        version = headers_kek_version(bytes(blob))
+        counts[version] = counts.get(version, 0) + 1
+    return counts
+
+
+async def rewrap_subscription_headers(
+    session: AsyncSession, keys: KeyProvider, *, target: int
+) -> BatchOutcome:
+    """Re-wrap the data key of every subscription's sealed headers under a version below ``target``.
+
+    Done by the last batch of a rewrap run, in its transaction; a row is written back only if it
+    still holds the blob that was read (a PUT meanwhile sealed it afresh, under the current KEK).
+    """
+    rows = [
+        (row.id, bytes(row.headers_sealed))
+        for row in await session.execute(
+            select(SubscriptionRow.id, SubscriptionRow.headers_sealed).where(
+                SubscriptionRow.headers_sealed.is_not(None)
+            )
+        )
+        if row.headers_sealed is not None
+    ]
+    stale = [(sid, blob) for sid, blob in rows if headers_kek_version(blob) < target]
+    results = await asyncio.to_thread(_rewrap_headers, keys, stale)
+    done = unreadable = 0
+    for (subscription_id, old), new in zip(stale, results, strict=True):
+        if new is None:
+            unreadable += 1
+            continue
+        await session.execute(
+            update(SubscriptionRow)
+            .where(SubscriptionRow.id == subscription_id, SubscriptionRow.headers_sealed == old)
+            .values(headers_sealed=new)
+        )
+        done += 1
+    return BatchOutcome(done, unreadable, None)
+
+
+def _rewrap_headers(keys: KeyProvider, rows: list[tuple[str, bytes]]) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for subscription_id, blob in rows:
+        try:
+            out.append(rewrapped_headers(keys, subscription_id, blob))
+        except IntegrityError:  # KekRetired included: reported by `mhr keys status`
+            log.error(
+                "subscription headers that do not unwrap",
+                extra={"event": "integrity", "subscription_id": subscription_id},
             )
             out.append(None)
     return out

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from security.keys import KekLifecycle
 from service.jobs import JobContext, JobError, JobKind, enqueue
 from service.jobs.kinds import JobPayload, register
-from service.keys.rewrap import rewrap_batch
+from service.keys.rewrap import rewrap_batch, rewrap_subscription_headers
 from service.keys.status import refresh_subject_key_metric
 
 DEFAULT_BATCH = 200
@@ -48,6 +48,10 @@ async def _run(job: JobContext[RewrapBatch], session: AsyncSession) -> None:
     if outcome.last_subject_id is not None:
         following = payload.model_copy(update={"after": outcome.last_subject_id})
         await enqueue(session, REWRAP_BATCH, following, idempotency_key(following))
+    else:
+        # The end of the migrants: the other data keys the KEK wraps, subscriptions' sealed
+        # channel headers (few), so that retiring the old version strands none of them.
+        await rewrap_subscription_headers(session, keys, target=payload.target_version)
     await refresh_subject_key_metric(session)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +22,16 @@ class KekStatus:
     held: tuple[int, ...]
     # Live (not erased) subject keys per KEK version; None: not recorded.
     per_version: dict[int | None, int]
+    # Subscriptions' sealed channel headers per KEK version of their data key.
+    headers_per_version: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def headers_stale(self) -> int:
+        """Sealed subscription headers still to rewrap."""
+        return sum(n for v, n in self.headers_per_version.items() if v < self.current)
+
+    def headers_below(self, version: int) -> int:
+        return sum(n for v, n in self.headers_per_version.items() if v < version)
 
     @property
     def stale(self) -> int:
@@ -44,6 +54,11 @@ class KekStatus:
             },
             "to_rewrap": self.stale,
             "under_retired_versions": self.under_retired,
+            "subscription_headers_per_kek_version": {
+                str(v): n for v, n in sorted(self.headers_per_version.items())
+            },
+            "subscription_headers_to_rewrap": self.headers_stale,
+            "subscription_headers_under_retired_versions": self.headers_below(self.min_decrypt),
         }
 
 
@@ -62,7 +77,15 @@ async def kek_status(session: AsyncSession, keys: KeyProvider) -> KekStatus:
         min_decrypt, held = keys.min_decrypt_version(), keys.kek_versions()
     else:
         min_decrypt, held = 1, (current,)
-    return KekStatus(current, min_decrypt, held, await subject_keys_per_version(session))
+    from service.keys.rewrap import subscription_headers_per_version
+
+    return KekStatus(
+        current,
+        min_decrypt,
+        held,
+        await subject_keys_per_version(session),
+        await subscription_headers_per_version(session),
+    )
 
 
 async def under_retired_versions(session: AsyncSession, keys: KeyProvider) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from security.blind_index import BlindIndexer
 from security.consent import ConsentPolicy
 from security.consent_grants import materialise_grants
 from service.consent_model import consent_policy_from_fhir
@@ -83,12 +84,17 @@ async def refresh_grants(
     *,
     keys: OpenedKeys,
     new_subject: bool = False,
+    indexer: BlindIndexer | None = None,
 ) -> int:
     """Recompute and store every grant of one migrant; returns how many there are.
 
     ``fresh``: (version, body) of the Consents written in this transaction;
-    ``new_subject``: the migrant was created in this transaction (no stored Consents or grants).
+    ``new_subject``: the migrant was created in this transaction (no stored Consents or grants);
+    ``indexer``: the migrant's index key (by default the one their row names; a re-index passes
+    the key it moves them to), so that grants and versions agree on label tokens.
     """
+    if indexer is None:
+        indexer = services.index_keys.for_kid(await repo.subject_index_key(subject_id))
     policies = await load_policies(services, repo, subject_id, fresh, keys=keys, new_subject=new_subject)
     grants = materialise_grants(
         subject_id,
@@ -101,7 +107,7 @@ async def refresh_grants(
     for g in grants:
         token = tokens.get(g.labels)
         if token is None:
-            token = tokens[g.labels] = labels_token(services.indexer, g.labels)
+            token = tokens[g.labels] = labels_token(indexer, g.labels)
         rows.append(
             {
                 "subject_id": subject_id,

@@ -9,6 +9,7 @@ from security.blind_index import BlindIndexer
 from security.roles import Role
 from service.fhir_validation import ProfileValidator
 from service.offload import Offload
+from service.records.index_keys import IndexKeys
 from service.records.labels import SecurityLabeler
 from service.records.subject_keys import SubjectKeys
 
@@ -16,7 +17,8 @@ from service.records.subject_keys import SubjectKeys
 @dataclass(frozen=True)
 class RecordServices:
     keys: SubjectKeys
-    indexer: BlindIndexer
+    # The blind-index keys in use (service.records.index_keys): a migrant's tokens are under its own.
+    index_keys: IndexKeys
     validator: ProfileValidator
     labeler: SecurityLabeler
     fhir_base_url: str
@@ -26,6 +28,11 @@ class RecordServices:
     followup_due_days: Mapping[str, int] = field(default_factory=dict)
     # Parsing and validation run here, off the event loop.
     offload: Offload = field(default_factory=lambda: Offload(2))
+
+    @property
+    def indexer(self) -> BlindIndexer:
+        """The indexer of new migrants and of what belongs to none (idempotency keys, cursors)."""
+        return self.index_keys.write
 
 
 @dataclass(frozen=True)

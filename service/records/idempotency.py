@@ -18,6 +18,7 @@ re-reads those versions, encrypted as ever, so nothing clinical is stored twice.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +40,11 @@ class RequestKey:
     expires_at: datetime | None
     mismatch: type[DomainError]  # the refusal of a different request under the same key
     mismatch_diagnostics: str
+    # The kid both hashes are under (the current index key), stored with the claim.
+    index_key_id: str | None = None
+    # (key hash, request hash) under the other index keys in use: while a rotation is under
+    # way a request remembered under the previous key is still found, and answered, by them.
+    earlier: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,19 @@ def canonical_json(document: Any) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 
+Indexers = BlindIndexer | Sequence[BlindIndexer]
+
+
+def _indexers(indexer: Indexers) -> tuple[BlindIndexer, tuple[BlindIndexer, ...]]:
+    """The current indexer and the others in use (a rotation's previous key)."""
+    if isinstance(indexer, BlindIndexer):
+        return indexer, ()
+    first, *rest = indexer
+    return first, tuple(rest)
+
+
 def header_key(
-    indexer: BlindIndexer,
+    indexer: Indexers,
     client_id: str,
     raw_key: str,
     request: bytes,
@@ -107,17 +124,23 @@ def header_key(
             f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
         )
     scope = f"client:{client_id}"
+    current, others = _indexers(indexer)
     return RequestKey(
         scope,
-        indexer.token("idempotency-key", scope, key),
-        _request_hash(indexer, scope, request),
+        current.token("idempotency-key", scope, key),
+        _request_hash(current, scope, request),
         now + timedelta(seconds=ttl_seconds),
         Unprocessable,
         "this Idempotency-Key was already used for a different request; use a new key for a new request",
+        current.kid,
+        tuple(
+            (other.token("idempotency-key", scope, key), _request_hash(other, scope, request))
+            for other in others
+        ),
     )
 
 
-def exam_key(indexer: BlindIndexer, organization_id: str, bundle: dict[str, Any]) -> RequestKey | None:
+def exam_key(indexer: Indexers, organization_id: str, bundle: dict[str, Any]) -> RequestKey | None:
     """The key of a transaction that carries ``Bundle.identifier`` with a system and a value."""
     identifier = bundle.get("identifier")
     if not isinstance(identifier, dict):
@@ -126,14 +149,22 @@ def exam_key(indexer: BlindIndexer, organization_id: str, bundle: dict[str, Any]
     if not (isinstance(system, str) and isinstance(value, str) and system.strip() and value.strip()):
         return None
     scope = f"organization:{organization_id}"
+    current, others = _indexers(indexer)
+    named = f"{system.strip()}|{value.strip()}"
+    canonical = canonical_json(bundle)
     return RequestKey(
         scope,
-        indexer.token("bundle-identifier", scope, f"{system.strip()}|{value.strip()}"),
-        _request_hash(indexer, scope, canonical_json(bundle)),
+        current.token("bundle-identifier", scope, named),
+        _request_hash(current, scope, canonical),
         None,
         Conflict,
         "this Bundle.identifier already names a different submission from this clinic; "
         "correct a stored exam with new versions (PUT), or give a new exam its own identifier",
+        current.kid,
+        tuple(
+            (other.token("bundle-identifier", scope, named), _request_hash(other, scope, canonical))
+            for other in others
+        ),
     )
 
 
@@ -145,11 +176,23 @@ class Idempotency:
         """None: this transaction now holds the key and goes on to write. Otherwise the answer
         to replay. A different request under the same key is refused."""
         await self.repo.forget_expired(key.scope, now)
-        if await self.repo.claim(key.scope, key.key_hash, key.request_hash, now, key.expires_at):
+        for key_hash, request_hash in key.earlier:
+            # Remembered under the previous index key (before or early in a rotation): answered
+            # from there; a pending row there is never another transaction's (see below).
+            earlier = await self.repo.get(key.scope, key_hash)
+            if earlier is not None and earlier.outcome is not None:
+                if earlier.request_hash != request_hash:
+                    raise key.mismatch(key.mismatch_diagnostics, code="conflict")
+                return Remembered.from_json(earlier.outcome)
+        if await self.repo.claim(
+            key.scope, key.key_hash, key.request_hash, now, key.expires_at, key.index_key_id
+        ):
             return None
         row = await self.repo.get(key.scope, key.key_hash)
         if row is None:  # expired and forgotten between the two statements: claim afresh
-            if await self.repo.claim(key.scope, key.key_hash, key.request_hash, now, key.expires_at):
+            if await self.repo.claim(
+                key.scope, key.key_hash, key.request_hash, now, key.expires_at, key.index_key_id
+            ):
                 return None
             row = await self.repo.get(key.scope, key.key_hash)
             if row is None:

@@ -29,7 +29,13 @@ class IdempotencyRepository:
         )
 
     async def claim(
-        self, scope: str, key_hash: bytes, request_hash: bytes, now: datetime, expires_at: datetime | None
+        self,
+        scope: str,
+        key_hash: bytes,
+        request_hash: bytes,
+        now: datetime,
+        expires_at: datetime | None,
+        index_key_id: str | None = None,
     ) -> bool:
         """Insert a pending row; False when the key is already held.
 
@@ -47,6 +53,7 @@ class IdempotencyRepository:
                 outcome=None,
                 created_at=now,
                 expires_at=expires_at,
+                index_key_id=index_key_id,
             )
             .on_conflict_do_nothing()
             .returning(_TABLE.c.key_hash)

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from security.blind_index import BlindIndexer
 from security.envelope import SubjectCipher, ciphertext_digest, resource_aad
 from security.keys import KekRetired
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
@@ -190,6 +191,8 @@ class Intake:
         # The request's subject keys (each unwrapped once); by migrant, the cipher this intake seals with.
         self.keys = keys or services.keys.opened()
         self._ciphers: dict[str, SubjectCipher] = {}
+        # Each migrant's blind indexer: their tokens are all under one key (index_keys).
+        self._indexers: dict[str, BlindIndexer] = {}
         # Key rows of migrants already in the store, read with the references that name them.
         self._subjects: dict[str, Subject | None] = {}
         # Current pointers of resources referenced from outside the submission.
@@ -221,7 +224,7 @@ class Intake:
                     Unprocessable,
                 )
         # A resubmitted exam (same Bundle.identifier) is answered from its first submission.
-        key = exam_key(self.services.indexer, actor.organization_id, bundle)
+        key = exam_key(self.services.index_keys.live, actor.organization_id, bundle)
         if key is not None:
             remembered = await self.idempotency.claim(key, datetime.now(UTC))
             if remembered is not None:
@@ -365,11 +368,13 @@ class Intake:
             raise _invalid("ifNoneExist supports identifier=system|value", expression, "not-supported")
         system, _, value = params[0][1].partition("|")
         try:
-            token = self.services.indexer.identifier(system, value)
+            # Under every index key in use (a rotation): the holder may be under either.
+            tokens = [indexer.identifier(system, value) for indexer in self.services.index_keys.live]
         except ValueError:
             raise _invalid("ifNoneExist identifier is empty", expression) from None
+        token = tokens[0]  # claimed under the current key, as every concurrent claim is
         # Only this clinic's own resources: matching another clinic's would reveal that it exists.
-        matches = await self.repo.resources_with_identifier(actor.organization_id, rtype, token)
+        matches = await self.repo.resources_with_identifier(actor.organization_id, rtype, tokens)
         if len(matches) > 1:
             raise _invalid(
                 "ifNoneExist matches more than one resource",
@@ -480,6 +485,9 @@ class Intake:
         }
         if not await self.repo.claim_match_keys(actor.organization_id, claims):
             raise PatientRaceLost
+        # Read once: the indexer of new migrants changes when a rotation settles, and a migrant's
+        # row must name the key its tokens are made under.
+        new_indexer = self.services.indexer
         for patient in new_patients:
             wrapped, cipher = self.keys.create(patient.resource_id)
             self._batch.subjects.append(
@@ -490,9 +498,11 @@ class Intake:
                     "kek_version": kek_version_of(wrapped),
                     "created_at": now,
                     "erased_at": None,
+                    "index_key_id": new_indexer.kid,
                 }
             )
             self._ciphers[patient.resource_id] = cipher
+            self._indexers[patient.resource_id] = new_indexer
         per_subject: dict[str, list[WrittenVersion]] = defaultdict(list)
         for item in planned:
             if item.method == "existing":
@@ -575,6 +585,15 @@ class Intake:
             self._ciphers[subject_id] = cipher
         return cipher
 
+    async def _indexer(self, subject_id: str) -> BlindIndexer:
+        indexer = self._indexers.get(subject_id)
+        if indexer is None:
+            # Read with a share lock: a migrant being moved to another index key (keys.reindex,
+            # which locks the row for update) is written to before or after the move, not during.
+            kid = await self.repo.subject_index_key(subject_id)
+            indexer = self._indexers[subject_id] = self.services.index_keys.for_kid(kid)
+        return indexer
+
     async def _write(self, item: _Planned, actor: Actor, now: datetime) -> WrittenVersion:
         assert item.subject_id is not None
         version_id = (item.current.version_id + 1) if item.current is not None else 1
@@ -596,7 +615,8 @@ class Intake:
             body, resource_aad(item.resource_type, item.resource_id, version_id, item.subject_id)
         )
         digest = ciphertext_digest(blob)
-        index = index_resource(self.services.indexer, resource)
+        indexer = await self._indexer(item.subject_id)
+        index = index_resource(indexer, resource)
         self._batch.add(
             {
                 "resource_type": item.resource_type,
@@ -610,7 +630,7 @@ class Intake:
                 "client_id": actor.client_id,
             },
             clinical_date=index.clinical_date,
-            labels_token=labels_token(self.services.indexer, labels),
+            labels_token=labels_token(indexer, labels),
             tokens=index.tokens,
             current=item.current,
         )

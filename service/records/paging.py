@@ -33,8 +33,9 @@ from security.sealed_tokens import TokenSealer
 from service.domain.errors import Invalid
 
 _KEY_PURPOSE = "search-cursor.v2"
-# Room for the position and the indexes of 50 identifiers (the most one search may name).
-_MAX_CURSOR = 4096
+# Room for the position and the indexes of 50 identifiers (the most one search may name), each
+# under both keys of an index key rotation.
+_MAX_CURSOR = 8192
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -103,22 +104,43 @@ def _hidden(value: object) -> TokenGroups:
     return tuple(groups)
 
 
-def decode_cursor(indexer: BlindIndexer, token: str, scope: CursorScope) -> PageCursor:
-    """The cursor of a next link, or a 400 if it was edited or belongs to another search."""
+def decode_cursor(
+    indexer: BlindIndexer | Sequence[BlindIndexer], token: str, scope: CursorScope
+) -> PageCursor:
+    """The cursor of a next link, or a 400 if it was edited or belongs to another search.
+
+    ``indexer``: the index keys in use, current first (service.records.index_keys). A cursor
+    sealed under the previous key opens until that key is retired; one that carries identifier
+    indexes is refused, though: they are under the previous key alone, and would miss the
+    migrants already moved to the current one.
+    """
+    indexers = (indexer,) if isinstance(indexer, BlindIndexer) else tuple(indexer)
     if len(token) <= _MAX_CURSOR:
-        try:
-            payload = _sealer(indexer).open(_unb64(token), scope.binding().encode())
-            micros, resource_id, total, hidden = orjson.loads(payload)
-            if (
-                isinstance(micros, int)
-                and isinstance(resource_id, str)
-                and (total is None or (isinstance(total, int) and total >= 0))
-            ):
-                return PageCursor(
-                    PagePosition(_EPOCH + micros * _MICROSECOND, resource_id), total, _hidden(hidden)
-                )
-        except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError, OverflowError):
-            pass
+        for n, sealer in enumerate(indexers):
+            try:
+                payload = _sealer(sealer).open(_unb64(token), scope.binding().encode())
+            except (ValueError, TypeError, binascii.Error):
+                continue
+            try:
+                micros, resource_id, total, hidden = orjson.loads(payload)
+                if (
+                    isinstance(micros, int)
+                    and isinstance(resource_id, str)
+                    and (total is None or (isinstance(total, int) and total >= 0))
+                ):
+                    cursor = PageCursor(
+                        PagePosition(_EPOCH + micros * _MICROSECOND, resource_id), total, _hidden(hidden)
+                    )
+                    if n and cursor.hidden:
+                        raise Invalid(
+                            "_cursor was issued before the search index key changed: run the search "
+                            "again from its first page",
+                            expression="_cursor",
+                        )
+                    return cursor
+            except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError, OverflowError):
+                pass
+            break
     raise Invalid(
         "_cursor is not a cursor of this search: follow the next link as given", expression="_cursor"
     )

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from sqlalchemy import select, update
 
+from security.blind_index import BlindIndexer
 from service.records.codec import open_version
 from service.records.consents import refresh_grants
 from service.records.context import RecordServices
@@ -56,21 +57,36 @@ async def relabel(database: Database, services: RecordServices) -> RelabelCounts
 
 
 async def relabel_subject(
-    repo: RecordRepository, services: RecordServices, subject_id: str
+    repo: RecordRepository,
+    services: RecordServices,
+    subject_id: str,
+    *,
+    indexer: BlindIndexer | None = None,
+    keys: OpenedKeys | None = None,
 ) -> tuple[int, int, int]:
+    """``indexer``: the index key to compute the tokens under (by default the migrant's own; a
+    re-index passes the key it moves them to). ``keys``: the caller's opened subject keys."""
     subject = await repo.subject(subject_id)
     if subject is None or subject.wrapped_key is None:
         return 0, 0, 0
+    if indexer is None:
+        indexer = services.index_keys.for_kid(subject.index_key_id)
+    if keys is not None:
+        return await _relabel_versions(repo, services, subject, keys, indexer)
     # This migrant's key, unwrapped once for all their versions and forgotten before the next one.
-    keys = services.keys.opened()
+    opened = services.keys.opened()
     try:
-        return await _relabel_versions(repo, services, subject, keys)
+        return await _relabel_versions(repo, services, subject, opened, indexer)
     finally:
-        keys.close()
+        opened.close()
 
 
 async def _relabel_versions(
-    repo: RecordRepository, services: RecordServices, subject: Subject, keys: OpenedKeys
+    repo: RecordRepository,
+    services: RecordServices,
+    subject: Subject,
+    keys: OpenedKeys,
+    indexer: BlindIndexer,
 ) -> tuple[int, int, int]:
     subject_id = subject.id
     session = repo.session
@@ -90,7 +106,7 @@ async def _relabel_versions(
     for stored in list(versions):
         row = version_row(stored)
         resource: Any = orjson.loads(open_version(keys, subject, row))
-        token = labels_token(services.indexer, services.labeler.apply(resource))
+        token = labels_token(indexer, services.labeler.apply(resource))
         seen += 1
         if token != row.labels_token:
             changed += 1
@@ -103,5 +119,5 @@ async def _relabel_versions(
                 )
                 .values(labels_token=token)
             )
-    grants = await refresh_grants(services, repo, subject_id, {}, keys=keys)
+    grants = await refresh_grants(services, repo, subject_id, {}, keys=keys, indexer=indexer)
     return seen, changed, grants

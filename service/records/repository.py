@@ -193,6 +193,13 @@ class RecordRepository:
     async def subject(self, subject_id: str) -> Subject | None:
         return await self.session.get(Subject, subject_id)
 
+    async def subject_index_key(self, subject_id: str) -> str | None:
+        """The kid a migrant's index tokens are under, read with a share lock (see intake)."""
+        result = await self.session.execute(
+            select(Subject.index_key_id).where(Subject.id == subject_id).with_for_update(read=True)
+        )
+        return result.scalar_one_or_none()
+
     async def subject_keys(self, subject_ids: Iterable[str]) -> dict[str, SubjectKey]:
         """The wrapped keys of these migrants, in one statement (columns, not ORM objects)."""
         s = _SUBJECTS
@@ -327,10 +334,11 @@ class RecordRepository:
 
     # --- patients by identifier (ifNoneExist) --------------------------
     async def resources_with_identifier(
-        self, organization_id: str, resource_type: str, identifier_hash: bytes
+        self, organization_id: str, resource_type: str, identifier_hash: bytes | Sequence[bytes]
     ) -> list[str]:
-        """The clinic's current resources of this type carrying this identifier (blind index),
-        at most two."""
+        """The clinic's current resources of this type carrying this identifier (blind index,
+        or its indexes under every key in use), at most two."""
+        hashes = [identifier_hash] if isinstance(identifier_hash, bytes) else list(identifier_hash)
         result = await self.session.execute(
             select(StoredResource.id)
             .join(
@@ -344,8 +352,9 @@ class RecordRepository:
                 StoredResource.resource_type == resource_type,
                 StoredResource.organization_id == organization_id,
                 SearchToken.param == "identifier",
-                SearchToken.value == identifier_hash,
+                SearchToken.value.in_(hashes),
             )
+            .distinct()
             .limit(2)
         )
         return list(result.scalars())

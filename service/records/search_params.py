@@ -156,11 +156,13 @@ def _is_number(value: str) -> bool:
 def parse_search(
     resource_type: str,
     params: Sequence[tuple[str, str]],
-    indexer: BlindIndexer,
+    indexer: BlindIndexer | Sequence[BlindIndexer],
     *,
     lenient: bool,
     fhir_base_url: str = "",
 ) -> ParsedSearch:
+    # Every index key in use (a rotation's two): a row is under one of them, a query under all.
+    indexers = (indexer,) if isinstance(indexer, BlindIndexer) else tuple(indexer)
     allowed = SEARCH_PARAMETERS.get(resource_type)
     if allowed is None:
         raise FhirError.single(404, "not-supported", f"{resource_type} is not searchable here")
@@ -171,6 +173,7 @@ def parse_search(
     echo: list[tuple[str, str]] = []
     value_concepts: list[list[tuple[str, str]]] = []
     hidden: list[tuple[str, list[bytes]]] = []
+    identifiers = 0
     summary_count = False
     elements: tuple[str, ...] | None = None
     for name, value in params:
@@ -228,22 +231,27 @@ def parse_search(
             flt.ids = ids if flt.ids is None else [i for i in flt.ids if i in ids]
         elif base == "identifier":
             hashes = []
+            given = 0
             for item in _split(value, name):
                 system, bar, ident = item.partition("|")
                 if not bar or not system or not ident:
                     raise _bad("identifier search needs system|value", name)
                 try:
-                    hashes.append(indexer.identifier(system, ident))
+                    hashes += [one.identifier(system, ident) for one in indexers]
                 except ValueError:
                     raise _bad("identifier search needs system|value", name) from None
+                given += 1
             flt.token_groups.append(("identifier", hashes))
             hidden.append(("identifier", hashes))
-            if sum(len(tokens) for _, tokens in hidden) > MAX_VALUES:
+            identifiers += given
+            if identifiers > MAX_VALUES:
                 raise _bad(f"a search names at most {MAX_VALUES} identifiers", name)
         elif base == "value-concept":
             value_concepts.append(_tokens(value, name))
         elif base in _TOKEN_PARAMS:
-            tokens = [code_token(indexer, system, code) for system, code in _tokens(value, name)]
+            tokens = [
+                code_token(one, system, code) for system, code in _tokens(value, name) for one in indexers
+            ]
             flt.token_groups.append(("code", tokens))
         elif base in ("date", "_lastUpdated"):
             target = flt.date_ranges if base == "date" else flt.updated_ranges

@@ -115,6 +115,10 @@ class Subject(Base):
     kek_version: Mapped[int | None] = mapped_column(Integer, index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The blind-index key (kid) every index token of this migrant is under: search tokens, match
+    # keys, label tokens of versions and grants. What an index rotation has left to move; NULL:
+    # written before it was recorded (the one key there was). Never key material.
+    index_key_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class StoredResource(Base):
@@ -217,6 +221,9 @@ class IdempotentRequest(Base):
     outcome: Mapped[dict[str, object] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The blind-index key both hashes are under (NULL: before it was recorded). They cannot be
+    # recomputed under a new key (the raw key is not stored): an index rotation waits them out.
+    index_key_id: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_idempotent_requests_expires_at", "expires_at"),)
 
@@ -651,3 +658,22 @@ class SubscriptionDeliveryState(Base):
     last_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # The outcome of the last attempt, a fixed code ("delivered", "http-503", "unreachable" ...).
     last_outcome: Mapped[str | None] = mapped_column(String(32))
+
+
+# --- blind-index key rotation (service.keys.index_rotation) ------------------------------------
+
+
+class IndexKeyState(Base):
+    """Which blind-index keys are in use (one row, id 1; none before the first rotation).
+
+    ``current_kid`` indexes every new migrant and every query; while ``previous_kid`` is set a
+    rotation is under way: migrants still under it are moved by ``keys.reindex`` jobs, and every
+    lookup computes its tokens under both keys. Key ids only, never key material.
+    """
+
+    __tablename__ = "index_key_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    current_kid: Mapped[str] = mapped_column(String(64))
+    previous_kid: Mapped[str | None] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -109,6 +109,8 @@ async def write_version(
     assert subject is not None
     cipher = keys.cipher(subject.id, subject.wrapped_key, subject.key_version)
     blob = cipher.seal(body, resource_aad(resource_type, resource_id, version_id, subject_id))
+    # The migrant's own index key (service.records.index_keys), read as intake reads it.
+    indexer = services.index_keys.for_kid(await repo.subject_index_key(subject_id))
     batch = WriteBatch()
     batch.add(
         {
@@ -123,8 +125,8 @@ async def write_version(
             "client_id": SYSTEM_CLIENT,
         },
         clinical_date=None,
-        labels_token=labels_token(services.indexer, labels),
-        tokens=index_resource(services.indexer, resource).tokens,
+        labels_token=labels_token(indexer, labels),
+        tokens=index_resource(indexer, resource).tokens,
         current=current,
     )
     await repo.write_batch(batch)
