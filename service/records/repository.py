@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
 from typing import Any, cast
@@ -38,6 +38,7 @@ from service.store.tables import (
     SearchToken,
     StoredResource,
     Subject,
+    UtcDateTime,
 )
 
 
@@ -463,6 +464,13 @@ class RecordRepository:
             await self.session.flush()
         if batch.tokens:
             await self.session.execute(_INSERT_TOKENS, batch.tokens)
+        # A new current version changes what its migrant's grants admit (a correction may move
+        # a resource to another label set, or, in principle, to another migrant). A migrant
+        # created in this batch has no grants yet: its Consent's grants are counted as inserted.
+        touched = {str(v["subject_id"]) for v in batch.versions}
+        touched.update(current.subject_id for current, _ in batch.updates)
+        touched.difference_update(str(s["id"]) for s in batch.subjects)
+        await self.refresh_grant_matches(touched)
 
     async def version(self, resource_type: str, resource_id: str, version_id: int) -> VersionRow | None:
         row = await self.session.get(ResourceVersion, (resource_type, resource_id, version_id))
@@ -567,6 +575,10 @@ class RecordRepository:
     async def count(self, flt: SearchFilter) -> int:
         """How many current resources the search matches that its audience may see (exact).
 
+        An authority's search of one type with no filter but "updated since" is answered from
+        the counts kept with its grants (:meth:`_kept_total`): a sum over its grants in force,
+        whatever the number of resources. Any other search is counted by the statement below.
+
         On PostgreSQL the count is planned for its own parameters every time, in this backend
         alone. Over the covering indexes (migration 0010_h_bench) it is then one merge pass of
         the versions against the grants: 0.15 s at 100k exams on the bench's scale database.
@@ -575,9 +587,16 @@ class RecordRepository:
         parallel plan in each of its workers (3 x 0.3 s): searches arrive many at once, and
         CPU is what they share.
         """
-        subquery = self._filtered(flt, _RESOURCES.c.id).subquery()
-        statement = select(func.count()).select_from(subquery)
         connection = await self.session.connection()
+        if _kept_total_answers(flt):
+            return await self._kept_total(connection, flt)
+        return await self._joined_count(connection, flt)
+
+    async def _joined_count(self, connection: Any, flt: SearchFilter, limit: int | None = None) -> int:
+        """The count as one statement over resources, versions and grants (``limit``: stop there)."""
+        inner = self._filtered(flt, _RESOURCES.c.id)
+        subquery = (inner.limit(limit) if limit is not None else inner).subquery()
+        statement = select(func.count()).select_from(subquery)
         if connection.dialect.name != "postgresql":
             result = await connection.execute(statement, flt.audience.params())
             return int(result.scalar_one())
@@ -589,6 +608,28 @@ class RecordRepository:
             # Outside a transaction (the read sessions) the setting would outlive this
             # statement on the pooled connection; inside one, a rollback undoes it anyway.
             await connection.execute(_PLAN_AS_BEFORE)
+
+    async def _kept_total(self, connection: Any, flt: SearchFilter) -> int:
+        """An authority's total of one type from the counts kept with its grants in force now.
+
+        At most one lower bound on ``_lastUpdated`` (an authority's "everything since"): the
+        total of the type, less the visible resources at or before the bound, counted by the
+        joined statement over that (usually short) stretch of the ``_lastUpdated`` index. When
+        that stretch holds more than ``_COMPLEMENT_LIMIT`` visible resources (a recent bound),
+        the joined count of the search itself is the cheaper one and answers instead.
+        """
+        kept = await connection.execute(
+            _KEPT_TOTAL, {**flt.audience.params(), "resource_type": flt.resource_type}
+        )
+        total = int(kept.scalar_one())
+        if not flt.updated_ranges:
+            return total
+        op, bound = flt.updated_ranges[0]
+        before = replace(flt, updated_ranges=[(_COMPLEMENT_OF[op], bound)])
+        outside = await self._joined_count(connection, before, limit=_COMPLEMENT_LIMIT)
+        if outside >= _COMPLEMENT_LIMIT:
+            return await self._joined_count(connection, flt)
+        return total - outside
 
     async def replace_grants(
         self, subject_id: str, grants: Sequence[Mapping[str, object]], *, new_subject: bool = False
@@ -603,6 +644,19 @@ class RecordRepository:
             )
         if grants:
             await self.session.execute(_INSERT_GRANTS, list(grants))
+            await self.refresh_grant_matches([subject_id])
+
+    async def refresh_grant_matches(self, subject_ids: Iterable[str]) -> None:
+        """Recount, for every grant of these migrants, the current resources it admits.
+
+        Called in the transaction of each change to either side: a new current version
+        (``write_batch``) and a migrant's new grants (``replace_grants``, which relabelling and
+        every Consent write go through). An erasure deletes the grants, and the count with them.
+        The rule is :func:`visible`'s without the time: same subject, type and label set.
+        """
+        wanted = sorted(set(subject_ids))
+        for start in range(0, len(wanted), 500):
+            await self.session.execute(_REFRESH_MATCHES, {"subjects": wanted[start : start + 500]})
 
     async def current_of_type(self, subject_id: str, resource_type: str) -> list[VersionRow]:
         result = await self.session.execute(
@@ -667,6 +721,70 @@ class RecordRepository:
         return [_visible_row(row._mapping) for row in result]
 
 
+def _kept_total_answers(flt: SearchFilter) -> bool:
+    """Can the counts kept with the grants answer this search's total? An authority's search
+    of one type, filtered by nothing but at most one lower bound on ``_lastUpdated``."""
+    return (
+        flt.grant is not None
+        and not flt.match_nothing
+        and flt.resource_types is None
+        and flt.subject_ids is None
+        and flt.ids is None
+        and not flt.token_groups
+        and not flt.date_ranges
+        and (
+            not flt.updated_ranges
+            or (len(flt.updated_ranges) == 1 and flt.updated_ranges[0][0] in _COMPLEMENT_OF)
+        )
+    )
+
+
+# "After the bound" and its complement, "at or before it" (``last_updated`` is never NULL).
+_COMPLEMENT_OF = {"gt": "le", "ge": "lt"}
+# Up to this many visible resources before a lower bound, the kept total less them is cheaper
+# than the joined count of the search itself.
+_COMPLEMENT_LIMIT = 2000
+
+
+def _kept_total_statement() -> Any:
+    g = _GRANTS
+    at = bindparam("grant_at", type_=UtcDateTime())
+    return select(func.coalesce(func.sum(g.c.current_matches), 0)).where(
+        g.c.organization_id == bindparam("grant_org"),
+        g.c.purpose == bindparam("grant_purpose"),
+        g.c.resource_type == bindparam("resource_type"),
+        g.c.current_matches > 0,
+        or_(g.c.valid_from.is_(None), g.c.valid_from <= at),
+        or_(g.c.valid_to.is_(None), g.c.valid_to > at),
+    )
+
+
+def _refresh_matches_statement() -> Any:
+    g, v, r = _GRANTS, _VERSIONS, _RESOURCES
+    admitted = (
+        select(func.count())
+        .select_from(
+            v.join(
+                r,
+                and_(
+                    r.c.resource_type == v.c.resource_type, r.c.id == v.c.id, r.c.version_id == v.c.version_id
+                ),
+            )
+        )
+        .where(
+            v.c.resource_type == g.c.resource_type,
+            v.c.subject_id == g.c.subject_id,
+            v.c.labels_token == g.c.labels_token,
+        )
+        .scalar_subquery()
+    )
+    return (
+        update(g)
+        .where(g.c.subject_id.in_(bindparam("subjects", expanding=True)))
+        .values(current_matches=admitted)
+    )
+
+
 # The planner settings of a search's count (see RecordRepository.count), each set and put back
 # in one statement.
 _PLAN_THE_COUNT = text(
@@ -695,6 +813,8 @@ _VERSION_COLUMNS = (
     _VERSIONS.c.labels_token,
 )
 _PERMIT_COLUMNS = (_GRANTS.c.rule, _GRANTS.c.consent_id, _GRANTS.c.consent_version)
+_KEPT_TOTAL = _kept_total_statement()
+_REFRESH_MATCHES = _refresh_matches_statement()
 
 
 def _kind(audience: Audience) -> str:

@@ -320,6 +320,12 @@ class DisclosureGrant(Base):
     rule: Mapped[str] = mapped_column(String(64))
     consent_id: Mapped[str] = mapped_column(String(64))
     consent_version: Mapped[int] = mapped_column(Integer)
+    # How many current resources this grant would admit while in force: the migrant's current
+    # versions of this type with exactly this label set (migration 0011_h_read_perf). Kept in
+    # the transaction of every change to either side (RecordRepository.refresh_grant_matches),
+    # so that an authority's search total is a sum over its grants in force, not a join of
+    # every resource with the grants.
+    current_matches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         # Covering (migration 0010_h_bench): every column the visibility predicate compares.
@@ -334,6 +340,19 @@ class DisclosureGrant(Base):
             "valid_to",
         ),
         Index("ix_disclosure_grants_subject", "subject_id"),
+        # Covering (migration 0011_h_read_perf): the maintained total, from the index alone, over
+        # only the grants that admit something.
+        Index(
+            "ix_disclosure_grants_matches",
+            "organization_id",
+            "purpose",
+            "resource_type",
+            "valid_from",
+            "valid_to",
+            "current_matches",
+            postgresql_where=text("current_matches > 0"),
+            sqlite_where=text("current_matches > 0"),
+        ),
     )
 
 
