@@ -35,12 +35,12 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import scale
+from bench import baseline, scale
 from bench.bulk_load import bulk_load
 from bench.loadgen import Load, ensure_wrk
 from bench.loadgen import measure as wrk_measure
 from bench.parties import database_url, load, psql, setup
-from bench.servers import Server, free_port, running
+from bench.servers import REPO, Server, free_port, running
 from bench.workloads import CONNECTIONS, mhr_env, permitted_reads, write_lines
 from security.keys import LocalKeyring
 from service.store import migrate
@@ -175,7 +175,10 @@ def _w2(
     }
 
 
-def measure(db: str, state: Path, out: Path, w2_seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
+def measure(
+    db: str, state: Path, out: Path, w2_seconds: float, extra_env: dict[str, str], tree: Path = REPO
+) -> dict[str, Any]:
+    """One side: ``mhr serve`` from ``tree`` (this checkout, or a baseline's build)."""
     port = free_port()
     keyring = state / "keyring.json"
     env = {
@@ -207,6 +210,11 @@ def main() -> int:
     parser.add_argument("--load-only", action="store_true")
     parser.add_argument("--w2-seconds", type=float, default=20.0, help="W2 per measurement (0: no W2)")
     parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure this commit (built apart by bench.baseline), first, on its own fresh copy",
+    )
+    parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="a server setting (repeatable)"
     )
     args = parser.parse_args()
@@ -221,14 +229,32 @@ def main() -> int:
     print(json.dumps({"database": data, "load_seconds": round(time.perf_counter() - began, 1)}), flush=True)
     if args.load_only:
         return 0
-    if args.scale:
-        copied = time.perf_counter()
-        scale.copy(db)  # a fresh copy per run: the kept database stays as loaded
-        print(json.dumps({"copied_seconds": round(time.perf_counter() - copied, 1)}), flush=True)
     out = BENCH / "results" / "export"
     out.mkdir(parents=True, exist_ok=True)
     extra_env = dict(item.split("=", 1) for item in args.env)
-    print(json.dumps(measure(db, state, out, args.w2_seconds, extra_env)))
+    sides = [("after", REPO)]
+    if args.baseline:
+        built = baseline.build(args.baseline)
+        sides.insert(0, (f"before ({built.short})", built.tree))
+    results = {}
+    for side, tree in sides:
+        if args.scale:
+            copied = time.perf_counter()
+            scale.copy(db)  # a fresh copy per side and run: the kept database stays as loaded
+            print(json.dumps({"copied_seconds": round(time.perf_counter() - copied, 1)}), flush=True)
+        results[side] = measure(db, state, out, args.w2_seconds, extra_env, tree)
+        print(json.dumps({side: results[side]}), flush=True)
+    if len(results) == 2:
+        before, after = results.values()
+        print(
+            json.dumps(
+                {
+                    "after_over_before_resources_per_s": round(
+                        after["resources_per_s"] / before["resources_per_s"], 2
+                    )
+                }
+            )
+        )
     return 0
 
 
