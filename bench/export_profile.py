@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+import psutil
+from sqlalchemy import event, text
 
 from bench.bulk_load import _settings
 from bench.parties import load
@@ -79,14 +80,21 @@ async def _steps(db: str, state: Path, steps: int, per_step: int, profiler: Any)
             )
             await session.flush()
             await run_step(session, runtime, export_id)  # warm: statements compiled, caches filled
+            backend = psutil.Process(
+                int((await session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            )
+            db_cpu = sum(backend.cpu_times()[:2])
             if profiler is not None:
                 profiler.start()
             began = time.perf_counter()
+            cpu = time.process_time()
             for _ in range(steps):
                 result = await run_step(session, runtime, export_id)
                 resources += result.resources
                 subjects += result.subjects
             seconds = time.perf_counter() - began
+            cpu = time.process_time() - cpu
+            db_cpu = sum(backend.cpu_times()[:2]) - db_cpu
             if profiler is not None:
                 profiler.stop()
             await session.rollback()
@@ -100,6 +108,10 @@ async def _steps(db: str, state: Path, steps: int, per_step: int, profiler: Any)
         "resources": resources,
         "seconds": round(seconds, 2),
         "resources_per_s": round(resources / seconds, 1),
+        # This process's CPU alone (not the database's): what the steps cost on a loaded machine.
+        "process_cpu_s": round(cpu, 2),
+        "resources_per_process_cpu_s": round(resources / cpu, 1),
+        "database_backend_cpu_s": round(db_cpu, 2),
     }
 
 
