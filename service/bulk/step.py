@@ -24,6 +24,7 @@ exactly once. Each migrant is written by one step, whole, so the accounting is o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -43,7 +44,7 @@ from service.domain.errors import DomainError, Gone
 from service.records.codec import open_version
 from service.records.grant_predicate import Audience, GrantFilter
 from service.records.masking import ReferenceMask
-from service.records.repository import RecordRepository, SearchFilter, SubjectKey, VersionRow
+from service.records.repository import RecordRepository, SubjectKey, VersionRow
 from service.records.subject_keys import OpenedKeys
 from service.request_context import SOURCE
 from service.store.tables import BulkExport, BulkExportFile
@@ -62,8 +63,10 @@ QUEUED, RUNNING, COMPLETE, FAILED, CANCELLED, EXPIRED = (
     "expired",
 )
 ERROR_TYPE = "OperationOutcome"  # the file of per-resource problems (the manifest's "error")
-# Far more rows than a step's migrants hold: the step's size is bounded by its migrants.
-_ROWS_PER_STEP = 10_000_000
+# A step runs in a server process's event loop, beside its requests: it gives them the loop back
+# every this many versions decrypted, so that an interactive read waits for a fraction of a
+# millisecond of export work, not for a whole step's.
+_ROWS_BETWEEN_YIELDS = 64
 
 
 @dataclass(frozen=True)
@@ -124,18 +127,13 @@ async def _write_batch(
     """Write these migrants' visible resources; returns (resources written, migrants disclosed)."""
     records = RecordRepository(session)
     updated = [("le", export.until)] + ([("gt", export.since)] if export.since is not None else [])
-    flt = SearchFilter(
-        resource_type="",
-        resource_types=list(export.types),
-        subject_ids=subjects,
-        updated_ranges=updated,
-        grant=audience.grant,
-    )
-    rows = await records.search(flt, newest_first=False, limit=_ROWS_PER_STEP)
+    rows = await records.current_of_subjects(subjects, list(export.types), audience, updated)
     wrapped = await records.subject_keys(subjects)
     problems: list[bytes] = []
     opened: list[tuple[VersionRow, bytes]] = []
-    for row in rows:
+    for index, row in enumerate(rows):
+        if index % _ROWS_BETWEEN_YIELDS == 0:
+            await asyncio.sleep(0)
         body = _open(keys, wrapped, row, problems)
         if body is not None:
             opened.append((row, body))
@@ -217,9 +215,8 @@ async def _class_b_members(
     wrapped: dict[str, SubjectKey],
 ) -> set[str]:
     """The migrants of the batch whose current classification this authority may see says Class B."""
-    flt = SearchFilter(resource_type="Observation", subject_ids=subjects, grant=audience.grant)
     members: set[str] = set()
-    for row in await records.search(flt, newest_first=False, limit=_ROWS_PER_STEP):
+    for row in await records.current_of_subjects(subjects, ["Observation"], audience):
         if row.subject_id in members:
             continue
         body = _open(keys, wrapped, row, [])

@@ -19,14 +19,17 @@ left alone: the disclosure is of that migrant's record, and the pseudonymous
 id is what the consent is about. References inside contained resources and
 extensions are checked like any other.
 
-Cheap by construction: reads answer from the stored canonical bytes, so only a
-resource whose bytes contain ``"reference"`` is parsed, only one that names a
-withheld resource is re-serialised, and the visibility of a page's references
-is one SQL query. Clinics see their own submissions unmasked.
+Cheap by construction: reads answer from the stored canonical bytes, whose
+references are found by a scan of the bytes (:func:`references_in`: every
+``"reference"`` member with a string value, at any depth, as the tree walk finds
+them), so only a resource that names a withheld resource is parsed and
+re-serialised, and the visibility of a page's references is one SQL query.
+Clinics see their own submissions unmasked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import types
 import typing
@@ -43,6 +46,15 @@ from service.records.resource_types import STORED_TYPES
 DATA_ABSENT_REASON: Final = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 MASKED_REFERENCE: Final[dict[str, Any]] = {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
 _REFERENCE_KEY: Final = b'"reference"'
+# A ``"reference"`` member with a string value, in JSON bytes: the name, then the JSON string up
+# to its first unescaped quote (the unrolled form, which the regex engine runs without
+# backtracking). The literal start lets the engine search for it as a substring. A match is a
+# member name only when the byte before it (past whitespace) is ``{`` or ``,``: inside a JSON
+# string every quote is escaped (``\\"``), so text within a string never passes that check.
+_REFERENCE_MEMBER: Final = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_WHITESPACE: Final = b" \t\n\r"
+_ESCAPE: Final = b"\\"
+_ITEMS_BETWEEN_YIELDS: Final = 128
 _TARGET = re.compile(
     r"^(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})(/_history/(?P<version>\d{1,9}))?$"
 )
@@ -125,37 +137,58 @@ class ReferenceMask:
         bodies = [body for _, body in items]
         if self.audience.grant is None:  # a clinic sees its own submissions as written
             return bodies
-        parsed: dict[int, tuple[dict[str, Any], set[Target]]] = {}
+        named: dict[int, set[Target]] = {}
         for index, (row, body) in enumerate(items):
+            if index % _ITEMS_BETWEEN_YIELDS == _ITEMS_BETWEEN_YIELDS - 1:
+                await asyncio.sleep(0)  # an export's batch is thousands: let requests through
             if _REFERENCE_KEY not in body:
                 continue
-            resource = orjson.loads(body)
-            targets = self._targets(resource, row)
+            targets = self._targets(references_in(body), row)
             if targets:
-                parsed[index] = (resource, targets)
-        if not parsed:
+                named[index] = targets
+        if not named:
             return bodies
-        wanted = set().union(*(targets for _, targets in parsed.values()))
+        wanted = set().union(*named.values())
         allowed = await self.repo.visible_references(wanted, self.audience)
-        for index, (resource, targets) in parsed.items():
+        for index, targets in named.items():
             if targets <= allowed:
-                continue
+                continue  # the common case: the bytes go out as stored, never parsed
             own = items[index][0].subject_id
 
             def withheld(reference: str, own: str = own) -> bool:
                 target = parse_target(reference, self.base)
                 return target is not None and not _own_subject(target, own) and target not in allowed
 
-            bodies[index] = orjson.dumps(drop_references(resource, withheld))
+            bodies[index] = orjson.dumps(drop_references(orjson.loads(bodies[index]), withheld))
         return bodies
 
-    def _targets(self, resource: dict[str, Any], row: VersionRow) -> set[Target]:
+    def _targets(self, references: typing.Iterable[str], row: VersionRow) -> set[Target]:
         targets: set[Target] = set()
-        for reference in _references(resource):
+        for reference in references:
             target = parse_target(reference, self.base)
             if target is not None and not _own_subject(target, row.subject_id):
                 targets.add(target)
         return targets
+
+
+def references_in(body: bytes) -> list[str]:
+    """Every ``reference`` string in a resource's JSON bytes, as :func:`_references` finds them in
+    the parsed resource (contained resources and extensions included), without parsing it.
+
+    A body with a ``\\u`` escape anywhere (a member name could be spelt with one) is parsed and
+    walked instead, so that no spelling of ``"reference"`` is missed."""
+    if b"\\u" in body:
+        return list(_references(orjson.loads(body)))
+    found: list[str] = []
+    for match in _REFERENCE_MEMBER.finditer(body):
+        before = match.start() - 1
+        while before >= 0 and body[before] in _WHITESPACE:
+            before -= 1
+        if before < 0 or body[before] not in b"{,":
+            continue  # not a member name: the end of a string that ends in it
+        value = match.group(1)
+        found.append(orjson.loads(b'"' + value + b'"') if _ESCAPE in value else value.decode())
+    return found
 
 
 def _own_subject(target: Target, subject_id: str) -> bool:

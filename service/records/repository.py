@@ -720,6 +720,52 @@ class RecordRepository:
         result = await connection.execute(statement.order_by(*outer_order), audience.params())
         return [_visible_row(row._mapping) for row in result]
 
+    async def current_of_subjects(
+        self,
+        subject_ids: Sequence[str],
+        resource_types: Sequence[str],
+        audience: Audience,
+        updated_ranges: Sequence[tuple[str, datetime]] = (),
+    ) -> list[VersionRow]:
+        """The current versions of these migrants' resources of these types that ``audience`` may
+        see (``visible``, on each version's own row), each with the permit that admitted it, in
+        (migrant, type, id) order: an export's batch.
+
+        Driven from the migrants (``resources`` by subject), so that a batch costs what it holds
+        whatever the size of the store; a search's statement (``search``) is driven from the
+        type's page order, and for a batch of migrants the planner would read every current
+        resource of the types, or every grant of the authority, to find them."""
+        r, v = _RESOURCES, _VERSIONS
+        query = (
+            select(
+                *_VERSION_COLUMNS,
+                *_permit_column(v, audience),
+                r.c.last_updated.label("page_updated"),
+            )
+            .select_from(
+                r.join(
+                    v,
+                    and_(
+                        v.c.resource_type == r.c.resource_type,
+                        v.c.id == r.c.id,
+                        v.c.version_id == r.c.version_id,
+                    ),
+                )
+            )
+            .where(r.c.subject_id.in_(list(subject_ids)), r.c.resource_type.in_(list(resource_types)))
+            .where(visible(v, audience))
+        )
+        for op, bound in updated_ranges:
+            query = query.where(_OPS[op](r.c.last_updated, bound))
+
+        def batch_order(page: FromClause) -> tuple[Any, ...]:
+            return (page.c.subject_id, page.c.resource_type, page.c.id)
+
+        statement, order = _with_permit(query, audience, batch_order)
+        connection = await self.session.connection()
+        result = await connection.execute(statement.order_by(*order), audience.params())
+        return [_visible_row(row._mapping) for row in result]
+
 
 def _kept_total_answers(flt: SearchFilter) -> bool:
     """Can the counts kept with the grants answer this search's total? An authority's search

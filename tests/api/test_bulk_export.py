@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ from mhr_testkit import Service
 from test_disclosure import World, make_world
 
 from service.bulk.groups import class_b_group_id
+from service.bulk.parameters import EXPORTED_TYPES
+from service.bulk.repository import ExportRepository
+from service.records.grant_predicate import Audience, GrantFilter
+from service.records.repository import RecordRepository, SearchFilter, VersionRow
+from service.store.database import Database
 
 
 def _start(database_url: str, tmp_path: Path, **overrides: object) -> Iterator[Service]:
@@ -264,3 +270,40 @@ def test_kick_off_by_post_takes_a_parameters_body(world: World) -> None:
     manifest = wait_for_manifest(service, headers, status_path(response))
     assert [item["type"] for item in manifest["output"]] == ["Patient"]
     assert manifest["output"][0]["count"] == 1
+
+
+def test_a_steps_batch_is_what_a_search_of_its_migrants_shows(world: World) -> None:
+    """A step's statement (driven from the migrants) admits exactly the versions, with the same
+    permits, that the search statement does for the same migrants: one predicate, two shapes.
+    The candidate migrants are those with a grant for this authority, in pseudonym order."""
+    service = world.service
+    second = add_migrant(service, world.clinic, 2)
+    permit(world, second, world.authority.organization_id)
+    unconsented = add_migrant(service, world.clinic, 3)
+    grant = GrantFilter(world.authority.organization_id, "PUBHLTH", datetime.now(UTC))
+    audience = Audience(grant=grant)
+    types = list(EXPORTED_TYPES)
+
+    async def both(database: Database) -> tuple[list[str], list[VersionRow], list[VersionRow]]:
+        async with database.reading() as session:
+            candidates = await ExportRepository(session).next_subjects(grant, types, after=None, limit=10)
+            subjects = [world.patient, second, unconsented]
+            records = RecordRepository(session)
+            batch = await records.current_of_subjects(subjects, types, audience)
+            flt = SearchFilter("", resource_types=types, subject_ids=subjects, grant=grant)
+            searched = await records.search(flt, newest_first=False, limit=1000)
+            return candidates, batch, searched
+
+    candidates, batch, searched = service._run(both)
+    assert candidates == sorted([world.patient, second])
+    assert sorted({row.subject_id for row in batch}) == sorted([world.patient, second])
+
+    def key(row: VersionRow) -> tuple[object, ...]:
+        return (row.resource_type, row.id, row.version_id, row.grant)
+
+    assert sorted(map(key, batch)) == sorted(map(key, searched))
+    assert all(row.grant is not None for row in batch)
+    assert world.hiv_observation not in {row.id for row in batch}  # its label is not consented to
+    assert [(r.subject_id, r.resource_type, r.id) for r in batch] == sorted(
+        (r.subject_id, r.resource_type, r.id) for r in batch
+    )

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.records.masking import MASKED_REFERENCE, drop_references, parse_target, required_elements
+from service.records.masking import (
+    MASKED_REFERENCE,
+    _references,
+    drop_references,
+    parse_target,
+    references_in,
+    required_elements,
+)
 
 BASE = "https://mhr.example.org/fhir/"
 HIDDEN = "Observation/hidden"
@@ -135,3 +146,37 @@ def test_parse_target_names_only_stored_types() -> None:
     assert parse_target(f"{BASE}Patient/p", BASE) == ("Patient", "p", None)
     assert parse_target("Practitioner/p", BASE) is None
     assert parse_target("urn:uuid:1234", BASE) is None
+
+
+# --- the scan of the stored bytes finds exactly what the walk of the parsed resource finds -----
+
+_TEXT = st.text(alphabet=st.sampled_from('ab/"\\:,{}[] \n\u00e9\u2028\x01reference'), max_size=24)
+_KEYS = st.one_of(st.sampled_from(["reference", "display", "extension", "contained", 'a"reference']), _TEXT)
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), _TEXT),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(_KEYS, children, max_size=4)),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON)
+def test_the_byte_scan_finds_every_reference_the_walk_finds(document: Any) -> None:
+    walked = sorted(_references(document))
+    assert sorted(references_in(orjson.dumps(document))) == walked
+    # Whitespace between tokens (bytes not written by orjson) changes nothing either.
+    assert sorted(references_in(json.dumps(document, indent=1).encode())) == walked
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"note":"{\\"reference\\":\\"Observation/x\\"}"}', []),  # text that looks like one
+        (b'{"a\\"reference":"Observation/x"}', []),  # a member name ending in it
+        (b'{"reference":"Observation/a\\/b"}', ["Observation/a/b"]),  # an escape in the value
+        (b'{"\\u0072eference":"Observation/x"}', ["Observation/x"]),  # a spelling with \\u
+        (b'{"reference":{"reference":"Observation/y"}}', ["Observation/y"]),
+    ],
+)
+def test_the_byte_scan_reads_json_not_text(body: bytes, expected: list[str]) -> None:
+    assert references_in(body) == expected
