@@ -165,6 +165,18 @@ async def claim_completion(session: AsyncSession, lease: Lease) -> bool:
     return _rowcount(result) == 1
 
 
+async def renew_lease(session: AsyncSession, lease: Lease, seconds: float) -> bool:
+    """Extend a lease still held (row-locked, in the caller's transaction) to ``seconds`` from now:
+    a job run in steps says so before each step, so that its lease outlives the slow part."""
+    now = utcnow()
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.state == RUNNING)
+        .values(leased_until=now + timedelta(seconds=seconds), updated_at=now)
+    )
+    return _rowcount(result) == 1
+
+
 async def record_failure(
     session: AsyncSession, lease: Lease, *, error_type: str, message: str, retry_in: float | None
 ) -> str | None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -22,6 +23,8 @@ from service.lifecycle import SHUTDOWN
 from service.metrics import JOB_RUNS
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from service.runtime import Runtime
 
 log = logging.getLogger("mhr.jobs")
@@ -29,6 +32,21 @@ log = logging.getLogger("mhr.jobs")
 
 class LeaseLost(Exception):
     """The lease expired and another worker took the job over: this attempt's effect is dropped."""
+
+
+class _Steps:
+    """JobSteps for one lease: each step renews it first, in the step's own transaction."""
+
+    def __init__(self, runtime: Runtime, lease: queue.Lease) -> None:
+        self.runtime = runtime
+        self.lease = lease
+
+    @contextlib.asynccontextmanager
+    async def step(self, hold_seconds: float) -> AsyncIterator[AsyncSession]:
+        async with self.runtime.database.transaction() as session:
+            if not await queue.renew_lease(session, self.lease, hold_seconds):
+                raise LeaseLost
+            yield session
 
 
 def worker_name(index: int) -> str:
@@ -114,10 +132,13 @@ class Worker:
             runtime=self.runtime,
         )
         try:
+            if kind.run_in_steps is not None:
+                await kind.run_in_steps(context, _Steps(self.runtime, lease))
             async with self.runtime.database.transaction() as session:
                 if not await queue.claim_completion(session, lease):
                     raise LeaseLost
-                await kind.run(context, session)
+                if kind.run is not None:
+                    await kind.run(context, session)
         except asyncio.CancelledError:
             # Stopping past the grace period: the transaction rolled back; give the job back.
             await asyncio.shield(self._release(lease))

@@ -1,9 +1,12 @@
 """What a push to a subscriber puts on the audit trail, through the one AuditRecord builder.
 
-One entry per event a notification carried (what focus, about which migrant, to which
-organization, under which consent, with what outcome), and one per handshake. Failed attempts
-are entries too (a receiver that answered 500 may still have read the ids). The entry names
-the Subscription, never its endpoint or headers. Heartbeats carry no ids and are not audited.
+Before a notification is POSTed, one disclosure entry per event it carries (what focus, about
+which migrant, to which organization, under which consent), committed before anything leaves:
+a worker killed mid-POST leaves the disclosure on the trail, whatever the receiver read. After
+the POST, one entry for the notification's outcome (which event numbers, delivered or the failure
+code): a receiver that answered 500 may still have read the ids, so a failed attempt keeps its
+disclosure entries. Handshakes get one entry. Entries name the Subscription, never its endpoint
+or headers. Heartbeats carry no ids and are not audited.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from service.subscriptions.repository import EventRow
 from service.subscriptions.sender import DELIVERED
 
 NOTIFICATION_SUBTYPE = "subscription-notification"
+OUTCOME_SUBTYPE = "subscription-notification-outcome"
+SENDING = "sending"
 HANDSHAKE_SUBTYPE = "subscription-handshake"
 
 
@@ -27,9 +32,10 @@ def _outcome(code: str) -> Outcome:
 
 
 def event_delivery_record(
-    row: SubscriptionRow, event: EventRow, grant: GrantMatch | None, outcome: str, *, id_only: bool
+    row: SubscriptionRow, event: EventRow, grant: GrantMatch | None, *, id_only: bool
 ) -> AuditRecord:
-    """One event pushed (or attempted) to the subscription's organization."""
+    """One event about to be pushed to the subscription's organization (its outcome follows in
+    :func:`notification_outcome_record`)."""
     entities = [AuditEntity("Subscription", row.id, row.version_id)]
     if id_only:
         entities.append(AuditEntity(event.focus_type, event.focus_id, event.focus_version))
@@ -37,7 +43,7 @@ def event_delivery_record(
         event_type=EventType.disclosure,
         subtype=NOTIFICATION_SUBTYPE,
         action=Action.execute,
-        outcome=_outcome(outcome),
+        outcome=Outcome.success,
         agent=_agent(row),
         purpose=row.purpose,
         entities=tuple(entities),
@@ -45,7 +51,21 @@ def event_delivery_record(
         decision_rule=grant.rule if grant is not None else None,
         consent_id=grant.consent_id if grant is not None else None,
         consent_version=grant.consent_version if grant is not None else None,
-        detail=f"event-{event.event_number}:{outcome}",
+        detail=f"event-{event.event_number}:{SENDING}",
+        recipients=(row.organization_id,),
+    )
+
+
+def notification_outcome_record(row: SubscriptionRow, numbers: list[int], outcome: str) -> AuditRecord:
+    """What came of one notification whose events' entries were committed before it was sent."""
+    return AuditRecord(
+        event_type=EventType.rest,
+        subtype=OUTCOME_SUBTYPE,
+        action=Action.execute,
+        outcome=_outcome(outcome),
+        agent=_agent(row),
+        entities=(AuditEntity("Subscription", row.id, row.version_id),),
+        detail=f"events-{numbers[0]}..{numbers[-1]}({len(numbers)}):{outcome}",
         recipients=(row.organization_id,),
     )
 

@@ -126,6 +126,30 @@ def audit_outcomes(service: Service) -> list[tuple[str, str]]:
     return [(str(s), str(o)) for s, o in rows]
 
 
+def audit_details(service: Service, subtype: str) -> list[str]:
+    """The ``detail`` of each audit entry of ``subtype``, in order (from the entry's content)."""
+    engine = sa.create_engine(sync_url(service.settings.database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT content FROM audit_entries WHERE subtype = :s ORDER BY id"), {"s": subtype}
+            ).all()
+    finally:
+        engine.dispose()
+    return [str(json.loads(bytes(c))["detail"]) for (c,) in rows]
+
+
+def delivered_event_numbers(service: Service) -> list[int]:
+    """Event numbers whose notification's outcome entry says delivered."""
+    numbers: list[int] = []
+    for detail in audit_details(service, "subscription-notification-outcome"):
+        span, _, outcome = detail.rpartition(":")
+        if outcome == "delivered":
+            first, last = span.removeprefix("events-").split("(")[0].split("..")
+            numbers.extend(range(int(first), int(last) + 1))
+    return numbers
+
+
 @pytest.fixture
 def fast(database_url: str, tmp_path: Any) -> Iterator[Service]:
     with Service.start(database_url, tmp_path, **FAST_RETRIES) as running:
@@ -177,8 +201,13 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order(fast: Servic
         headers=fast.headers(world.authority, purpose_of_use="PUBHLTH"),
     )
     assert fetched.status_code == 200, fetched.text
-    delivered = [o for s, o in audit_outcomes(fast) if s == "subscription-notification" and o == "0"]
-    assert len(delivered) == issued  # one disclosure entry per event delivered
+    entries = audit_outcomes(fast)
+    # One disclosure entry per event per attempt (committed before each POST), and an outcome
+    # entry per notification: failures while down, then deliveries that carried every event.
+    assert sum(1 for s, _ in entries if s == "subscription-notification") >= issued + 3
+    outcomes = [o for s, o in entries if s == "subscription-notification-outcome"]
+    assert outcomes.count("8") >= 3 and outcomes[-1] == "0"
+    assert delivered_event_numbers(fast) == list(range(1, issued + 1))
 
 
 def test_a_consent_withdrawn_before_delivery_means_nothing_is_sent(fast: Service, hook: Receiver) -> None:
@@ -306,9 +335,11 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_event_numbe
         if first.poll() is None:
             first.kill()
     hook.holding.set()
-    # The killed attempt never committed: nothing counts as delivered yet.
+    # The killed attempt never recorded its outcome: nothing counts as delivered yet...
     assert row(fast, subscription_id)["events_delivered"] == 0
     held = hook.notifications()[0].event_numbers
+    # ... but what it sent is on the audit trail: each disclosure entry committed before the POST.
+    assert audit_details(fast, "subscription-notification") == [f"event-{n}:sending" for n in held]
     second = _spawn_worker(fast, tmp_path / "worker-2.log")
     try:
         deadline = time.monotonic() + 60
@@ -322,6 +353,37 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_event_numbe
     # The held notification again (the IG's duplicate: same event numbers), then all in order.
     assert numbers[: len(held)] == held
     assert numbers[len(held) :] == list(range(1, issued + 1))
+
+
+def test_a_notification_in_flight_holds_no_lock_that_an_intake_waits_for(
+    fast: Service, hook: Receiver, tmp_path: Path
+) -> None:
+    """A receiver slow to answer (up to the POST timeout) must not stall the clinics' writes: on
+    SQLite a transaction open across the POST would hold the only write lock all that time."""
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    hook.holding.clear()
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    worker = _spawn_worker(fast, tmp_path / "worker.log")
+    try:
+        hook.wait_for(lambda r: len(r.notifications()) == 1, 60, "the notification to arrive")
+        started = time.monotonic()
+        world.post_consent(consent(world.patient, world.other.organization_id))
+        took = time.monotonic() - started
+        hook.holding.set()
+        assert took < 3.0, f"the intake waited {took:.1f} s for a notification in flight"
+        issued = row(fast, subscription_id)["events_issued"]
+        deadline = time.monotonic() + 60
+        while row(fast, subscription_id)["events_delivered"] != issued:
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        hook.holding.set()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert sorted(set(hook.event_numbers())) == list(
+        range(1, row(fast, subscription_id)["events_issued"] + 1)
+    )
 
 
 def test_a_retry_period_under_72_hours_is_refused_outside_development(tmp_path: Path) -> None:
