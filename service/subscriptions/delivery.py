@@ -208,17 +208,20 @@ class Delivery:
             return [(e, None) for e in events if e.focus_id in owned]
         if row.topic != Topic.record_visible.value:
             return [(e, None) for e in events]  # a Consent withdrawn: told whatever grants say now
-        records = RecordRepository(session)
+        # One statement for the notification's events, by the predicate of every read.
+        grants = await RecordRepository(session).permits_for_versions(
+            (
+                (e.focus_type, e.focus_id, e.focus_version)
+                for e in events
+                if e.focus_type in STORED_TYPES and e.focus_version is not None
+            ),
+            GrantFilter(row.organization_id, row.purpose, at),
+        )
         permitted: list[tuple[EventRow, GrantMatch | None]] = []
         for event in events:
-            if event.focus_type not in STORED_TYPES or event.focus_version is None:
+            if event.focus_version is None:
                 continue
-            grant = await records.permit_for_version(
-                event.focus_type,
-                event.focus_id,
-                event.focus_version,
-                GrantFilter(row.organization_id, row.purpose, at),
-            )
+            grant = grants.get((event.focus_type, event.focus_id, event.focus_version))
             if grant is not None:
                 permitted.append((event, grant))
         return permitted

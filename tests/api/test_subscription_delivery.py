@@ -93,11 +93,25 @@ def row(service: Service, subscription_id: str) -> dict[str, Any]:
     return dict(found._mapping)
 
 
-def run_jobs(service: Service, *, until: Any, seconds: float = 60, what: str = "delivery") -> None:
-    """Run the job worker (delivery, retries, heartbeats) until ``until()`` holds."""
+def run_jobs(
+    service: Service,
+    *,
+    until: Any,
+    seconds: float = 60,
+    what: str = "delivery",
+    statements: list[str] | None = None,
+) -> None:
+    """Run the job worker (delivery, retries, heartbeats) until ``until()`` holds; with
+    ``statements``, the SQL the worker executes is appended to it."""
 
     async def drive() -> None:
         runtime = build_runtime(service.settings)
+        if statements is not None:
+
+            def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+                statements.append(statement)
+
+            sa.event.listen(runtime.database.engine.sync_engine, "before_cursor_execute", seen)
         try:
             worker = Worker(runtime, load_kinds(), name="test-delivery")
             deadline = time.monotonic() + seconds
@@ -208,6 +222,28 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order(fast: Servic
     outcomes = [o for s, o in entries if s == "subscription-notification-outcome"]
     assert outcomes.count("8") >= 3 and outcomes[-1] == "0"
     assert delivered_event_numbers(fast) == list(range(1, issued + 1))
+
+
+def test_consent_is_decided_again_with_one_grant_query_per_notification(
+    fast: Service, hook: Receiver
+) -> None:
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    issued = row(fast, subscription_id)["events_issued"]
+    assert issued >= 3
+    statements: list[str] = []
+    run_jobs(
+        fast, until=lambda: row(fast, subscription_id)["events_delivered"] == issued, statements=statements
+    )
+    notifications = hook.notifications()
+    assert [n for notification in notifications for n in notification.event_numbers] == list(
+        range(1, issued + 1)
+    )
+    grant_queries = [
+        s for s in statements if "disclosure_grants" in s and s.lstrip().upper().startswith("SELECT")
+    ]
+    assert len(grant_queries) == len(notifications)  # not one per event
 
 
 def test_a_consent_withdrawn_before_delivery_means_nothing_is_sent(fast: Service, hook: Receiver) -> None:
