@@ -28,7 +28,9 @@ from test_disclosure import World, consent, make_world
 
 from service.jobs.kinds import load_kinds
 from service.jobs.worker import Worker
+from service.records.relabel import RelabelCounts, relabel
 from service.runtime import build_runtime, close_runtime
+from service.store.database import Database
 from service.subscriptions.heartbeat import HEARTBEAT_KIND
 from service.subscriptions.topics import Topic
 
@@ -321,6 +323,72 @@ def test_a_quiet_subscription_gets_a_heartbeat(fast: Service, hook: Receiver) ->
     beat = hook.notifications("heartbeat")[0]
     assert beat.parameter("events-since-subscription-start")["valueString"] == "0"
     assert beat.event_numbers == []
+
+
+def _events(service: Service, subscription_id: str, after: int) -> list[str]:
+    engine = sa.create_engine(sync_url(service.settings.database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT focus_type, focus_id, focus_version FROM subscription_events"
+                    " WHERE subscription_id = :s AND event_number > :n ORDER BY event_number"
+                ),
+                {"s": subscription_id, "n": after},
+            ).all()
+    finally:
+        engine.dispose()
+    return [f"{t}/{i}/_history/{v}" for t, i, v in rows]
+
+
+def test_a_relabel_notifies_what_it_makes_visible_and_nothing_it_hides(fast: Service, hook: Receiver) -> None:
+    """Rows labelled under older rules (tokens tampered as ``test_relabel_brings_rows_...``
+    does): ``mhr records relabel`` recomputes them, and the authority is told of what it may now
+    see, never of what it may no longer see."""
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    engine = sa.create_engine(sync_url(fast.settings.database_url))
+    try:
+        with engine.begin() as conn:
+            plain = conn.execute(
+                sa.text("SELECT labels_token FROM resource_versions WHERE id = :id"),
+                {"id": world.observation},
+            ).scalar_one()
+            # The HIV test carries an unlabelled token (old rules let it through); the plain
+            # Observation none at all (written before labels were kept: it fails closed).
+            conn.execute(
+                sa.text("UPDATE resource_versions SET labels_token = :t WHERE id = :id"),
+                {"t": plain, "id": world.hiv_observation},
+            )
+            conn.execute(
+                sa.text("UPDATE resource_versions SET labels_token = NULL WHERE id = :id"),
+                {"id": world.observation},
+            )
+    finally:
+        engine.dispose()
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    before = row(fast, subscription_id)["events_issued"]
+    published = _events(fast, subscription_id, 0)
+    assert any(f"Observation/{world.hiv_observation}/" in e for e in published)  # under the old token
+    assert not any(f"Observation/{world.observation}/" in e for e in published)
+
+    runtime = fast.fastapi.state.runtime  # type: ignore[attr-defined]
+
+    async def run(db: Database) -> RelabelCounts:
+        return await relabel(db, runtime.records)
+
+    assert fast._run(run).changed == 2
+    relabelled = _events(fast, subscription_id, before)
+    assert len(relabelled) == 1 and relabelled[0].startswith(f"Observation/{world.observation}/")
+    issued = row(fast, subscription_id)["events_issued"]
+    run_jobs(fast, until=lambda: row(fast, subscription_id)["events_delivered"] == issued)
+    sent = [ref for n in hook.notifications() for ref in n.focus_references]
+    assert any(f"Observation/{world.observation}/" in ref for ref in sent)
+    assert not any(world.hiv_observation in ref for ref in sent)  # hidden by the relabel: withheld
+    assert fast._run(run).changed == 0
+    assert (
+        row(fast, subscription_id)["events_issued"] == issued
+    )  # a relabel that changes nothing says nothing
 
 
 # --- a real worker process, killed with SIGKILL while a notification is in flight -------------
