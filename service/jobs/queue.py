@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs.kinds import JobKind, P
+from service.jobs.wakeup import mark_enqueued
 from service.store.tables import Job
 
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
@@ -64,6 +65,8 @@ async def enqueue(
     )
     inserted = (await session.execute(statement)).scalar_one_or_none()
     if inserted is not None:
+        if values["run_after"] <= now:
+            mark_enqueued(session)  # due now: wake this process's workers when it commits
         return int(inserted)
     existing = await session.execute(
         select(Job.id).where(Job.kind == kind.name, Job.idempotency_key == idempotency_key)

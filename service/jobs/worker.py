@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.jobs import queue
+from service.jobs import queue, wakeup
 from service.jobs.kinds import JobContext, JobError, JobRegistry, PermanentJobError, UnknownJobKind
 from service.lifecycle import SHUTDOWN
 from service.metrics import JOB_RUNS
@@ -34,7 +34,7 @@ class LeaseLost(Exception):
     """The lease expired and another worker took the job over: this attempt's effect is dropped."""
 
 
-class _Steps:
+class Steps:
     """JobSteps for one lease: each step renews it first, in the step's own transaction."""
 
     def __init__(self, runtime: Runtime, lease: queue.Lease) -> None:
@@ -69,20 +69,29 @@ class Worker:
     async def run(self) -> None:
         """Work until told to stop; a database error is logged and retried after a pause."""
         kinds = self.registry.names()
-        while self._should_lease:
-            try:
-                worked = await self.run_one(kinds)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("job worker error; retrying", extra={"error_type": type(exc).__name__})
-                worked = False
-            if not worked:
-                await self._idle()
+        with wakeup.waiting() as woken:
+            while self._should_lease:
+                woken.clear()  # before the look: a commit during it wakes the next idle at once
+                try:
+                    worked = await self.run_one(kinds)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.error("job worker error; retrying", extra={"error_type": type(exc).__name__})
+                    worked = False
+                if not worked:
+                    await self._idle(woken)
 
-    async def _idle(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=self.settings.job_poll_seconds)
+    async def _idle(self, woken: asyncio.Event) -> None:
+        """Until the poll interval passes, this process commits a due job, or we are stopped."""
+        waits = [asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(woken.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.settings.job_poll_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def run_one(self, kinds: list[str] | None = None) -> bool:
         """Lease and run one due job; False when there was none."""
@@ -133,7 +142,7 @@ class Worker:
         )
         try:
             if kind.run_in_steps is not None:
-                await kind.run_in_steps(context, _Steps(self.runtime, lease))
+                await kind.run_in_steps(context, Steps(self.runtime, lease))
             async with self.runtime.database.transaction() as session:
                 if not await queue.claim_completion(session, lease):
                     raise LeaseLost
@@ -190,4 +199,4 @@ class Worker:
             log.info("job released unfinished", extra={"job_id": lease.job_id, "job_kind": lease.kind})
 
 
-__all__ = ["LeaseLost", "UnknownJobKind", "Worker", "worker_name"]
+__all__ = ["LeaseLost", "Steps", "UnknownJobKind", "Worker", "worker_name"]
