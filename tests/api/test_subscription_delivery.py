@@ -490,6 +490,37 @@ def test_a_notification_in_flight_holds_no_lock_that_an_intake_waits_for(
     )
 
 
+def test_a_heartbeat_in_flight_holds_no_lock_that_an_intake_waits_for(
+    fast: Service, hook: Receiver, tmp_path: Path
+) -> None:
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook, heartbeat=60)
+    engine = sa.create_engine(sync_url(fast.settings.database_url))
+    with engine.begin() as conn:  # a period passes (moved back rather than waited for)
+        conn.execute(
+            sa.text("UPDATE subscription_delivery_state SET last_sent_at = :t WHERE subscription_id = :id"),
+            {"t": "2020-01-01 00:00:00+00:00", "id": subscription_id},
+        )
+        conn.execute(
+            sa.text("UPDATE jobs SET run_after = :t WHERE kind = :kind"),
+            {"t": "2020-01-01 00:00:00+00:00", "kind": HEARTBEAT_KIND},
+        )
+    engine.dispose()
+    hook.holding.clear()
+    worker = _spawn_worker(fast, tmp_path / "worker.log")
+    try:
+        hook.wait_for(lambda r: len(r.notifications("heartbeat")) == 1, 60, "the heartbeat to arrive")
+        started = time.monotonic()
+        world.post_consent(consent(world.patient, world.other.organization_id))
+        took = time.monotonic() - started
+        hook.holding.set()
+        assert took < 3.0, f"the intake waited {took:.1f} s for a heartbeat in flight"
+    finally:
+        hook.holding.set()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+
+
 def test_a_retry_period_under_72_hours_is_refused_outside_development(tmp_path: Path) -> None:
     from service.settings import Environment, Settings, SettingsError
 
