@@ -60,7 +60,7 @@ from service.settings import Settings
 from service.store.tables import SubscriptionDeliveryState, SubscriptionRow
 from service.subscriptions.backport import EMPTY, EVENT_NOTIFICATION, HANDSHAKE
 from service.subscriptions.delivery_audit import (
-    event_delivery_record,
+    event_delivery_records,
     handshake_record,
     notification_outcome_record,
 )
@@ -264,10 +264,8 @@ class Delivery:
                 await insert_entries(
                     locked.session,
                     [
-                        PendingEntry(
-                            event_delivery_record(row, e, g, id_only=id_only), self.request_id, SOURCE
-                        )
-                        for e, g in sent
+                        PendingEntry(record, self.request_id, SOURCE)
+                        for record in event_delivery_records(row, sent, id_only=id_only)
                     ],
                 )
             outcome = await post_notification(self.client, self.channel, bundle)
