@@ -1,6 +1,7 @@
 """Notification latency: from the commit of an exam to an id-only notification's receipt.
 
     python -m bench.notify_latency [--rate 48] [--seconds 20] [--max-count N]
+                                   [--w1-seconds 15] [--tree bench/.state/baseline/<commit>]
 
 A fresh PostgreSQL database (bench.parties), ``mhr serve --workers 2`` on it, a rest-hook
 receiver in this process (http.server on a free port), and authority A subscribed to the
@@ -10,6 +11,12 @@ exams/s, README "Performance"), and every notification received is timed: latenc
 its receipt time minus its event timestamp (set in the transaction that committed the exam,
 so slightly before the commit; same clock, same machine). Reported: events, notifications,
 p50/p99/max of the per-event latency, the intake rate achieved and its errors. Target p99 <= 2 s.
+
+``--w1-seconds S``: first W1's closed loop (8 connections POSTing exams for S seconds, README
+"Performance"), before the subscription exists and again with it (after its events drained), so
+that what publishing costs the intake is measured on the same server. ``--tree``: run the server
+of another checkout (a baseline built by ``python -m bench.baseline REF``) for a before/after in
+one session; ``--db``: the database's name (default from BENCH_DB_PREFIX).
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
 from datetime import datetime
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,12 +39,15 @@ from typing import Any
 import httpx
 
 from bench.generate import exam
-from bench.parties import database_url, setup
+from bench.parties import DB_PREFIX, database_url, setup
 from bench.run import mhr_server
+from bench.servers import REPO
+from service.store.migrate import upgrade
 
 IG = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 TOPIC = "https://mhr.example.org/fhir/SubscriptionTopic/record-visible"
-DB_NAME = "mhr_bench_notify"
+DB_NAME = f"{DB_PREFIX}_notify"
+W1_CONNECTIONS = 8
 
 
 class Receipts:
@@ -117,10 +130,59 @@ def subscribe(base: str, token: str, endpoint: str, max_count: int | None) -> st
     raise SystemExit("the subscription did not become active (handshake)")
 
 
-async def intake(base: str, token: str, rate: float, seconds: float) -> tuple[int, int, float]:
+async def closed_loop(base: str, token: str, seconds: float, first: int) -> dict[str, float]:
+    """W1: ``W1_CONNECTIONS`` clients POSTing exams back to back for ``seconds``."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(first, first + 1_000_000))
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def loop() -> None:
+            nonlocal errors
+            while time.monotonic() < deadline:
+                body = json.dumps(exam(next(counter), seed=7)).encode()
+                started = time.monotonic()
+                try:
+                    response = await client.post(f"{base}/fhir", content=body, headers=headers)
+                    errors += response.status_code != 200
+                except httpx.HTTPError:
+                    errors += 1
+                latencies.append(time.monotonic() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(W1_CONNECTIONS)))
+        elapsed = time.monotonic() - started
+    return {
+        "exams": len(latencies),
+        "per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000),
+        "errors": errors,
+    }
+
+
+def wait_for_tail(receipts: Receipts, quiet_seconds: float = 5, limit: float = 120) -> None:
+    """Until no new event arrives for ``quiet_seconds``."""
+    deadline = time.monotonic() + limit
+    last, seen = time.monotonic(), -1
+    while time.monotonic() < deadline:
+        with receipts.lock:
+            now_seen = len(receipts.numbers)
+        if now_seen != seen:
+            seen, last = now_seen, time.monotonic()
+        elif time.monotonic() - last > quiet_seconds:
+            return
+        time.sleep(0.2)
+
+
+async def intake(
+    base: str, token: str, rate: float, seconds: float, first: int = 0
+) -> tuple[int, int, float]:
     """POST exams at ``rate`` per second (open loop); returns (sent, errors, elapsed)."""
     count = int(rate * seconds)
-    bodies = [json.dumps(exam(i, seed=7)).encode() for i in range(count)]
+    bodies = [json.dumps(exam(i, seed=7)).encode() for i in range(first, first + count)]
     errors = 0
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
@@ -145,6 +207,12 @@ async def intake(base: str, token: str, rate: float, seconds: float) -> tuple[in
         return count, errors, time.monotonic() - started
 
 
+def _migrate_with(tree: Path, url: str) -> None:
+    """A baseline tree's database at its own head revision, by its own migrations."""
+    env = {**os.environ, "MHR_ENV": "development", "MHR_DATABASE_URL": url}
+    subprocess.run([str(tree / ".venv" / "bin" / "mhr"), "migrate"], cwd=tree, env=env, check=True)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -155,31 +223,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=48.0, help="exams per second (W1's measured rate)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-count", type=int, default=None, help="events per notification")
+    parser.add_argument("--w1-seconds", type=float, default=0, help="W1 closed loop first, without and with")
+    parser.add_argument("--tree", type=Path, default=REPO, help="the checkout whose server runs")
+    parser.add_argument("--db", default=DB_NAME, help="database name (recreated)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mhr-notify-bench-"))
-    parties = setup(DB_NAME, workdir)
+    tree = args.tree.resolve()
+    migrate_database = upgrade if tree == REPO.resolve() else partial(_migrate_with, tree)
+    parties = setup(args.db, workdir, migrate_database)
     receipts = Receipts()
     receiver = start_receiver(receipts)
     endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    with mhr_server("mhr-notify", database_url(DB_NAME), workdir / "keyring.json", workdir) as server:
+    with mhr_server(
+        "mhr-notify", database_url(args.db), workdir / "keyring.json", workdir, tree=tree
+    ) as server:
         base = server.base_url
         authority = parties["authority-a"].token(base, "system/Subscription.cruds", purpose="PUBHLTH")
         clinic = parties["clinic"].token(base, "system/*.cruds")
+        if args.w1_seconds:
+            w1 = asyncio.run(closed_loop(base, clinic, args.w1_seconds, 100_000))
+            print(f"W1 without a subscriber: {json.dumps(w1)}")
         subscribe(base, authority, endpoint, args.max_count)
-        sent, errors, elapsed = asyncio.run(intake(base, clinic, args.rate, args.seconds))
-        issued_deadline = time.monotonic() + 120
-        # Wait for the tail: until no new event arrives for 5 s.
-        last, seen = time.monotonic(), -1
-        while time.monotonic() < issued_deadline:
+        if args.w1_seconds:
+            w1 = asyncio.run(closed_loop(base, clinic, args.w1_seconds, 200_000))
+            wait_for_tail(receipts)
+            print(f"W1 with a subscriber:    {json.dumps(w1)}")
             with receipts.lock:
-                now_seen = len(receipts.numbers)
-            if now_seen != seen:
-                seen, last = now_seen, time.monotonic()
-            elif time.monotonic() - last > 5:
-                break
-            time.sleep(0.2)
+                receipts.latencies.clear()
+                receipts.notifications = 0
+                earlier = set(receipts.numbers)
+        else:
+            earlier = set()
+        sent, errors, elapsed = asyncio.run(intake(base, clinic, args.rate, args.seconds))
+        wait_for_tail(receipts)
     receiver.shutdown()
     latencies = receipts.latencies
+    print(f"server: {tree.name} ({'working tree' if tree == REPO.resolve() else 'baseline'})")
     print(
         f"intake: {sent} exams in {elapsed:.1f} s ({sent / elapsed:.1f}/s, asked {args.rate:g}/s), "
         f"{errors} errors"
@@ -187,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     if not latencies:
         print("no notification received")
         return 1
+    numbers = receipts.numbers - earlier
     print(
         f"notifications: {receipts.notifications}, events: {len(latencies)} "
-        f"(numbers {min(receipts.numbers)}..{max(receipts.numbers)})"
+        f"(numbers {min(numbers)}..{max(numbers)})"
     )
     print(
         f"commit-to-receipt latency per event: p50 {statistics.median(latencies) * 1000:.0f} ms, "

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs import JobContext, JobError, JobKind
-from service.jobs.kinds import JobPayload, register
+from service.jobs.kinds import JobPayload, JobSteps, register
 
 EFFECTS_DDL = (
     "CREATE TABLE IF NOT EXISTS job_effects ("
@@ -74,3 +74,18 @@ ALWAYS_FAILS = register(
     )
 )
 CRASHES = register(JobKind(name="test.crashes", payload_type=Refusal, run=_crashes, max_attempts=1))
+
+
+async def _in_steps(job: JobContext[Effect], steps: JobSteps) -> None:
+    """Two effects, each committed by a step of its own before the job is marked done."""
+    for step in ("first", "second"):
+        async with steps.step(30.0) as session:
+            await session.execute(
+                sa.text("INSERT INTO job_effects (idempotency_key, attempt, note) VALUES (:k, :a, :n)"),
+                {"k": job.idempotency_key, "a": job.attempt, "n": f"{job.payload.note}:{step}"},
+            )
+
+
+IN_STEPS = register(
+    JobKind(name="test.in-steps", payload_type=Effect, run_in_steps=_in_steps, max_attempts=3)
+)

@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from jobs_testkinds import ALWAYS_FAILS, CRASHES, EFFECT, EFFECTS_DDL, Effect, Refusal
+from jobs_testkinds import ALWAYS_FAILS, CRASHES, EFFECT, EFFECTS_DDL, IN_STEPS, Effect, Refusal
 from mhr_testkit import EXAMPLES, Service, load_example, submit, sync_url
 
 from security.keys import LocalKeyring
 from service.background import BackgroundWork
 from service.cli import main as cli_main
 from service.jobs import enqueue, queue
-from service.jobs.kinds import load_kinds
-from service.jobs.worker import Worker
+from service.jobs.kinds import JobKind, load_kinds
+from service.jobs.worker import LeaseLost, Steps, Worker
 from service.metrics import REGISTRY
 from service.runtime import Runtime, build_runtime, close_runtime
 from service.settings import Environment, Settings
@@ -540,3 +540,74 @@ def test_mhr_worker_also_runs_the_audit_integrator(
     _wait_for(lambda: asyncio.run(sealed()) >= 1, 60, "the worker's integrator to seal the audit log")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_a_kind_run_in_steps_commits_each_step_then_is_done(settings: Settings) -> None:
+    async def scenario() -> None:
+        async with running(settings) as runtime:
+            async with runtime.database.transaction() as session:
+                job_id = await enqueue(session, IN_STEPS, Effect(note="s"), "steps-1")
+            assert await worker(runtime).run_one([IN_STEPS.name]) is True
+            assert await effects(runtime) == [("steps-1", 1, "s:first"), ("steps-1", 1, "s:second")]
+            assert (await job(runtime, job_id)).state == "done"
+
+    asyncio.run(scenario())
+
+
+def test_a_step_after_the_lease_was_taken_over_is_refused_and_rolled_back(settings: Settings) -> None:
+    async def scenario() -> None:
+        async with running(settings) as runtime:
+            async with runtime.database.transaction() as session:
+                job_id = await enqueue(session, IN_STEPS, Effect(note="s"), "steps-2")
+            async with runtime.database.transaction() as session:
+                lease = await queue.lease_one(
+                    session, [IN_STEPS.name], owner="first", lease_seconds=30, max_attempts={IN_STEPS.name: 3}
+                )
+            assert isinstance(lease, queue.Lease)
+            async with runtime.database.transaction() as session:  # another worker took it over
+                await session.execute(
+                    sa.update(Job).where(Job.id == job_id).values(lease_token="someone-else")
+                )
+            steps = Steps(runtime, lease)
+            with pytest.raises(LeaseLost):
+                async with steps.step(30.0) as session:
+                    await session.execute(sa.text("INSERT INTO job_effects VALUES ('steps-2', 1, 'leaked')"))
+            assert await effects(runtime) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_kind_needs_exactly_one_handler() -> None:
+    with pytest.raises(ValueError, match="exactly one of run and run_in_steps"):
+        JobKind(name="test.neither", payload_type=Effect)
+    with pytest.raises(ValueError, match="exactly one of run and run_in_steps"):
+        JobKind(name="test.both", payload_type=Effect, run=EFFECT.run, run_in_steps=IN_STEPS.run_in_steps)
+
+
+def test_an_idle_worker_wakes_when_a_due_job_commits_not_on_a_rollback(settings: Settings) -> None:
+    """With a 30 s poll, the job runs within a second of the commit that enqueued it: the commit
+    wakes this process's idle workers. A rolled-back enqueue wakes them to nothing."""
+    slow_poll = Settings(**{**settings.model_dump(), "job_poll_seconds": 30.0})
+
+    async def scenario() -> None:
+        async with running(slow_poll) as runtime:
+            w = worker(runtime)
+            loop = asyncio.create_task(w.run())
+            try:
+                await asyncio.sleep(0.5)  # idle now, for 30 s
+                with pytest.raises(RuntimeError):
+                    async with runtime.database.transaction() as session:
+                        await enqueue(session, EFFECT, Effect(note="gone"), "wake-0")
+                        raise RuntimeError("rolled back")
+                async with runtime.database.transaction() as session:
+                    await enqueue(session, EFFECT, Effect(note="woken"), "wake-1")
+                committed = time.monotonic()
+                while not await effects(runtime):
+                    assert time.monotonic() - committed < 5, "the idle worker was not woken"
+                    await asyncio.sleep(0.05)
+                assert await effects(runtime) == [("wake-1", 1, "woken")]
+            finally:
+                w.stopping.set()
+                await asyncio.wait_for(loop, 10)
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ protects), for a clinic to hand to the migrant on request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -90,6 +91,26 @@ def _says_disclosure_about(content: bytes, patient_id: str) -> bool:
         and data.get("outcome") == Outcome.success.value
         and (REF_PATIENT, patient_id) in derived_refs(data)
     )
+
+
+async def anything_disclosed(session: AsyncSession, patient_ids: Iterable[str]) -> bool:
+    """Was anything about any of these migrants (pseudonyms) disclosed successfully? One
+    index-driven EXISTS (a consent change that concerns nobody who received data costs this)."""
+    wanted = sorted(set(patient_ids))
+    if not wanted:
+        return False
+    found = await session.execute(
+        select(AuditRef.entry_id)
+        .join(AuditEntry, AuditEntry.id == AuditRef.entry_id)
+        .where(
+            AuditRef.kind == REF_PATIENT,
+            AuditRef.value.in_(wanted),
+            AuditEntry.event_type == EventType.disclosure.value,
+            AuditEntry.outcome == Outcome.success.value,
+        )
+        .limit(1)
+    )
+    return found.first() is not None
 
 
 async def disclosures_for_patient(session: AsyncSession, patient_id: str) -> list[Disclosure]:

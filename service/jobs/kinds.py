@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import random
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -61,21 +62,42 @@ class JobContext(Generic[P]):
 Handler = Callable[[JobContext[P], AsyncSession], Awaitable[None]]
 
 
+class JobSteps(Protocol):
+    """Short transactions for a handler that must not hold one open across slow work (a POST to
+    a peer): each step first renews the job's lease, row-locked, for ``hold_seconds`` (raising
+    LeaseLost when another worker owns the job now), then commits on leaving the block."""
+
+    def step(self, hold_seconds: float) -> AbstractAsyncContextManager[AsyncSession]: ...
+
+
+StepHandler = Callable[[JobContext[P], JobSteps], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class JobKind(Generic[P]):
     """One kind of job.
 
     ``run`` is called inside the transaction that marks the job done (service.jobs): whatever it
     writes through the session commits with the completion or not at all. It must not commit.
+
+    ``run_in_steps`` instead (a kind whose work includes something slow outside the database):
+    the handler commits step by step through :class:`JobSteps` and the worker marks the job done
+    in a transaction of its own afterwards. A worker killed in between leaves the job to be run
+    again from the top, so each step must be safe to repeat after any earlier one committed.
     """
 
     name: str
     payload_type: type[P]
-    run: Handler[P]
+    run: Handler[P] | None = None
+    run_in_steps: StepHandler[P] | None = None
     max_attempts: int = 8
     backoff_base_seconds: float = 5.0
     backoff_cap_seconds: float = 3600.0
     _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.run_in_steps is None):
+            raise ValueError(f"job kind {self.name!r} needs exactly one of run and run_in_steps")
 
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: exponential, capped, with jitter (half to full),

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs.kinds import JobKind, P
+from service.jobs.wakeup import mark_enqueued
 from service.store.tables import Job
 
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
@@ -64,6 +65,8 @@ async def enqueue(
     )
     inserted = (await session.execute(statement)).scalar_one_or_none()
     if inserted is not None:
+        if values["run_after"] <= now:
+            mark_enqueued(session)  # due now: wake this process's workers when it commits
         return int(inserted)
     existing = await session.execute(
         select(Job.id).where(Job.kind == kind.name, Job.idempotency_key == idempotency_key)
@@ -161,6 +164,18 @@ async def claim_completion(session: AsyncSession, lease: Lease) -> bool:
             error_message=None,
             updated_at=utcnow(),
         )
+    )
+    return _rowcount(result) == 1
+
+
+async def renew_lease(session: AsyncSession, lease: Lease, seconds: float) -> bool:
+    """Extend a lease still held (row-locked, in the caller's transaction) to ``seconds`` from now:
+    a job run in steps says so before each step, so that its lease outlives the slow part."""
+    now = utcnow()
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.lease_token == lease.token, Job.state == RUNNING)
+        .values(leased_until=now + timedelta(seconds=seconds), updated_at=now)
     )
     return _rowcount(result) == 1
 

@@ -12,16 +12,19 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.jobs import queue
+from service.jobs import queue, wakeup
 from service.jobs.kinds import JobContext, JobError, JobRegistry, PermanentJobError, UnknownJobKind
 from service.lifecycle import SHUTDOWN
 from service.metrics import JOB_RUNS
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from service.runtime import Runtime
 
 log = logging.getLogger("mhr.jobs")
@@ -29,6 +32,21 @@ log = logging.getLogger("mhr.jobs")
 
 class LeaseLost(Exception):
     """The lease expired and another worker took the job over: this attempt's effect is dropped."""
+
+
+class Steps:
+    """JobSteps for one lease: each step renews it first, in the step's own transaction."""
+
+    def __init__(self, runtime: Runtime, lease: queue.Lease) -> None:
+        self.runtime = runtime
+        self.lease = lease
+
+    @contextlib.asynccontextmanager
+    async def step(self, hold_seconds: float) -> AsyncIterator[AsyncSession]:
+        async with self.runtime.database.transaction() as session:
+            if not await queue.renew_lease(session, self.lease, hold_seconds):
+                raise LeaseLost
+            yield session
 
 
 def worker_name(index: int) -> str:
@@ -51,20 +69,29 @@ class Worker:
     async def run(self) -> None:
         """Work until told to stop; a database error is logged and retried after a pause."""
         kinds = self.registry.names()
-        while self._should_lease:
-            try:
-                worked = await self.run_one(kinds)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("job worker error; retrying", extra={"error_type": type(exc).__name__})
-                worked = False
-            if not worked:
-                await self._idle()
+        with wakeup.waiting() as woken:
+            while self._should_lease:
+                woken.clear()  # before the look: a commit during it wakes the next idle at once
+                try:
+                    worked = await self.run_one(kinds)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.error("job worker error; retrying", extra={"error_type": type(exc).__name__})
+                    worked = False
+                if not worked:
+                    await self._idle(woken)
 
-    async def _idle(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=self.settings.job_poll_seconds)
+    async def _idle(self, woken: asyncio.Event) -> None:
+        """Until the poll interval passes, this process commits a due job, or we are stopped."""
+        waits = [asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(woken.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.settings.job_poll_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def run_one(self, kinds: list[str] | None = None) -> bool:
         """Lease and run one due job; False when there was none."""
@@ -114,10 +141,13 @@ class Worker:
             runtime=self.runtime,
         )
         try:
+            if kind.run_in_steps is not None:
+                await kind.run_in_steps(context, Steps(self.runtime, lease))
             async with self.runtime.database.transaction() as session:
                 if not await queue.claim_completion(session, lease):
                     raise LeaseLost
-                await kind.run(context, session)
+                if kind.run is not None:
+                    await kind.run(context, session)
         except asyncio.CancelledError:
             # Stopping past the grace period: the transaction rolled back; give the job back.
             await asyncio.shield(self._release(lease))
@@ -169,4 +199,4 @@ class Worker:
             log.info("job released unfinished", extra={"job_id": lease.job_id, "job_kind": lease.kind})
 
 
-__all__ = ["LeaseLost", "UnknownJobKind", "Worker", "worker_name"]
+__all__ = ["LeaseLost", "Steps", "UnknownJobKind", "Worker", "worker_name"]

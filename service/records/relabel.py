@@ -10,25 +10,37 @@ rewritten (that would be a new version); the token follows the labels the rules 
 
 Each migrant is one transaction, with the current rows locked as a write locks them. Erased
 migrants are skipped: their data cannot be read and is never disclosed.
+
+A relabel changes who may see what as surely as a Consent does, so the write observers
+(service.records.write_observers: subscription events, follow-up tasks) see the migrant before
+and after, in the same transaction, as they see an intake's: a version a relabel lets an
+authority see is a ``record-visible`` event for it, one it hides is none (and an event already
+queued for it is withheld at delivery, which decides consent again), and tasks follow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import select, update
 
 from security.blind_index import BlindIndexer
+from service.audit.events import AuditAgent
 from service.records.codec import open_version
 from service.records.consents import refresh_grants
 from service.records.context import RecordServices
 from service.records.indexing import labels_token
 from service.records.repository import RecordRepository, version_row
 from service.records.subject_keys import OpenedKeys
+from service.records.write_observers import CommittedWrite, new_observers
 from service.store.database import Database
 from service.store.tables import ResourceVersion, StoredResource, Subject
+
+# Who a relabel's withdrawal notices name as having acted: the service, on an operator's command.
+RELABEL_AGENT = AuditAgent(client_id=None, organization_id=None, role="system")
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,10 @@ async def _relabel_versions(
     await session.execute(
         select(StoredResource.id).where(StoredResource.subject_id == subject_id).with_for_update()
     )
+    now = datetime.now(UTC)
+    observers = new_observers()
+    for observer in observers:
+        await observer.before_grants(repo, frozenset({subject_id}), now)
     versions = (
         await session.execute(
             select(ResourceVersion)
@@ -120,4 +136,9 @@ async def _relabel_versions(
                 .values(labels_token=token)
             )
     grants = await refresh_grants(services, repo, subject_id, {}, keys=keys, indexer=indexer)
+    write = CommittedWrite(
+        services=services, repo=repo, keys=keys, written=[], consent_versions={}, agent=RELABEL_AGENT, at=now
+    )
+    for observer in observers:
+        await observer.after_grants(write)
     return seen, changed, grants

@@ -308,6 +308,23 @@ class RecordRepository:
         found = await self.version_for_read(resource_type, resource_id, version_id, audience)
         return found.row.grant if found is not None else None
 
+    async def permits_for_versions(
+        self, versions: Iterable[tuple[str, str, int]], grant: GrantFilter
+    ) -> dict[tuple[str, str, int], GrantMatch]:
+        """:meth:`permit_for_version` for many versions in one statement (a notification's
+        events): each version this organization may see now, with the grant that admits it."""
+        wanted = sorted(set(versions))
+        if not wanted:
+            return {}
+        connection = await self.session.connection()
+        params = {"versioned": wanted, **Audience(grant=grant).params()}
+        found: dict[tuple[str, str, int], GrantMatch] = {}
+        for m in (await connection.execute(_permits_statement(), params)).mappings():
+            found[(m["resource_type"], m["id"], m["version_id"])] = GrantMatch(
+                m["rule"], m["consent_id"], m["consent_version"]
+            )
+        return found
+
     async def visible_references(
         self, refs: Iterable[tuple[str, str, int | None]], audience: Audience
     ) -> set[tuple[str, str, int | None]]:
@@ -960,6 +977,22 @@ def _references_statement(kind: str) -> Select[Any]:
         return statement.add_columns(permit_id(v).label("permit_id"))
     audience = Audience(organization_id="") if kind == "tenancy" else NOBODY
     return statement.where(visible(v, audience))
+
+
+@cache
+def _permits_statement() -> Select[Any]:
+    """Versions (``versioned``: type, id, version) an authority may see, with the permit of each:
+    the grant chosen as :func:`permit_id` chooses it for every read, so the audit entry names the
+    same consent whichever path asks."""
+    v, g = _VERSIONS, _GRANTS
+    page = (
+        select(v.c.resource_type, v.c.id, v.c.version_id, permit_id(v).label("permit_id"))
+        .where(tuple_(v.c.resource_type, v.c.id, v.c.version_id).in_(bindparam("versioned", expanding=True)))
+        .subquery("asked")
+    )
+    return select(page.c.resource_type, page.c.id, page.c.version_id, *_PERMIT_COLUMNS).select_from(
+        page.join(g, g.c.id == page.c.permit_id)
+    )
 
 
 def _refusal_statement(*, with_grant: bool) -> Select[Any]:

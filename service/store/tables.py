@@ -677,6 +677,13 @@ class SubscriptionDeliveryState(Base):
     last_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # The outcome of the last attempt, a fixed code ("delivered", "http-503", "unreachable" ...).
     last_outcome: Mapped[str | None] = mapped_column(String(32))
+    # Which delivery job is sending now, and until when that holds: a notification is POSTed with
+    # no transaction open, so one sender at a time (in order) is this claim, not a row lock. A
+    # claim past ``claimed_until`` (its worker died) may be taken over; the same job, leased again
+    # after a crash, takes its own claim back at once.
+    claim_job_id: Mapped[int | None] = mapped_column(BigInteger)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 # --- blind-index key rotation (service.keys.index_rotation) ------------------------------------

@@ -24,7 +24,12 @@ from typing import cast
 from sqlalchemy import Table, and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.audit.disclosures import WITHDRAWAL_NOTICE, Disclosure, disclosures_for_patient
+from service.audit.disclosures import (
+    WITHDRAWAL_NOTICE,
+    Disclosure,
+    anything_disclosed,
+    disclosures_for_patient,
+)
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.records.grant_predicate import GRANTS, admits
@@ -102,17 +107,35 @@ async def admissions(session: AsyncSession, subject_ids: Iterable[str], at: date
 class WriteWatch:
     """Watches one write's migrants across their grant recomputation."""
 
-    def __init__(self, before: list[Admission], consent_subjects: frozenset[str], at: datetime) -> None:
+    def __init__(
+        self,
+        before: list[Admission],
+        consent_subjects: frozenset[str],
+        at: datetime,
+        wants_records: bool | None = None,
+    ) -> None:
         self._before = before
         self._consent_subjects = consent_subjects
         self._at = at
+        self._wants_records = wants_records  # None: not looked up yet
 
     @classmethod
     async def begin(cls, session: AsyncSession, consent_subjects: Iterable[str], at: datetime) -> WriteWatch:
         """Before the grants change: what the migrants whose Consents the write changes showed to whom.
-        (Migrants created by the write had nothing to show: leave them out.)"""
+        (Migrants created by the write had nothing to show: leave them out.)
+
+        The snapshot serves two things only: record events for older versions a new consent
+        admits (wanted only if some subscription records them) and withdrawal notices (owed only
+        to authorities that received data about these migrants). When neither can arise, two
+        index lookups stand in for the snapshot, which joins every current version of the
+        migrants with their grants."""
         subjects = frozenset(consent_subjects)
-        return cls(await admissions(session, subjects, at), subjects, at)
+        if not subjects:
+            return cls([], subjects, at)
+        wants_records = await SubscriptionRepository(session).any_recording(Topic.record_visible.value)
+        if not wants_records and not await anything_disclosed(session, subjects):
+            return cls([], subjects, at, wants_records)
+        return cls(await admissions(session, subjects, at), subjects, at, wants_records)
 
     async def finish(
         self,
@@ -127,8 +150,9 @@ class WriteWatch:
         Returns the events published (before fan-out to subscriptions).
         """
         subjects = {w.subject_id for w in written} | self._consent_subjects
-        repo = SubscriptionRepository(session)
-        wants_records = await repo.any_recording(Topic.record_visible.value)
+        wants_records = self._wants_records
+        if wants_records is None:
+            wants_records = await SubscriptionRepository(session).any_recording(Topic.record_visible.value)
         if not wants_records and not self._before:
             return []
         after = await admissions(session, subjects, self._at)

@@ -3,7 +3,7 @@ and its channel (endpoint and decrypted headers, in memory for one job only)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -27,8 +27,8 @@ async def lock_delivery(
     ends, so that one job at a time pushes this subscription (in order). None if it is gone.
 
     The lock is on the delivery state, not on the subscription: an intake that publishes an event
-    bumps the subscription's event counter, and must not wait for a POST in flight. (On SQLite
-    the job's transaction holds the database's only write lock anyway.)
+    bumps the subscription's event counter. Delivery holds it only for short transactions (no
+    POST in flight): across its POSTs a delivery holds a claim instead (:func:`claim_sending`).
     """
     exists = await session.execute(select(SubscriptionRow.id).where(SubscriptionRow.id == subscription_id))
     if exists.first() is None:
@@ -56,6 +56,25 @@ async def lock_delivery(
         )
     ).scalar_one_or_none()
     return None if row is None else (row, state)
+
+
+async def claim_sending(
+    session: AsyncSession, state: SubscriptionDeliveryState, job_id: int, token: str, hold_seconds: float
+) -> datetime | None:
+    """Take (or renew) the claim to send this subscription's notifications, on the locked state
+    row. None when taken; otherwise the moment another job's live claim runs out."""
+    now = utcnow()
+    others = state.claim_job_id is not None and state.claim_job_id != job_id
+    if others and state.claimed_until is not None and state.claimed_until > now:
+        return state.claimed_until
+    state.claim_job_id, state.claim_token = job_id, token
+    state.claimed_until = now + timedelta(seconds=hold_seconds)
+    return None
+
+
+def release_claim(state: SubscriptionDeliveryState, token: str) -> None:
+    if state.claim_token == token:
+        state.claim_job_id, state.claim_token, state.claimed_until = None, None, None
 
 
 def channel_of(row: SubscriptionRow, job: JobContext[Any]) -> Channel:

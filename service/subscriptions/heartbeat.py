@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs import JobContext, JobKind, enqueue
-from service.jobs.kinds import JobPayload, register
+from service.jobs.kinds import JobPayload, JobSteps, register
 from service.store.tables import SubscriptionDeliveryState, SubscriptionRow
 from service.subscriptions.backport import HEARTBEAT
 from service.subscriptions.delivery_rows import channel_of, lock_delivery, utcnow
@@ -48,33 +48,44 @@ async def schedule_heartbeat(
     await enqueue(session, HEARTBEAT_JOB, HeartbeatPayload(subscription_id=row.id), key, run_after=due)
 
 
-async def _run(job: JobContext[HeartbeatPayload], session: AsyncSession) -> None:
-    locked = await lock_delivery(session, job.payload.subscription_id)
-    if locked is None:
-        return  # deleted: the chain ends
-    row, state = locked
-    if row.status != "active" or not row.heartbeat_seconds:
-        return  # the chain ends; activation starts a new one
-    now = utcnow()
-    period = timedelta(seconds=row.heartbeat_seconds)
-    owed = state.last_sent_at is None or state.last_sent_at + period <= now
-    if owed and state.retry_at is None:
+async def _run(job: JobContext[HeartbeatPayload], steps: JobSteps) -> None:
+    """Decide in one short transaction, POST with none open, record in another (as delivery
+    does: a slow receiver holds no lock, on SQLite not the only write lock)."""
+    hold = job.runtime.settings.job_lease_seconds + job.runtime.settings.subscription_timeout_seconds
+    subscription_id = job.payload.subscription_id
+    async with steps.step(hold) as session:
+        locked = await lock_delivery(session, subscription_id)
+        if locked is None:
+            return  # deleted: the chain ends
+        row, state = locked
+        if row.status != "active" or not row.heartbeat_seconds:
+            return  # the chain ends; activation starts a new one
+        now = utcnow()
+        period = timedelta(seconds=row.heartbeat_seconds)
+        owed = state.last_sent_at is None or state.last_sent_at + period <= now
+        if not owed or state.retry_at is not None:
+            await schedule_heartbeat(session, row, state)
+            return
         status = SubscriptionState(row.id, row.topic, row.status, row.events_issued, row.error)
         bundle = notification_bundle(job.runtime.settings.fhir_base_url, status, HEARTBEAT, now=now)
-        async with new_client() as client:
-            outcome = await post_notification(client, channel_of(row, job), bundle)
-        if outcome == DELIVERED:
-            state.last_sent_at = now
-        else:
-            # The heartbeat is lost, not retried: the next one is a period later.
-            state.last_sent_at = now
+        channel = channel_of(row, job)
+    async with new_client() as client:
+        outcome = await post_notification(client, channel, bundle)
+    async with steps.step(hold) as session:
+        locked = await lock_delivery(session, subscription_id)
+        if locked is None:
+            return
+        row, state = locked
+        # Sent or lost (a heartbeat is not retried: the next one is a period later).
+        state.last_sent_at = max(now, state.last_sent_at) if state.last_sent_at else now
+        state.last_outcome = outcome
+        if outcome != DELIVERED:
             log.warning(
                 "subscription heartbeat failed", extra={"subscription_id": row.id, "outcome": outcome}
             )
-        state.last_outcome = outcome
-    await schedule_heartbeat(session, row, state)
+        await schedule_heartbeat(session, row, state)
 
 
 HEARTBEAT_JOB = register(
-    JobKind(name=HEARTBEAT_KIND, payload_type=HeartbeatPayload, run=_run, max_attempts=20)
+    JobKind(name=HEARTBEAT_KIND, payload_type=HeartbeatPayload, run_in_steps=_run, max_attempts=20)
 )

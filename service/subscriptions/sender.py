@@ -8,6 +8,7 @@ message, an audit entry or a job. What leaves this module is an outcome code suc
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,13 @@ async def post_notification(client: httpx.AsyncClient, channel: Channel, bundle:
         channel.timeout_seconds, connect=min(channel.connect_timeout_seconds, channel.timeout_seconds)
     )
     try:
-        response = await client.post(
-            channel.endpoint, content=orjson.dumps(bundle), headers=_headers(channel), timeout=timeout
-        )
-    except httpx.TimeoutException:
+        # httpx's timeouts are per phase (a receiver trickling its answer resets the read one);
+        # the whole POST is bounded too, so that a delivery claim held for the timeout suffices.
+        async with asyncio.timeout(channel.timeout_seconds):
+            response = await client.post(
+                channel.endpoint, content=orjson.dumps(bundle), headers=_headers(channel), timeout=timeout
+            )
+    except (httpx.TimeoutException, TimeoutError):
         return TIMEOUT
     except (httpx.HTTPError, ValueError):
         # Connection refused or reset, DNS, TLS, an endpoint httpx cannot use: all "unreachable"

@@ -17,11 +17,17 @@ FOLLOWUP_TRIGGERS = frozenset({"Observation", "Consent"})
 
 
 class FollowupTasks:
+    def __init__(self) -> None:
+        self._regranted: frozenset[str] = frozenset()
+
     async def before_grants(self, repo: RecordRepository, subjects: frozenset[str], at: datetime) -> None:
-        return None  # tasks are decided on the grants as they are after the write
+        # Tasks are decided on the grants as they are after the write; these migrants' grants
+        # are recomputed (their Consents changed, or a relabel), so their cases are looked at.
+        self._regranted = subjects
 
     async def after_grants(self, write: CommittedWrite) -> None:
-        subjects = sorted({w.subject_id for w in write.written if w.resource_type in FOLLOWUP_TRIGGERS})
+        written = {w.subject_id for w in write.written if w.resource_type in FOLLOWUP_TRIGGERS}
+        subjects = sorted(written | self._regranted)
         for subject_id in subjects:
             await reconcile_subject(write.services, write.repo, write.keys, subject_id, write.at)
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit, sync_url
 from test_disclosure import consent
 
+from service.records.relabel import RelabelCounts, relabel
 from service.records.repository import RecordRepository
 from service.store.database import Database
 from service.tasks.overdue_job import mark_overdue
@@ -472,3 +473,33 @@ def test_an_erased_migrant_leaves_no_task_in_any_worklist(loop: Loop) -> None:
             await database.dispose()
 
     assert asyncio.run(sweep()) == 0
+
+
+def test_a_relabel_that_discloses_the_classification_opens_the_case(loop: Loop) -> None:
+    """Observations labelled before labels were kept per version (no token: they fail closed)
+    disclose nothing, so a consent makes no task; ``mhr records relabel`` gives them their
+    tokens, the classification is disclosed, and the task follows in the relabel's transaction."""
+    engine = sa.create_engine(sync_url(loop.service.settings.database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "UPDATE resource_versions SET labels_token = NULL WHERE resource_type = 'Observation'"
+                    " AND subject_id = (SELECT subject_id FROM resources WHERE resource_type = 'Patient'"
+                    " AND id = :p)"
+                ),
+                {"p": loop.patient},
+            )
+    finally:
+        engine.dispose()
+    loop.post_consent(loop.a.organization_id)
+    assert loop.worklist(loop.a) == []
+    runtime = loop.service.fastapi.state.runtime  # type: ignore[attr-defined]
+
+    async def run(db: Database) -> RelabelCounts:
+        return await relabel(db, runtime.records)
+
+    assert loop.service._run(run).changed > 0
+    task = _one_task(loop, loop.a)
+    assert task["status"] == "requested" and task["focus"]["reference"].startswith("Observation/")
+    assert loop.worklist(loop.b) == []

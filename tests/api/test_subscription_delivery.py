@@ -28,7 +28,9 @@ from test_disclosure import World, consent, make_world
 
 from service.jobs.kinds import load_kinds
 from service.jobs.worker import Worker
+from service.records.relabel import RelabelCounts, relabel
 from service.runtime import build_runtime, close_runtime
+from service.store.database import Database
 from service.subscriptions.heartbeat import HEARTBEAT_KIND
 from service.subscriptions.topics import Topic
 
@@ -93,11 +95,25 @@ def row(service: Service, subscription_id: str) -> dict[str, Any]:
     return dict(found._mapping)
 
 
-def run_jobs(service: Service, *, until: Any, seconds: float = 60, what: str = "delivery") -> None:
-    """Run the job worker (delivery, retries, heartbeats) until ``until()`` holds."""
+def run_jobs(
+    service: Service,
+    *,
+    until: Any,
+    seconds: float = 60,
+    what: str = "delivery",
+    statements: list[str] | None = None,
+) -> None:
+    """Run the job worker (delivery, retries, heartbeats) until ``until()`` holds; with
+    ``statements``, the SQL the worker executes is appended to it."""
 
     async def drive() -> None:
         runtime = build_runtime(service.settings)
+        if statements is not None:
+
+            def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+                statements.append(statement)
+
+            sa.event.listen(runtime.database.engine.sync_engine, "before_cursor_execute", seen)
         try:
             worker = Worker(runtime, load_kinds(), name="test-delivery")
             deadline = time.monotonic() + seconds
@@ -124,6 +140,30 @@ def audit_outcomes(service: Service) -> list[tuple[str, str]]:
     finally:
         engine.dispose()
     return [(str(s), str(o)) for s, o in rows]
+
+
+def audit_details(service: Service, subtype: str) -> list[str]:
+    """The ``detail`` of each audit entry of ``subtype``, in order (from the entry's content)."""
+    engine = sa.create_engine(sync_url(service.settings.database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT content FROM audit_entries WHERE subtype = :s ORDER BY id"), {"s": subtype}
+            ).all()
+    finally:
+        engine.dispose()
+    return [str(json.loads(bytes(c))["detail"]) for (c,) in rows]
+
+
+def delivered_event_numbers(service: Service) -> list[int]:
+    """Event numbers whose notification's outcome entry says delivered."""
+    numbers: list[int] = []
+    for detail in audit_details(service, "subscription-notification-outcome"):
+        span, _, outcome = detail.rpartition(":")
+        if outcome == "delivered":
+            first, last = span.removeprefix("events-").split("(")[0].split("..")
+            numbers.extend(range(int(first), int(last) + 1))
+    return numbers
 
 
 @pytest.fixture
@@ -177,8 +217,35 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order(fast: Servic
         headers=fast.headers(world.authority, purpose_of_use="PUBHLTH"),
     )
     assert fetched.status_code == 200, fetched.text
-    delivered = [o for s, o in audit_outcomes(fast) if s == "subscription-notification" and o == "0"]
-    assert len(delivered) == issued  # one disclosure entry per event delivered
+    entries = audit_outcomes(fast)
+    # One disclosure entry per event per attempt (committed before each POST), and an outcome
+    # entry per notification: failures while down, then deliveries that carried every event.
+    assert sum(1 for s, _ in entries if s == "subscription-notification") >= 4  # one per attempt here
+    outcomes = [o for s, o in entries if s == "subscription-notification-outcome"]
+    assert outcomes.count("8") >= 3 and outcomes[-1] == "0"
+    assert delivered_event_numbers(fast) == list(range(1, issued + 1))
+
+
+def test_consent_is_decided_again_with_one_grant_query_per_notification(
+    fast: Service, hook: Receiver
+) -> None:
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    issued = row(fast, subscription_id)["events_issued"]
+    assert issued >= 3
+    statements: list[str] = []
+    run_jobs(
+        fast, until=lambda: row(fast, subscription_id)["events_delivered"] == issued, statements=statements
+    )
+    notifications = hook.notifications()
+    assert [n for notification in notifications for n in notification.event_numbers] == list(
+        range(1, issued + 1)
+    )
+    grant_queries = [
+        s for s in statements if "disclosure_grants" in s and s.lstrip().upper().startswith("SELECT")
+    ]
+    assert len(grant_queries) == len(notifications)  # not one per event
 
 
 def test_a_consent_withdrawn_before_delivery_means_nothing_is_sent(fast: Service, hook: Receiver) -> None:
@@ -258,6 +325,72 @@ def test_a_quiet_subscription_gets_a_heartbeat(fast: Service, hook: Receiver) ->
     assert beat.event_numbers == []
 
 
+def _events(service: Service, subscription_id: str, after: int) -> list[str]:
+    engine = sa.create_engine(sync_url(service.settings.database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT focus_type, focus_id, focus_version FROM subscription_events"
+                    " WHERE subscription_id = :s AND event_number > :n ORDER BY event_number"
+                ),
+                {"s": subscription_id, "n": after},
+            ).all()
+    finally:
+        engine.dispose()
+    return [f"{t}/{i}/_history/{v}" for t, i, v in rows]
+
+
+def test_a_relabel_notifies_what_it_makes_visible_and_nothing_it_hides(fast: Service, hook: Receiver) -> None:
+    """Rows labelled under older rules (tokens tampered as ``test_relabel_brings_rows_...``
+    does): ``mhr records relabel`` recomputes them, and the authority is told of what it may now
+    see, never of what it may no longer see."""
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    engine = sa.create_engine(sync_url(fast.settings.database_url))
+    try:
+        with engine.begin() as conn:
+            plain = conn.execute(
+                sa.text("SELECT labels_token FROM resource_versions WHERE id = :id"),
+                {"id": world.observation},
+            ).scalar_one()
+            # The HIV test carries an unlabelled token (old rules let it through); the plain
+            # Observation none at all (written before labels were kept: it fails closed).
+            conn.execute(
+                sa.text("UPDATE resource_versions SET labels_token = :t WHERE id = :id"),
+                {"t": plain, "id": world.hiv_observation},
+            )
+            conn.execute(
+                sa.text("UPDATE resource_versions SET labels_token = NULL WHERE id = :id"),
+                {"id": world.observation},
+            )
+    finally:
+        engine.dispose()
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    before = row(fast, subscription_id)["events_issued"]
+    published = _events(fast, subscription_id, 0)
+    assert any(f"Observation/{world.hiv_observation}/" in e for e in published)  # under the old token
+    assert not any(f"Observation/{world.observation}/" in e for e in published)
+
+    runtime = fast.fastapi.state.runtime  # type: ignore[attr-defined]
+
+    async def run(db: Database) -> RelabelCounts:
+        return await relabel(db, runtime.records)
+
+    assert fast._run(run).changed == 2
+    relabelled = _events(fast, subscription_id, before)
+    assert len(relabelled) == 1 and relabelled[0].startswith(f"Observation/{world.observation}/")
+    issued = row(fast, subscription_id)["events_issued"]
+    run_jobs(fast, until=lambda: row(fast, subscription_id)["events_delivered"] == issued)
+    sent = [ref for n in hook.notifications() for ref in n.focus_references]
+    assert any(f"Observation/{world.observation}/" in ref for ref in sent)
+    assert not any(world.hiv_observation in ref for ref in sent)  # hidden by the relabel: withheld
+    assert fast._run(run).changed == 0
+    assert (
+        row(fast, subscription_id)["events_issued"] == issued
+    )  # a relabel that changes nothing says nothing
+
+
 # --- a real worker process, killed with SIGKILL while a notification is in flight -------------
 
 
@@ -306,9 +439,13 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_event_numbe
         if first.poll() is None:
             first.kill()
     hook.holding.set()
-    # The killed attempt never committed: nothing counts as delivered yet.
+    # The killed attempt never recorded its outcome: nothing counts as delivered yet...
     assert row(fast, subscription_id)["events_delivered"] == 0
     held = hook.notifications()[0].event_numbers
+    # ... but what it sent is on the audit trail: each disclosure entry committed before the POST.
+    sending = [d for d in audit_details(fast, "subscription-notification")]
+    assert all(d.startswith("events-") and d.endswith(":sending") for d in sending)
+    assert [int(n) for d in sending for n in d.removeprefix("events-").split(":")[0].split(",")] == held
     second = _spawn_worker(fast, tmp_path / "worker-2.log")
     try:
         deadline = time.monotonic() + 60
@@ -322,6 +459,68 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_event_numbe
     # The held notification again (the IG's duplicate: same event numbers), then all in order.
     assert numbers[: len(held)] == held
     assert numbers[len(held) :] == list(range(1, issued + 1))
+
+
+def test_a_notification_in_flight_holds_no_lock_that_an_intake_waits_for(
+    fast: Service, hook: Receiver, tmp_path: Path
+) -> None:
+    """A receiver slow to answer (up to the POST timeout) must not stall the clinics' writes: on
+    SQLite a transaction open across the POST would hold the only write lock all that time."""
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook)
+    hook.holding.clear()
+    world.post_consent(consent(world.patient, world.authority.organization_id))
+    worker = _spawn_worker(fast, tmp_path / "worker.log")
+    try:
+        hook.wait_for(lambda r: len(r.notifications()) == 1, 60, "the notification to arrive")
+        started = time.monotonic()
+        world.post_consent(consent(world.patient, world.other.organization_id))
+        took = time.monotonic() - started
+        hook.holding.set()
+        assert took < 3.0, f"the intake waited {took:.1f} s for a notification in flight"
+        issued = row(fast, subscription_id)["events_issued"]
+        deadline = time.monotonic() + 60
+        while row(fast, subscription_id)["events_delivered"] != issued:
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        hook.holding.set()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert sorted(set(hook.event_numbers())) == list(
+        range(1, row(fast, subscription_id)["events_issued"] + 1)
+    )
+
+
+def test_a_heartbeat_in_flight_holds_no_lock_that_an_intake_waits_for(
+    fast: Service, hook: Receiver, tmp_path: Path
+) -> None:
+    world = make_world(fast)
+    subscription_id = active_subscription(world, hook, heartbeat=60)
+    engine = sa.create_engine(sync_url(fast.settings.database_url))
+    with engine.begin() as conn:  # a period passes (moved back rather than waited for)
+        conn.execute(
+            sa.text("UPDATE subscription_delivery_state SET last_sent_at = :t WHERE subscription_id = :id"),
+            {"t": "2020-01-01 00:00:00+00:00", "id": subscription_id},
+        )
+        conn.execute(
+            sa.text("UPDATE jobs SET run_after = :t WHERE kind = :kind"),
+            {"t": "2020-01-01 00:00:00+00:00", "kind": HEARTBEAT_KIND},
+        )
+    engine.dispose()
+    hook.holding.clear()
+    worker = _spawn_worker(fast, tmp_path / "worker.log")
+    try:
+        hook.wait_for(lambda r: len(r.notifications("heartbeat")) == 1, 60, "the heartbeat to arrive")
+        started = time.monotonic()
+        world.post_consent(consent(world.patient, world.other.organization_id))
+        took = time.monotonic() - started
+        hook.holding.set()
+        assert took < 3.0, f"the intake waited {took:.1f} s for a heartbeat in flight"
+    finally:
+        hook.holding.set()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
 
 
 def test_a_retry_period_under_72_hours_is_refused_outside_development(tmp_path: Path) -> None:

@@ -637,3 +637,47 @@ def test_task_topics_are_published_to_the_task_owner(service: Service) -> None:
         assert (
             _status_parameters(_events(service, party, sid).json())["events-since-subscription-start"] == "0"
         )
+
+
+def _snapshot_statements(w: World, write: Any) -> int:
+    """How many times the write ran the admissions snapshot (alias ``grant_admits``)."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    engine = w.service.fastapi.state.runtime.database.engine.sync_engine  # type: ignore[attr-defined]
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        write()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    return sum("grant_admits" in s for s in seen)
+
+
+def test_a_consent_concerning_no_subscriber_and_no_recipient_skips_the_snapshot(world_service: World) -> None:
+    w = world_service
+    # Nobody subscribes and nothing about the migrant was disclosed: no snapshot, no events.
+    first = _snapshot_statements(w, lambda: w.post_consent(consent(w.patient, w.authority.organization_id)))
+    assert first == 0
+    assert _sql(w.service, "SELECT count(*) AS n FROM subscription_events")[0].n == 0
+    # Once the authority read a record, a withdrawal is owed a notice: the snapshot is taken.
+    consent_id = w.post_consent(consent(w.patient, w.other.organization_id))
+    read = w.service.client.get(
+        f"/fhir/Patient/{w.patient}", headers=w.service.headers(w.other, purpose_of_use="PUBHLTH")
+    )
+    assert read.status_code == 200
+    assert _snapshot_statements(w, lambda: w.withdraw(consent_id)) == 2
+    notices = [d for d in _disclosures(w) if "notice" in d]
+    assert [n["notice"] for n in notices] == [["withdrawal-notice.no-subscription"]]
+
+
+def test_a_record_subscriber_makes_every_consent_change_take_the_snapshot(world_service: World) -> None:
+    w = world_service
+    sid = _subscribe(w.service, w.authority, RECORDS)
+    taken = _snapshot_statements(w, lambda: w.post_consent(consent(w.patient, w.authority.organization_id)))
+    assert taken == 2  # before and after the grants change
+    events = _sql(
+        w.service, "SELECT count(*) AS n FROM subscription_events WHERE subscription_id = :s", s=sid
+    )
+    assert events[0].n >= 2  # the older versions the consent admitted
