@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from service.errors import FhirError
+from service.domain.errors import Invalid
 from service.records.fhir_dates import parse_range
 from service.records.resource_types import STORED_TYPES
 
@@ -48,8 +48,8 @@ class ExportParameters:
     until: datetime | None
 
 
-def _bad(diagnostics: str, expression: str | None = None, code: str = "invalid") -> FhirError:
-    return FhirError.single(400, code, diagnostics, expression=expression)
+def _bad(diagnostics: str, expression: str | None = None, code: str = "invalid") -> Invalid:
+    return Invalid(diagnostics, expression=expression, code=code)
 
 
 def _preferences(prefer_headers: Sequence[str]) -> set[str]:

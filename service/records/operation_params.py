@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from service.errors import FhirError
+from service.domain.errors import Invalid
 from service.records.fhir_dates import parse_range
 from service.records.resource_types import STORED_TYPES
 from service.records.search_params import DEFAULT_COUNT, GENERAL_PARAMETERS, MAX_COUNT, parse_elements
@@ -19,8 +19,8 @@ from service.records.search_params import DEFAULT_COUNT, GENERAL_PARAMETERS, MAX
 MAX_EVERYTHING_COUNT = 1000
 
 
-def _bad(diagnostics: str, param: str, code: str = "invalid") -> FhirError:
-    return FhirError.single(400, code, diagnostics, expression=param)
+def _bad(diagnostics: str, param: str, code: str = "invalid") -> Invalid:
+    return Invalid(diagnostics, expression=param, code=code)
 
 
 @dataclass

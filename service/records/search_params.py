@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from security.blind_index import BlindIndexer
-from service.errors import FhirError
+from service.domain.errors import Invalid, NotFound
 from service.records.fhir_dates import parse_range
 from service.records.indexing import code_token
 from service.records.repository import SearchFilter
@@ -49,9 +49,9 @@ _ELEMENT_NAME = re.compile(r"^[a-z][A-Za-z0-9]{0,63}$")
 MAX_ELEMENTS = 50
 
 
-def _bad(diagnostics: str, param: str, code: str = "invalid") -> FhirError:
+def _bad(diagnostics: str, param: str, code: str = "invalid") -> Invalid:
     # The expression names the parameter, never its value (a value can be an identifier).
-    return FhirError.single(400, code, diagnostics, expression=param)
+    return Invalid(diagnostics, expression=param, code=code)
 
 
 @dataclass
@@ -165,7 +165,7 @@ def parse_search(
     indexers = (indexer,) if isinstance(indexer, BlindIndexer) else tuple(indexer)
     allowed = SEARCH_PARAMETERS.get(resource_type)
     if allowed is None:
-        raise FhirError.single(404, "not-supported", f"{resource_type} is not searchable here")
+        raise NotFound(f"{resource_type} is not searchable here", code="not-supported")
     flt = SearchFilter(resource_type=resource_type)
     count, offset, newest_first = DEFAULT_COUNT, 0, True
     cursor: str | None = None

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from security.blind_index import BlindIndexer
-from service.errors import FhirError
+from service.domain.errors import Invalid
+from service.errors import fhir_error
 from service.records.search_params import IDENTIFYING_PARAMETERS, SEARCH_PARAMETERS, parse_search
 
 INDEXER = BlindIndexer(os.urandom(32))
@@ -19,7 +20,7 @@ def test_no_search_pages_an_identifier_search_by_offset() -> None:
     # parameters: a search with both would have to write identifiers into a URL, so it is refused.
     for rtype, params in SEARCH_PARAMETERS.items():
         if "value-concept" in params and params & IDENTIFYING_PARAMETERS:
-            with pytest.raises(FhirError) as refused:
+            with pytest.raises(Invalid) as refused:
                 parse_search(
                     rtype,
                     [
@@ -29,7 +30,7 @@ def test_no_search_pages_an_identifier_search_by_offset() -> None:
                     INDEXER,
                     lenient=True,
                 )
-            assert refused.value.status == 400, rtype
+            assert fhir_error(refused.value).status == 400, rtype
 
 
 def test_identifiers_are_kept_out_of_the_linkable_parameters() -> None:
@@ -46,8 +47,8 @@ def test_identifiers_are_kept_out_of_the_linkable_parameters() -> None:
 def test_a_search_names_at_most_fifty_identifiers() -> None:
     fifty = ",".join(f"{PASSPORT}|P{i}" for i in range(50))
     assert len(parse_search("Patient", [("identifier", fifty)], INDEXER, lenient=False).hidden[0][1]) == 50
-    with pytest.raises(FhirError) as refused:
+    with pytest.raises(Invalid) as refused:
         parse_search(
             "Patient", [("identifier", fifty), ("identifier", f"{PASSPORT}|X")], INDEXER, lenient=False
         )
-    assert refused.value.status == 400
+    assert fhir_error(refused.value).status == 400
