@@ -47,7 +47,7 @@ COPY fhir ./fhir
 # A regular (non-editable) install into the venv: the image needs no source tree.
 RUN pip install --no-deps --no-build-isolation . \
  && cd / \
- && python -c "import migrations, security, service.settings as s; \
+ && python -c "import migrations, security, service.core.settings as s; \
 assert all(m.__file__.startswith('/opt/venv/') for m in (migrations, security, s)); \
 assert (s.default_ig_dir() / 'CapabilityStatement-mhr.json').is_file(), s.default_ig_dir()"
 

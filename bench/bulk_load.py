@@ -27,14 +27,14 @@ import uvloop
 from bench.generate import exam, small_exam
 from bench.parties import database_url, load
 from service.audit.recorder import record_audit
+from service.core.request_context import SOURCE
+from service.core.settings import Environment, Settings
 from service.fhir_validation import Issue
 from service.identity.repository import IdentityRepository
 from service.records.context import Actor
 from service.records.intake import Intake
 from service.records.repository import RecordRepository
-from service.request_context import SOURCE
-from service.runtime import build_runtime, close_runtime
-from service.settings import Environment, Settings
+from service.runtime.providers import build_runtime, close_runtime
 
 
 class _Trusting:

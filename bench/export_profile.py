@@ -27,7 +27,7 @@ from bench.parties import load
 from service.bulk.files import new_file_key
 from service.bulk.parameters import EXPORTED_TYPES
 from service.bulk.step import QUEUED, run_step
-from service.runtime import build_runtime, close_runtime
+from service.runtime.providers import build_runtime, close_runtime
 from service.store.tables import BulkExport
 
 

@@ -32,6 +32,8 @@ from bench.generate import small_exam
 from bench.key_ops import MODULES, PIN, _softhsm
 from security.keys import KeyProvider, LocalKeyring
 from service.audit.recorder import record_audit
+from service.core.request_context import SOURCE
+from service.core.settings import Environment, Settings
 from service.identity.repository import IdentityRepository
 from service.keys.index_commands import work_here
 from service.keys.index_rotation import left_to_reindex, rotate_index
@@ -40,9 +42,7 @@ from service.records import index_keys
 from service.records.context import Actor
 from service.records.intake import Intake
 from service.records.repository import RecordRepository
-from service.request_context import SOURCE
-from service.runtime import Runtime, build_runtime
-from service.settings import Environment, Settings
+from service.runtime.providers import Runtime, build_runtime
 from service.store import migrate
 from service.store.tables import Base, Organization, SearchToken
 

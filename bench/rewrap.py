@@ -29,11 +29,11 @@ from sqlalchemy import delete, insert
 
 from bench.key_ops import _softhsm
 from security.keys import KekLifecycle, KeyProvider, LocalKeyring
+from service.core.settings import Environment, Settings
 from service.keys import lifecycle
 from service.keys.progress import Progress
 from service.records.subject_keys import SubjectKeys, kek_version_of, rewrapped
-from service.runtime import Runtime, build_runtime
-from service.settings import Environment, Settings
+from service.runtime.providers import Runtime, build_runtime
 from service.store import migrate
 from service.store.tables import Job, Subject
 

@@ -33,7 +33,7 @@ from typing import Any
 from bench.bulk_load import _settings, bulk_load
 from bench.parties import DB_PREFIX, database_url, psql, recreate_database, setup
 from service.audit.log import seal_all
-from service.runtime import build_runtime, close_runtime
+from service.runtime.providers import build_runtime, close_runtime
 from service.store import migrate
 
 BENCH = Path(__file__).resolve().parent

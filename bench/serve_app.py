@@ -13,7 +13,7 @@ import sys
 
 import uvicorn
 
-# Kept in step with bench.servers.UVICORN_SETTINGS and service/cli.py (cmd_serve).
+# Kept in step with bench.servers.UVICORN_SETTINGS and service/cli/main.py (cmd_serve).
 SETTINGS = {
     "log_config": None,
     "proxy_headers": True,

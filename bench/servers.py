@@ -17,7 +17,7 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-# The uvicorn settings of ``mhr serve`` (service/cli.py), used for the baselines too.
+# The uvicorn settings of ``mhr serve`` (service/cli/main.py), used for the baselines too.
 UVICORN_SETTINGS: dict[str, Any] = {
     "log_config": None,
     "proxy_headers": True,

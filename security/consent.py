@@ -4,7 +4,7 @@ Every disclosure of clinical data to another organization goes through
 :func:`decide`. It is pure: no I/O, no clock (the time is part of the request),
 so the same inputs always give the same answer and the rules can be tested
 exhaustively. Loading consents and turning FHIR ``Consent`` resources into
-:class:`ConsentPolicy` happens elsewhere (``service.consent_model``).
+:class:`ConsentPolicy` happens elsewhere (``service.records.consent_model``).
 
 The rules, in the order they are applied:
 

@@ -48,7 +48,7 @@ Why a finite number of calls suffices (checked against ``security.consent``):
   not boundaries. Caveat: Python compares two datetimes that share the *same*
   ``tzinfo`` object by wall clock; a request whose ``at`` shares a DST zone
   object with a consent bound can therefore disagree with the grants inside a
-  DST gap or fold. ``service.consent_model`` stores bounds in UTC and requests
+  DST gap or fold. ``service.records.consent_model`` stores bounds in UTC and requests
   use UTC, where wall clock and instant agree.
 
 Adjacent intervals with the same decision (rule, consent id, version) are

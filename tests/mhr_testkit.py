@@ -18,10 +18,10 @@ from starlette.testclient import TestClient
 
 from security.jwk import PrivateKey, generate_client_key, public_jwk, sign_client_assertion
 from security.keys import KeyProvider
-from service.app import asgi_app, create_app
+from service.app.factory import asgi_app, create_app
+from service.core.settings import Environment, Settings
 from service.identity.registry import ClientRegistration, add_client, add_organization
 from service.identity.repository import IdentityRepository
-from service.settings import Environment, Settings
 from service.store.database import Database
 
 # The local server; without MHR_TEST_DATABASE_URL each run creates a database of its own there.

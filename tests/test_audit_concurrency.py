@@ -50,7 +50,15 @@ def live(database_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "MHR_DEPLOYMENT_NAME": ORIGIN,
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:create_asgi_app", "--factory", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app.factory:create_asgi_app",
+            "--factory",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

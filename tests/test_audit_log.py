@@ -23,7 +23,7 @@ from service.audit.disclosures import disclosures_for_patient
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
 from service.audit.verify import Report, verify_database
-from service.cli import main as cli_main
+from service.cli.main import main as cli_main
 from service.store.database import Database
 
 ORIGIN = "mhr.test/audit"

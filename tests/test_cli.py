@@ -19,9 +19,9 @@ from mhr_testkit import sync_url
 from starlette.testclient import TestClient
 
 from security.jwk import generate_client_key
-from service import cli
-from service.app import asgi_app, create_app
-from service.settings import DEVELOPMENT_ENV_FILE, Settings, load_settings, write_development_env
+from service.app.factory import asgi_app, create_app
+from service.cli import main as cli
+from service.core.settings import DEVELOPMENT_ENV_FILE, Settings, load_settings, write_development_env
 from service.store import migrate
 
 

@@ -21,15 +21,15 @@ import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit, sync_url
 from softhsm_kit import SoftHsm
 
-from service.cli import main as cli_main
+from service.cli.main import main as cli_main
+from service.core.metrics import REGISTRY as METRICS
 from service.jobs.kinds import REGISTRY, load_kinds
 from service.jobs.worker import Worker
 from service.keys import index_rotation
 from service.keys.index_rotation import refresh_index_metric
-from service.metrics import REGISTRY as METRICS
 from service.records import index_keys
 from service.records.index_keys import read_phase
-from service.runtime import build_runtime, close_runtime
+from service.runtime.providers import build_runtime, close_runtime
 
 EXAMPLE = EXAMPLES[0]
 
@@ -310,7 +310,7 @@ def _vkey(capsys: pytest.CaptureFixture[str]) -> str:
 def test_a_recorded_index_key_the_provider_does_not_hold_refuses_start_up(
     database_url: str, tmp_path: Path, provider_settings: dict[str, object]
 ) -> None:
-    from service.keyring_match import KeyringMismatch
+    from service.keys.keyring_match import KeyringMismatch
 
     engine = sa.create_engine(sync_url(database_url))
     with engine.begin() as conn:

@@ -16,13 +16,13 @@ import sqlalchemy as sa
 from jobs_testkinds import EFFECT, Effect
 
 from security.keys import LocalKeyring
-from service.background import BackgroundWork
+from service.app.background import BackgroundWork
+from service.core.settings import Environment, Settings
 from service.jobs import enqueue, queue
 from service.jobs.kinds import load_kinds
 from service.jobs.purge import PURGE_DONE, schedule_purge, today
 from service.jobs.worker import Worker
-from service.runtime import Runtime, build_runtime, close_runtime
-from service.settings import Environment, Settings
+from service.runtime.providers import Runtime, build_runtime, close_runtime
 from service.store.tables import Job
 
 RETENTION_DAYS = 7

@@ -26,14 +26,14 @@ from jobs_testkinds import ALWAYS_FAILS, CRASHES, EFFECT, EFFECTS_DDL, IN_STEPS,
 from mhr_testkit import EXAMPLES, Service, load_example, submit, sync_url
 
 from security.keys import LocalKeyring
-from service.background import BackgroundWork
-from service.cli import main as cli_main
+from service.app.background import BackgroundWork
+from service.cli.main import main as cli_main
+from service.core.metrics import REGISTRY
+from service.core.settings import Environment, Settings
 from service.jobs import enqueue, queue
 from service.jobs.kinds import JobKind, load_kinds
 from service.jobs.worker import LeaseLost, Steps, Worker
-from service.metrics import REGISTRY
-from service.runtime import Runtime, build_runtime, close_runtime
-from service.settings import Environment, Settings
+from service.runtime.providers import Runtime, build_runtime, close_runtime
 from service.store.tables import Job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -462,7 +462,7 @@ def test_relabel_in_the_background_is_one_job_per_migrant_done_by_the_workers(
 def test_the_server_runs_jobs_in_the_background_and_stops_leasing_when_draining(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from service.lifecycle import SHUTDOWN
+    from service.core.lifecycle import SHUTDOWN
 
     with Service.start(
         settings.database_url, tmp_path, job_modules=TEST_KINDS, job_poll_seconds=0.05, job_workers=2
@@ -490,7 +490,7 @@ def test_the_server_runs_jobs_in_the_background_and_stops_leasing_when_draining(
 
 
 def test_a_job_module_that_cannot_be_imported_is_a_clear_settings_error() -> None:
-    from service.settings import SettingsError
+    from service.core.settings import SettingsError
 
     with pytest.raises(SettingsError, match="MHR_JOB_MODULES: cannot import 'no_such_jobs_module'"):
         load_kinds(("no_such_jobs_module",))

@@ -27,11 +27,11 @@ from softhsm_kit import SoftHsm
 
 from security.envelope import IntegrityError, new_data_key
 from security.keys import KekLifecycle, KekRetired, KeyProvider, KeyringError, LocalKeyring
-from service.cli import main as cli_main
-from service.keyring_match import check_and_record
+from service.cli.main import main as cli_main
+from service.core.metrics import REGISTRY
+from service.keys.keyring_match import check_and_record
 from service.keys.progress import Progress, describe
 from service.keys.status import refresh_subject_key_metric
-from service.metrics import REGISTRY
 from service.store import migrate
 from service.store.database import Database
 

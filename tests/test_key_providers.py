@@ -280,8 +280,8 @@ def _without_blind_index(path: Path) -> None:
 
 
 def test_an_older_keyring_is_completed_in_development_and_refused_elsewhere(tmp_path: Path) -> None:
-    from service.runtime import open_keyring
-    from service.settings import Environment, Settings
+    from service.core.settings import Environment, Settings
+    from service.runtime.providers import open_keyring
 
     path = tmp_path / "keyring.json"
     blob = LocalKeyring.create(path).wrap_key(b"k" * 32, AAD)
@@ -298,7 +298,7 @@ def test_an_older_keyring_is_completed_in_development_and_refused_elsewhere(tmp_
 def test_mhr_keys_upgrade_adds_what_an_older_keyring_lacks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.cli import main
+    from service.cli.main import main
 
     path = tmp_path / "keyring.json"
     kid = LocalKeyring.create(path).token_key_id()

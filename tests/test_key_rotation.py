@@ -29,7 +29,7 @@ from security.signed_note import NoteError, NoteSigner, NoteVerifier
 from service.audit import log as audit_log
 from service.audit.log_keys import LogKeys, LogKeySuperseded, log_keys
 from service.audit.verify import verify_database
-from service.keyring_match import check_and_record, recorded_checks
+from service.keys.keyring_match import check_and_record, recorded_checks
 from service.keys.log_key_rotation import rotate_log_key
 from service.keys.secret_rotation import RotationRefused, retire_token_key, rotate_token_key
 from service.store.database import Database

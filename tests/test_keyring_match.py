@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, Service, load_example, submit, sync_url
 
 from security.keys import LocalKeyring
-from service import cli
-from service.keyring_match import KeyringMismatch
+from service.cli import main as cli
+from service.keys.keyring_match import KeyringMismatch
 
 REFUGEE = next(p for p in EXAMPLES if p.stem == "exam-refugee-vaccinations")
 

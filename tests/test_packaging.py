@@ -90,11 +90,11 @@ def test_an_installed_wheel_ships_the_guide_and_finds_it(tmp_path: Path) -> None
     Path(purelib, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run([*pip, "--python", str(python), "install", "--no-deps", str(wheel)], check=True)
     probe = (
-        "import json, service, service.settings as s\n"
-        "from service.capability import load_capability_statement\n"
+        "import json, service, service.core.settings as s\n"
+        "from service.runtime.capability import load_capability_statement\n"
         "from service.fhir_validation import ProfileValidator\n"
         "from service.store.migrate import head_revision\n"
-        "from service.runtime import build_runtime\n"
+        "from service.runtime.providers import build_runtime\n"
         "settings = s.Settings(env='development')\n"
         "ProfileValidator.load(settings.ig_dir)\n"
         "build_runtime(settings)  # every data file the service reads at start-up\n"

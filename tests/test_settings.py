@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from security.keys import LocalKeyring
-from service import cli
-from service.app import create_app
-from service.settings import Environment, Settings, SettingsError
+from service.app.factory import create_app
+from service.cli import main as cli
+from service.core.settings import Environment, Settings, SettingsError
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from mhr_testkit import FHIR_HEADERS, Service, sync_url
 from test_kek_rotation import _status, cli_env, provider_settings  # noqa: F401 - fixtures
 
 from security.sealed_headers import headers_kek_version
-from service.cli import main as cli_main
+from service.cli.main import main as cli_main
 from service.subscriptions.backport import PAYLOAD_CONTENT, SUBSCRIPTION_PROFILE
 from service.subscriptions.headers import open_headers
 from service.subscriptions.topics import Topic

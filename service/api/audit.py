@@ -39,8 +39,8 @@ from service.audit.search import (
     search_page_by_date,
     stream_entries,
 )
-from service.errors import FhirError, not_found
-from service.request_context import SOURCE, current_request_id
+from service.core.request_context import SOURCE, current_request_id
+from service.http.errors import FhirError, not_found
 
 router = APIRouter()
 

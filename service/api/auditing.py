@@ -7,8 +7,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.api.deps import Principal
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
-from service.request_context import SOURCE, current_request_id
-from service.runtime import Runtime
+from service.core.request_context import SOURCE, current_request_id
+from service.runtime.providers import Runtime
 
 
 def agent_of(principal: Principal) -> AuditAgent:

@@ -29,7 +29,7 @@ from service.api.deps import Principal, PrincipalDep, agent_of_claims
 from service.api.resource_path import KnownType
 from service.audit import request_audit
 from service.audit.events import Action, AuditRecord, EventType, Outcome
-from service.errors import FhirError
+from service.http.errors import FhirError
 
 
 class Interaction(StrEnum):

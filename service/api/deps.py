@@ -17,9 +17,9 @@ from security.access_tokens import AccessClaims, TokenInvalid
 from security.scopes import Scope, ScopeError, parse_scopes, scopes_allow
 from service.audit import request_audit
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
-from service.errors import FhirError
-from service.ratelimit import RateLimiter
-from service.runtime import Runtime
+from service.http.errors import FhirError
+from service.http.ratelimit import RateLimiter
+from service.runtime.providers import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from service.audit.events import Action, AuditEntity, AuditRecord, EventType, Ou
 from service.domain.errors import DomainError
 from service.erasure.repository import ErasureRepository
 from service.erasure.requests import Admin, approve_erasure, release_hold, request_erasure, set_hold
-from service.errors import FhirError, fhir_error, not_found
+from service.http.errors import FhirError, fhir_error, not_found
 from service.store.tables import ErasureRequest, RetentionHold
 
 router = APIRouter(tags=["erasure"])

@@ -3,7 +3,7 @@
 The work a body can cost is bounded before the expensive steps: its number of values
 before it is parsed (``service.api.json_size``), its depth, array lengths, string
 lengths and Bundle entries in one pass over the parsed value, before fhir.resources
-validates it. Parsing and these checks run on a worker thread (``service.offload``),
+validates it. Parsing and these checks run on a worker thread (``service.core.offload``),
 never on the event loop.
 """
 
@@ -18,8 +18,8 @@ import orjson
 from fastapi import Request
 
 from service.api.json_size import holds_more_values_than
-from service.errors import FhirError
-from service.settings import Settings
+from service.core.settings import Settings
+from service.http.errors import FhirError
 
 ACCEPTED_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 # FHIR strings hold no control characters but tab, CR and LF (they cannot be carried in

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import OutcomeIssue, outcome_response
+from service.http.errors import OutcomeIssue, outcome_response
 
 JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
 # AuditEvent search streams NDJSON when asked (its route decides).

@@ -8,11 +8,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from service.api.deps import RuntimeDep
-from service.keyring_match import describe_mismatch, held_checks, recorded_checks
+from service.core.lifecycle import SHUTDOWN
+from service.core.metrics import REGISTRY
+from service.keys.keyring_match import describe_mismatch, held_checks, recorded_checks
 from service.keys.status import under_retired_versions
-from service.lifecycle import SHUTDOWN
-from service.metrics import REGISTRY
-from service.runtime import Runtime
+from service.runtime.providers import Runtime
 from service.store.migrate import current_revision
 
 router = APIRouter(tags=["operations"])

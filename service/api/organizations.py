@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request
 from service.api.authorization import OrganizationRead, OrganizationSearch
 from service.api.deps import RuntimeDep, SessionDep
 from service.api.responses import FhirResponse, search_url, searchset
-from service.errors import FhirError, not_found
+from service.http.errors import FhirError, not_found
+from service.identity.organizations import organization_resource
 from service.identity.registry import ORG_KINDS
 from service.identity.repository import IdentityRepository
-from service.organizations import organization_resource
 
 router = APIRouter()
 _ALLOWED_PARAMS = {"name", "type", "_count", "_offset", "_format", "_pretty"}

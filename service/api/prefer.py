@@ -16,7 +16,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from service.errors import FHIR_JSON, OutcomeIssue, operation_outcome
+from service.http.errors import FHIR_JSON, OutcomeIssue, operation_outcome
 
 
 class Return(Enum):

@@ -43,7 +43,7 @@ from service.api.shaping import only_elements
 from service.audit.disclosures import WITHDRAWAL_NOTICE, Disclosure, disclosures_for_patient
 from service.audit.events import Action, AuditEntity, EventType, Outcome
 from service.domain.errors import DomainError
-from service.errors import FHIR_JSON, FhirError, fhir_error
+from service.http.errors import FHIR_JSON, FhirError, fhir_error
 from service.identity.repository import IdentityRepository
 from service.records.access import Permit, Visibility
 from service.records.context import Actor

@@ -33,9 +33,9 @@ from service.audit import request_audit
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.audit.request_audit import RequestAudit
 from service.audit.tally import RefusalKey
-from service.ratelimit import Costs, RateLimiter
-from service.request_context import SOURCE, current_request_id
-from service.runtime import Runtime
+from service.core.request_context import SOURCE, current_request_id
+from service.http.ratelimit import Costs, RateLimiter
+from service.runtime.providers import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends
 
-from service.errors import FhirError
+from service.http.errors import FhirError
 from service.records.resource_types import STORED_TYPES
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 import orjson
 from starlette.responses import Response
 
-from service.errors import FHIR_JSON
+from service.http.errors import FHIR_JSON
 
 
 class FhirResponse(Response):

@@ -16,11 +16,11 @@ from service.api.refusal_audit import source_address
 from service.audit import request_audit
 from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
+from service.core.metrics import TOKENS
+from service.core.request_context import SOURCE, current_request_id
+from service.http.ratelimit import TokenEndpointLimits
 from service.identity.repository import IdentityRepository
 from service.identity.tokens import OAuthError, issue_token
-from service.metrics import TOKENS
-from service.ratelimit import TokenEndpointLimits
-from service.request_context import SOURCE, current_request_id
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -34,7 +34,7 @@ from security.signed_note import Checkpoint, NoteSigner
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.log_keys import LogKeySuperseded, check_signer_current
 from service.audit.recorder import PendingEntry, insert_entries
-from service.request_context import SOURCE
+from service.core.request_context import SOURCE
 from service.store.database import Database
 from service.store.tables import AuditCheckpoint, AuditEntry, AuditNode, AuditQuarantine, AuditRef
 

@@ -48,7 +48,7 @@ from service.bulk.jobs import EXPORT_STEP, enqueue_first_step, enqueue_purge
 from service.bulk.parameters import NDJSON, check_prefer, parse_export_parameters
 from service.bulk.repository import ExportRepository
 from service.bulk.step import CANCELLED, COMPLETE, ERROR_TYPE, QUEUED, RUNNING, export_files
-from service.errors import FHIR_JSON, FhirError, not_found
+from service.http.errors import FHIR_JSON, FhirError, not_found
 from service.jobs.queue import DEAD
 from service.records.reading import bundle_bytes
 from service.store.tables import BulkExport, BulkExportFile, Job

@@ -40,17 +40,17 @@ from service.audit.recorder import PendingEntry, insert_entries
 from service.bulk.files import ExportFiles, open_file_key
 from service.bulk.groups import says_class_b
 from service.bulk.repository import ExportRepository
+from service.core.request_context import SOURCE
 from service.domain.errors import DomainError, Gone
 from service.records.codec import open_version
 from service.records.grant_predicate import Audience, GrantFilter
 from service.records.masking import ReferenceMask
 from service.records.repository import RecordRepository, SubjectKey, VersionRow
 from service.records.subject_keys import OpenedKeys
-from service.request_context import SOURCE
 from service.store.tables import BulkExport, BulkExportFile
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 log = logging.getLogger("mhr.bulk")
 

@@ -1,7 +1,7 @@
 """What a use-case refuses, in the service's own terms: no HTTP status, no OperationOutcome.
 
 Use-cases (records intake and reading, erasure, keys, identity) raise these; the one HTTP
-boundary, ``service.errors``, maps each kind to its status and default FHIR issue code. A use-case
+boundary, ``service.http.errors``, maps each kind to its status and default FHIR issue code. A use-case
 names only what went wrong and where (``expression``); when the FHIR issue type says more than
 the kind's default (``duplicate``, ``business-rule``, ``multiple-matches``) it passes ``code``.
 Diagnostics are read by clients and land in audit details: never PHI, never exception text.

@@ -13,11 +13,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from service.core.settings import Settings
 from service.figures.chart import render_chart
 from service.figures.measure_report import measure_report
 from service.figures.period import PeriodError, parse_period
 from service.figures.service import NoFigures, Report, build_report
-from service.settings import Settings
 from service.store.database import Database
 
 

@@ -19,13 +19,13 @@ from service.api.authorization import MeasureChart, MeasureEvaluate, forbidden
 from service.api.deps import Principal, ReadSessionDep, RuntimeDep
 from service.api.responses import FhirResponse
 from service.audit.events import Action, AuditEntity
-from service.errors import FhirError, not_found
 from service.figures.chart import render_chart
 from service.figures.counts import MEASURE_ID
 from service.figures.measure_report import measure_report
 from service.figures.period import Period, PeriodError, parse_period
 from service.figures.service import NoFigures, Report, build_report
-from service.runtime import Runtime
+from service.http.errors import FhirError, not_found
+from service.runtime.providers import Runtime
 
 router = APIRouter(tags=["figures"])
 _PARAMETERS = {"periodStart", "periodEnd", "reportType", "reporter", "_format", "_pretty"}

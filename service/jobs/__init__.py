@@ -3,7 +3,7 @@
 A use-case that causes work calls :func:`enqueue` with the session of the change that causes it
 (it never commits: the request owns the transaction), so the job exists exactly when the change
 does: a rolled-back request leaves no job, a committed one cannot lose it. Workers (inside
-``mhr serve`` and in ``mhr worker``, service.background) lease due jobs, PostgreSQL with
+``mhr serve`` and in ``mhr worker``, service.app.background) lease due jobs, PostgreSQL with
 ``FOR UPDATE SKIP LOCKED``, SQLite under its single writer (every transaction there begins
 IMMEDIATE); a lease expires, so a job whose worker was killed is taken over. A failure is retried
 with exponential backoff and jitter up to the kind's ``max_attempts``, then the job is ``dead``

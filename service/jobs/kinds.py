@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.settings import SettingsError
+from service.core.settings import SettingsError
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 # Kinds that ship with the service; settings.job_modules adds more.
 BUILTIN_MODULES = (

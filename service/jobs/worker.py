@@ -1,6 +1,6 @@
 """One job worker: lease a due job, run it in the transaction that completes it, record a failure.
 
-A worker stops leasing as soon as the process drains (service.lifecycle) or it is told to stop;
+A worker stops leasing as soon as the process drains (service.core.lifecycle) or it is told to stop;
 the job it holds then finishes, or, past the grace period, is cancelled (its transaction rolls
 back) and released, due again at once for another worker.
 """
@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from service.core.lifecycle import SHUTDOWN
+from service.core.metrics import JOB_RUNS
 from service.jobs import queue, wakeup
 from service.jobs.kinds import JobContext, JobError, JobRegistry, PermanentJobError, UnknownJobKind
-from service.lifecycle import SHUTDOWN
-from service.metrics import JOB_RUNS
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 log = logging.getLogger("mhr.jobs")
 

@@ -19,8 +19,8 @@ from service.keys.rewrap_job import DEFAULT_BATCH
 from service.keys.status import KekStatus
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
-    from service.settings import Settings
+    from service.core.settings import Settings
+    from service.runtime.providers import Runtime
 
 ACTIONS = ("rotate", "rewrap", "status", "retire", "adopt", "rotate-index", "reindex", "retire-index")
 FOLLOW_UP_PASSES = 3
@@ -71,7 +71,7 @@ def _print_status(found: KekStatus, index: IndexStatus | None = None) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings, audit: lifecycle.Audit) -> int:
-    from service.runtime import build_runtime, close_runtime, open_keyring
+    from service.runtime.providers import build_runtime, close_runtime, open_keyring
 
     # A token is opened read-write only for the commands that create or destroy a key.
     writable = args.action in ("rotate", "retire", "rotate-index", "retire-index")

@@ -27,7 +27,7 @@ from service.records.index_keys import read_phase
 from service.store.tables import Job
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 POLL_SECONDS = 0.5
 UNIT = "migrants re-indexed"

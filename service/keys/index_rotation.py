@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.blind_index import BlindIndexer
 from security.keys import BLIND_INDEX_PURPOSE, KeyProvider, KeyringError
-from service.metrics import INDEX_SUBJECTS
+from service.core.metrics import INDEX_SUBJECTS
 from service.records import index_keys as index_keys_module
 from service.records.codec import open_version
 from service.records.consents import refresh_grants
@@ -63,7 +63,7 @@ from service.store.tables import (
 )
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 log = logging.getLogger(__name__)
 

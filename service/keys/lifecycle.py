@@ -21,7 +21,7 @@ from service.store.database import Database
 from service.store.tables import Job, KeyCheck, Subject
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 # Writes an admin action's audit entry in the action's transaction: (session, subtype, entity).
 Audit = Callable[[AsyncSession, str, tuple[str, str]], Awaitable[None]]
@@ -141,7 +141,7 @@ async def retire(
     except KeyringError as exc:
         raise KeyLifecycleError(str(exc)) from None
     async with database.transaction() as session:
-        # The start-up check (service.keyring_match) must not ask for a key destroyed on purpose.
+        # The start-up check (service.keys.keyring_match) must not ask for a key destroyed on purpose.
         recorded = (
             await session.execute(select(KeyCheck.key_id).where(KeyCheck.purpose == KEK_PURPOSE))
         ).scalars()

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.keys import KekLifecycle, KeyProvider
-from service.metrics import SUBJECT_KEYS
+from service.core.metrics import SUBJECT_KEYS
 from service.store.tables import Subject
 
 # The label of subject keys whose KEK version was never recorded (should not happen after 0007).

@@ -15,9 +15,9 @@ import orjson
 from security.blind_index import BlindIndexer
 from security.consent import ConsentPolicy
 from security.consent_grants import materialise_grants
-from service.consent_model import consent_policy_from_fhir
-from service.organizations import ORG_IDENTIFIER_SYSTEM
+from service.identity.organizations import ORG_IDENTIFIER_SYSTEM
 from service.records.codec import open_version
+from service.records.consent_model import consent_policy_from_fhir
 from service.records.context import RecordServices
 from service.records.indexing import labels_token
 from service.records.repository import RecordRepository

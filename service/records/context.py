@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from security.blind_index import BlindIndexer
 from security.roles import Role
+from service.core.offload import Offload
 from service.fhir_validation import ProfileValidator
-from service.offload import Offload
 from service.records.index_keys import IndexKeys
 from service.records.labels import SecurityLabeler
 from service.records.subject_keys import SubjectKeys

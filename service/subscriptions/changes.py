@@ -32,9 +32,9 @@ from service.audit.disclosures import (
 )
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
+from service.core.request_context import SOURCE, current_request_id
 from service.records.grant_predicate import GRANTS, admits
 from service.records.write_observers import Written
-from service.request_context import SOURCE, current_request_id
 from service.store.tables import ResourceVersion, StoredResource, UtcDateTime
 from service.subscriptions.events import Event, Focus, publish
 from service.subscriptions.repository import SubscriptionRepository

@@ -50,13 +50,13 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.recorder import PendingEntry, insert_entries, record_audit
+from service.core.request_context import SOURCE
+from service.core.settings import Settings
 from service.jobs import JobContext, JobKind, enqueue
 from service.jobs.kinds import JobSteps, register
 from service.records.grant_predicate import GrantFilter
 from service.records.repository import GrantMatch, RecordRepository
 from service.records.resource_types import STORED_TYPES
-from service.request_context import SOURCE
-from service.settings import Settings
 from service.store.tables import SubscriptionDeliveryState, SubscriptionRow
 from service.subscriptions.backport import EMPTY, EVENT_NOTIFICATION, HANDSHAKE
 from service.subscriptions.delivery_audit import (

@@ -24,10 +24,10 @@ from service.api.deps import Principal, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse, search_url, searchset
 from service.audit.events import Action, AuditEntity
-from service.errors import FhirError
+from service.http.errors import FhirError
 from service.records.intake import validation_error
 from service.records.repository import RecordRepository
-from service.runtime import Runtime
+from service.runtime.providers import Runtime
 from service.store.tables import SubscriptionRow
 from service.subscriptions.repository import SubscriptionRepository
 from service.subscriptions.resource import CLIENT_STATUSES

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.errors import FhirError
+from service.http.errors import FhirError
 from service.store.tables import SubscriptionRow
 from service.subscriptions.backport import (
     FILTER_CRITERIA,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from security.keys import KeyProvider
-from service.errors import FhirError, not_found
+from service.http.errors import FhirError, not_found
 from service.records.grant_predicate import Audience, GrantFilter
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES

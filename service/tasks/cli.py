@@ -13,8 +13,8 @@ import asyncio
 import sys
 from datetime import UTC, date, datetime
 
+from service.core.settings import Settings
 from service.records.repository import RecordRepository
-from service.settings import Settings
 from service.store.database import Database
 from service.tasks.overdue_job import mark_overdue
 

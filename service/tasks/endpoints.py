@@ -28,11 +28,11 @@ from service.api.deps import Principal, ReadSessionDep, RuntimeDep, SessionDep
 from service.api.fhir_body import read_fhir_json
 from service.api.responses import FhirResponse, search_url, searchset
 from service.audit.events import Action, AuditEntity, AuditRecord, Outcome
-from service.errors import FhirError, not_found
+from service.http.errors import FhirError, not_found
 from service.records.codec import open_version
 from service.records.intake import validation_error
 from service.records.repository import RecordRepository
-from service.runtime import Runtime
+from service.runtime.providers import Runtime
 from service.store.tables import FollowupTask
 from service.tasks.repository import TaskRepository, Worklist
 from service.tasks.service import TaskChange, TaskRefused, admits, change_task, record_outcome, transfer_task

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
-from service.request_context import current_request_id
+from service.core.request_context import current_request_id
 from service.store.tables import FollowupTask
 from service.subscriptions.events import Event, Focus, publish
 from service.subscriptions.topics import Topic

@@ -32,8 +32,8 @@ from security.keys import LocalKeyring
 from security.roles import Role
 from service.api.authorization import Interaction, Rule, requires
 from service.api.deps import Principal
+from service.app.logging_setup import JsonFormatter
 from service.identity.repository import IdentityRepository
-from service.logging_setup import JsonFormatter
 from service.store.database import Database
 
 FHIR_JSON = "application/fhir+json"

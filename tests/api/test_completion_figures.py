@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, REPO, Party, Service, load_example, submit, sync_url
 
-from service import cli
+from service.cli import main as cli
 from service.store.tables import FollowupTask, FollowupTransfer
 
 EVALUATE = "/fhir/Measure/followup-completion/$evaluate-measure"

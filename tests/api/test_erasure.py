@@ -17,7 +17,7 @@ from test_disclosure import World, consent, make_world
 from test_key_operations import _open as open_keys
 
 from security.signed_note import NoteVerifier
-from service.cli import main as cli_main
+from service.cli.main import main as cli_main
 from service.records.relabel import relabel
 from service.store.database import Database
 

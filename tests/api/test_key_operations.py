@@ -120,7 +120,7 @@ def test_a_token_is_refused_for_data_written_under_the_keyring(
     """The database names the keys its data needs: switching providers is not silent."""
     from softhsm_kit import SoftHsm
 
-    from service.keyring_match import KeyringMismatch
+    from service.keys.keyring_match import KeyringMismatch
 
     hsm: SoftHsm = request.getfixturevalue("softhsm")
     with Service.start(database_url, tmp_path) as keyring_service:

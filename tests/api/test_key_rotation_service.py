@@ -20,7 +20,7 @@ from mhr_testkit import Service
 from security.keys import LocalKeyring
 from service.audit import log as audit_log
 from service.audit.log_keys import LogKeySuperseded
-from service.cli import main as cli_main
+from service.cli.main import main as cli_main
 from service.keys.log_key_rotation import rotate_log_key
 from service.keys.secret_rotation import rotate_token_key
 from service.store.database import Database

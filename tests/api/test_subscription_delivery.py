@@ -29,7 +29,7 @@ from test_disclosure import World, consent, make_world
 from service.jobs.kinds import load_kinds
 from service.jobs.worker import Worker
 from service.records.relabel import RelabelCounts, relabel
-from service.runtime import build_runtime, close_runtime
+from service.runtime.providers import build_runtime, close_runtime
 from service.store.database import Database
 from service.subscriptions.heartbeat import HEARTBEAT_KIND
 from service.subscriptions.topics import Topic
@@ -524,7 +524,7 @@ def test_a_heartbeat_in_flight_holds_no_lock_that_an_intake_waits_for(
 
 
 def test_a_retry_period_under_72_hours_is_refused_outside_development(tmp_path: Path) -> None:
-    from service.settings import Environment, Settings, SettingsError
+    from service.core.settings import Environment, Settings, SettingsError
 
     settings = Settings(
         env=Environment.production,

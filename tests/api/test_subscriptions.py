@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit, sync_url
 from test_disclosure import World, consent, make_world
 
-from service.errors import FhirError
+from service.http.errors import FhirError
 from service.jobs.kinds import JobKind, load_kinds, register
 from service.subscriptions.backport import (
     HEARTBEAT_PERIOD,

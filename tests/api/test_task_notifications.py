@@ -16,7 +16,7 @@ from mhr_testkit import Party, Service
 from test_followup_tasks import Loop, _one_task, make_loop
 from test_subscriptions import _events, _focuses, _status_parameters, _subscribe
 
-from service import cli
+from service.cli import main as cli
 from service.records.repository import RecordRepository
 from service.store.database import Database
 from service.subscriptions.topics import Topic

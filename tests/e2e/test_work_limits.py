@@ -19,7 +19,7 @@ import pytest
 from e2e_helpers import LiveServer
 from mhr_testkit import FHIR_HEADERS
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 HEALTHZ_BOUND_SECONDS = 2.0
 BODY_BYTES = 7 * 1024 * 1024  # under the default 8 MiB byte limit: only the work limits can refuse it

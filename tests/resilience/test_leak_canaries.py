@@ -20,7 +20,7 @@ from mhr_testkit import Service
 from resilience_kit import REFUGEE_EXAMPLE, ServerProcess, unique_bundle
 
 from security.keys import LocalKeyring
-from service.keyring_match import KeyringMismatch
+from service.keys.keyring_match import KeyringMismatch
 from service.records.subject_keys import SubjectKeys
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

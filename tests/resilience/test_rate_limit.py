@@ -8,7 +8,7 @@ from pathlib import Path
 from mhr_testkit import FHIR_HEADERS, Service
 from resilience_kit import audit_contents, unique_bundle
 
-from service.ratelimit import Costs, RateLimiter
+from service.http.ratelimit import Costs, RateLimiter
 
 
 def test_bucket_weights_writes_above_reads() -> None:

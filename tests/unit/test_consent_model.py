@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from security.consent import AccessRequest, ConsentPolicy, Decision, decide
-from service.consent_model import ORG_IDENTIFIER_SYSTEM, consent_policy_from_fhir
+from service.records.consent_model import ORG_IDENTIFIER_SYSTEM, consent_policy_from_fhir
 
 UTC = dt.UTC
 NOW = dt.datetime(2025, 6, 1, 12, tzinfo=UTC)
@@ -264,7 +264,7 @@ def test_partial_and_instant_dates() -> None:
 
 
 def test_org_identifier_system_matches_the_organization_module() -> None:
-    from service.organizations import ORG_IDENTIFIER_SYSTEM as SERVICE_SYSTEM
+    from service.identity.organizations import ORG_IDENTIFIER_SYSTEM as SERVICE_SYSTEM
 
     assert SERVICE_SYSTEM == ORG_IDENTIFIER_SYSTEM
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from service.api import json_size
 from service.api.fhir_body import BodyLimits, parse_fhir_json
 from service.api.json_size import holds_more_values_than, json_value_count
-from service.errors import FhirError
+from service.http.errors import FhirError
 
 # Strings full of what the byte count must not mistake for structure.
 _text = st.text(alphabet=st.sampled_from(list('a,[]{}"\\ :\n\té\u2028')))

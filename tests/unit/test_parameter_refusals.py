@@ -1,7 +1,7 @@
 """Search, history/$everything and $export parameters are refused with domain errors.
 
 The parsers are use-cases' input checks: they name what is wrong (a kind, the parameter, a FHIR
-issue type finer than the kind's default) and know no HTTP. The one mapping (service.errors)
+issue type finer than the kind's default) and know no HTTP. The one mapping (service.http.errors)
 gives the answer its status; these tests pin that the answer is the one clients always got.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from security.blind_index import BlindIndexer
 from service.bulk.parameters import check_prefer, parse_export_parameters
 from service.domain.errors import DomainError, Invalid, NotFound
-from service.errors import FhirError, fhir_error
+from service.http.errors import FhirError, fhir_error
 from service.records.operation_params import parse_page_parameters
 from service.records.search_params import MAX_COUNT, parse_search
 

@@ -8,7 +8,7 @@ import pytest
 
 from security.blind_index import BlindIndexer
 from service.domain.errors import Invalid
-from service.errors import fhir_error
+from service.http.errors import fhir_error
 from service.records.search_params import IDENTIFYING_PARAMETERS, SEARCH_PARAMETERS, parse_search
 
 INDEXER = BlindIndexer(os.urandom(32))

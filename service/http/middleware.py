@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import FHIR_JSON, BodyTimeout, BodyTooLarge, OutcomeIssue, operation_outcome
-from service.lifecycle import SHUTDOWN
-from service.metrics import LATENCY, REQUESTS
-from service.request_context import reset_request_id, set_request_id
+from service.core.lifecycle import SHUTDOWN
+from service.core.metrics import LATENCY, REQUESTS
+from service.core.request_context import reset_request_id, set_request_id
+from service.http.errors import FHIR_JSON, BodyTimeout, BodyTooLarge, OutcomeIssue, operation_outcome
 
 access_log = logging.getLogger("mhr.access")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")

@@ -26,8 +26,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
+from service.core.request_context import current_request_id
 from service.domain import errors as domain
-from service.request_context import current_request_id
 
 log = logging.getLogger(__name__)
 

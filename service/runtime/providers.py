@@ -13,17 +13,17 @@ from security.keys import CheckpointSigning, KeyProvider, KeyringError, LocalKey
 from security.signed_note import NoteSigner
 from service.audit.tally import RefusalTally
 from service.audit.writer import AuditWriter
-from service.capability import load_capability_statement
+from service.core.offload import Offload
+from service.core.settings import Settings
 from service.fhir_validation import ProfileValidator
 from service.identity.client_status import ClientStatusCache
 from service.identity.jwks import JwksCache
 from service.identity.tokens import TokenPolicy
-from service.offload import Offload
 from service.records.context import RecordServices
 from service.records.index_keys import IndexKeys
 from service.records.labels import SecurityLabeler
 from service.records.subject_keys import SubjectKeys
-from service.settings import Settings
+from service.runtime.capability import load_capability_statement
 from service.store.database import Database
 from service.store.migrate import head_revision
 

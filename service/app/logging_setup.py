@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from service.request_context import current_request_id
+from service.core.request_context import current_request_id
 
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}

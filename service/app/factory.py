@@ -18,22 +18,22 @@ from service.api.docs import install_docs
 from service.api.formats import FhirFormats
 from service.api.refusal_audit import RefusalAuditMiddleware
 from service.api.search_docs import document_searches
-from service.asgi import RequestMiddleware
+from service.app.background import BackgroundWork
+from service.app.logging_setup import configure_logging
 from service.audit.events import AuditRecord
 from service.audit.tally import run_flusher, stop_flusher
-from service.background import BackgroundWork
 from service.bulk import endpoints as bulk
-from service.capability import load_capability_statement
-from service.errors import FHIR_JSON, install_error_handlers
+from service.core.request_context import SOURCE
+from service.core.settings import Settings, load_settings
 from service.figures import endpoints as figures
-from service.keyring_match import KeyringMismatch, check_and_record
-from service.logging_setup import configure_logging
-from service.ratelimit import RateLimiter, TokenEndpointLimits
+from service.http.errors import FHIR_JSON, install_error_handlers
+from service.http.middleware import RequestMiddleware
+from service.http.ratelimit import RateLimiter, TokenEndpointLimits
+from service.keys.keyring_match import KeyringMismatch, check_and_record
 from service.records.index_keys import UnknownIndexKey
 from service.records.search_params import CONTROL_PARAMETERS, SEARCH_PARAMETERS
-from service.request_context import SOURCE
-from service.runtime import Runtime, build_runtime, close_runtime
-from service.settings import Settings, load_settings
+from service.runtime.capability import load_capability_statement
+from service.runtime.providers import Runtime, build_runtime, close_runtime
 from service.subscriptions import endpoints as subscriptions
 from service.tasks import endpoints as task_endpoints
 
@@ -65,7 +65,7 @@ def create_app(
             if owned:
                 await close_runtime(app.state.runtime)
             raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None
-        # The audit integrator and the job workers of this process (service.background).
+        # The audit integrator and the job workers of this process (service.app.background).
         background = BackgroundWork(app.state.runtime, job_workers=settings.job_workers)
         background.start()
         flusher = start_refusal_flusher(app.state.runtime)

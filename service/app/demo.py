@@ -17,13 +17,13 @@ import orjson
 from security.jwk import generate_client_key, private_key_pem, public_jwk
 from security.roles import Role
 from service.audit.recorder import record_audit
+from service.core.request_context import SOURCE
 from service.identity.registry import ClientRegistration, add_client, add_organization
 from service.identity.repository import IdentityRepository
 from service.records.context import Actor
 from service.records.intake import Intake
 from service.records.repository import RecordRepository
-from service.request_context import SOURCE
-from service.runtime import Runtime
+from service.runtime.providers import Runtime
 from service.store.database import Database
 
 

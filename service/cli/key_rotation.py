@@ -1,7 +1,7 @@
 """CLI commands rotating the access-token key and the audit log key (``service.keys``).
 
 ``mhr keys rotate-token`` / ``mhr keys retire-token KID`` / ``mhr keys token-keys``, and
-``mhr audit rotate-key`` / ``mhr audit keys``; registered by ``service.cli``.
+``mhr audit rotate-key`` / ``mhr audit keys``; registered by ``service.cli.main``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from security.keys import KeyProvider
 from service.audit.log_keys import log_keys
+from service.core.settings import Settings
 from service.keys.log_key_rotation import rotate_log_key
 from service.keys.secret_rotation import (
     RotationRefused,
@@ -23,8 +24,7 @@ from service.keys.secret_rotation import (
     rotate_token_key,
     token_key_history,
 )
-from service.runtime import open_keyring
-from service.settings import Settings
+from service.runtime.providers import open_keyring
 from service.store.database import Database
 
 __all__ = ["add_key_rotation_commands", "add_log_key_commands"]

@@ -11,7 +11,7 @@ On SIGTERM:
    shutdown runs (audit writer drained) and the process exits 0.
 
 SIGINT (Ctrl+C) skips step 1. Unsupervised, a second SIGINT abandons in-flight requests.
-With several workers (service.supervisor) every worker does this on its own socket copy,
+With several workers (service.app.supervisor) every worker does this on its own socket copy,
 and the supervisor has closed its copy first.
 """
 
@@ -29,9 +29,9 @@ from types import FrameType
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from service.lifecycle import SHUTDOWN
-from service.logging_setup import configure_logging
-from service.settings import Settings
+from service.app.logging_setup import configure_logging
+from service.core.lifecycle import SHUTDOWN
+from service.core.settings import Settings
 
 log = logging.getLogger("mhr.server")
 
@@ -42,7 +42,7 @@ FIRST_REQUEST_GRACE_SECONDS = 1.0
 
 def server_config(settings: Settings, *, workers: int) -> uvicorn.Config:
     return uvicorn.Config(
-        "service.app:create_asgi_app",
+        "service.app.factory:create_asgi_app",
         factory=True,
         host=settings.host,
         port=settings.port,

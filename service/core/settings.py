@@ -33,7 +33,7 @@ from security.keys import keyring_permissions_problem
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Where a wheel puts the implementation guide (pyproject's data-files), below the install prefix.
 INSTALLED_IG = Path("share") / "mhr" / "fhir"
 DEFAULT_VAR_DIR = Path("var")

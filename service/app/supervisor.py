@@ -5,7 +5,7 @@ has exited, so after SIGTERM the kernel goes on accepting connections that nobod
 read, and resets them when the parent exits. Here the parent closes its copy as soon as the
 stop begins (it never accepts; only the workers do), forwards the signal, and waits: the
 socket then closes when the last worker closes it, after that worker has accepted what was
-queued (service.http_server), and a connection attempt after that is refused.
+queued (service.app.http_server), and a connection attempt after that is refused.
 
 A worker that dies while the service runs is replaced; one that fails at start-up stops the
 service (it would fail the same way again). If the supervisor itself dies, the workers see
@@ -27,8 +27,8 @@ from types import FrameType
 
 from uvicorn.config import STARTUP_FAILURE
 
-from service.http_server import server_config, worker_main
-from service.settings import Settings
+from service.app.http_server import server_config, worker_main
+from service.core.settings import Settings
 
 log = logging.getLogger("mhr.supervisor")
 

@@ -25,8 +25,16 @@ from security.jwk import (
 )
 from security.keys import CheckpointSigning, KeyProvider, KeyringError, LocalKeyring
 from security.roles import Role
+from service.app.logging_setup import configure_logging
 from service.audit.events import Action, AuditAgent, AuditEntity, AuditRecord, EventType, Outcome
 from service.audit.recorder import record_audit
+from service.core.settings import (
+    DEVELOPMENT_ENV_FILE,
+    Settings,
+    SettingsError,
+    load_settings,
+    write_development_env,
+)
 from service.identity.registry import (
     ClientRegistration,
     RegistrationError,
@@ -34,14 +42,6 @@ from service.identity.registry import (
     add_organization,
 )
 from service.identity.repository import IdentityRepository
-from service.logging_setup import configure_logging
-from service.settings import (
-    DEVELOPMENT_ENV_FILE,
-    Settings,
-    SettingsError,
-    load_settings,
-    write_development_env,
-)
 from service.store import migrate
 from service.store.database import Database
 
@@ -84,10 +84,10 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from service.demo import load_demo_clients, seed_demo
-    from service.http_server import serve_in_process
-    from service.runtime import open_keyring
-    from service.supervisor import serve_workers
+    from service.app.demo import load_demo_clients, seed_demo
+    from service.app.http_server import serve_in_process
+    from service.app.supervisor import serve_workers
+    from service.runtime.providers import open_keyring
 
     # The worker processes read their settings from the environment: pass the overrides on.
     if args.host or args.port:
@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_keyring(settings: Settings, keys: KeyProvider) -> None:
     """Refuse a keyring that is not the one the database's data was written under."""
-    from service.keyring_match import KeyringMismatch, check_and_record
+    from service.keys.keyring_match import KeyringMismatch, check_and_record
 
     try:
         _with_db(settings, lambda db: check_and_record(db, keys))
@@ -159,7 +159,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def _init_token(settings: Settings) -> int:
     """Create in the PKCS#11 token the keys it lacks (init and upgrade alike; never replaces one)."""
-    from service.runtime import pkcs11_module
+    from service.runtime.providers import pkcs11_module
 
     try:
         from security.pkcs11_keys import Pkcs11Keys, read_pin
@@ -181,8 +181,8 @@ def _init_token(settings: Settings) -> int:
 
 
 def _seed_demo_exams(settings: Settings, clinic: dict[str, str]) -> None:
-    from service.demo import seed_demo_exams
-    from service.runtime import build_runtime, close_runtime
+    from service.app.demo import seed_demo_exams
+    from service.runtime.providers import build_runtime, close_runtime
 
     async def run() -> int:
         runtime = build_runtime(settings)
@@ -216,7 +216,7 @@ def _print_next_steps(settings: Settings, clients: dict[str, dict[str, str]]) ->
 
 
 def cmd_orgs(args: argparse.Namespace, settings: Settings) -> int:
-    from service.organizations import organization_resource
+    from service.identity.organizations import organization_resource
 
     async def work(db: Database) -> Any:
         async with db.transaction() as session:
@@ -313,7 +313,7 @@ async def _audit_admin(session: Any, subtype: str, action: Action, entity: tuple
     """
     import getpass
 
-    from service.request_context import SOURCE
+    from service.core.request_context import SOURCE
 
     record = AuditRecord(
         event_type=EventType.admin,
@@ -390,7 +390,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from service.audit.disclosures import disclosures_for_patient
     from service.audit.log_keys import LogKeys
     from service.audit.verify import verify_database, verify_service
-    from service.runtime import open_keyring
+    from service.runtime.providers import open_keyring
 
     if args.action == "verify":
         try:
@@ -490,9 +490,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr worker``: the audit integrator and job workers, without the HTTP server, until SIGTERM."""
     import signal
 
-    from service.background import BackgroundWork
-    from service.lifecycle import SHUTDOWN
-    from service.runtime import build_runtime, close_runtime, open_keyring
+    from service.app.background import BackgroundWork
+    from service.core.lifecycle import SHUTDOWN
+    from service.runtime.providers import build_runtime, close_runtime, open_keyring
 
     settings.check_safe_to_start()
     workers = args.workers if args.workers is not None else max(1, settings.job_workers)
@@ -552,7 +552,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_records(args: argparse.Namespace, settings: Settings) -> int:
     from service.records.relabel import relabel
-    from service.runtime import build_runtime, close_runtime
+    from service.runtime.providers import build_runtime, close_runtime
 
     if args.background:
         from service.records.relabel_job import enqueue_relabel
@@ -650,12 +650,12 @@ def cmd_erasure(args: argparse.Namespace, settings: Settings) -> int:
     needs another account, or an admin client over the API, to approve."""
     import getpass
 
+    from service.core.request_context import SOURCE
     from service.domain.errors import DomainError
     from service.erasure.repository import ErasureRepository
     from service.erasure.requests import Admin, approve_erasure, request_erasure
-    from service.errors import fhir_error
-    from service.request_context import SOURCE
-    from service.runtime import build_runtime, close_runtime
+    from service.http.errors import fhir_error
+    from service.runtime.providers import build_runtime, close_runtime
 
     account = getpass.getuser()
     admin = Admin(f"mhr-cli:{account}", account)
@@ -793,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="where the keys live (default MHR_KEY_PROVIDER); pkcs11 creates them in the token",
         )
         p.set_defaults(handler=cmd_keys)
-    from service.cli_key_rotation import add_key_rotation_commands, add_log_key_commands
+    from service.cli.key_rotation import add_key_rotation_commands, add_log_key_commands
 
     add_key_rotation_commands(keys_parser)
     from service.keys.commands import add_arguments as add_key_lifecycle_arguments

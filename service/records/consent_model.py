@@ -43,7 +43,7 @@ from security.consent import (
     ProvisionType,
 )
 
-# Same value as service.organizations.ORG_IDENTIFIER_SYSTEM (a test holds them
+# Same value as service.identity.organizations.ORG_IDENTIFIER_SYSTEM (a test holds them
 # together); not imported because that module pulls in the database tables.
 ORG_IDENTIFIER_SYSTEM: Final = "https://mhr.example.org/fhir/sid/organization"
 RESOURCE_TYPES_SYSTEM: Final = "http://hl7.org/fhir/resource-types"

@@ -16,17 +16,17 @@ import time
 from typing import TYPE_CHECKING
 
 from service.audit.log import start_integrator, stop_integrator
+from service.core.lifecycle import SHUTDOWN
+from service.core.metrics import JOBS
 from service.jobs import queue
 from service.jobs.kinds import load_kinds
 from service.jobs.purge import schedule_purge, today
 from service.jobs.worker import Worker, worker_name
 from service.keys.status import refresh_subject_key_metric
-from service.lifecycle import SHUTDOWN
-from service.metrics import JOBS
 from service.records.index_keys import REFRESH_SECONDS
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.providers import Runtime
 
 log = logging.getLogger("mhr.jobs")
 

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SOFTWARE_VERSION = "0.1.0"

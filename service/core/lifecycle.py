@@ -1,6 +1,6 @@
 """Whether this process is shutting down, for the parts that must say so while it still serves.
 
-Set by the server process on SIGTERM (service.http_server); read by ``/readyz`` (503 with the
+Set by the server process on SIGTERM (service.app.http_server); read by ``/readyz`` (503 with the
 reason, so that a load balancer steers new traffic away) and by the request layer (every
 response then closes its connection, so that clients move to a replica that stays).
 Process-wide on purpose: a signal is delivered to a process, not to a request.
