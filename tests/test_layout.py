@@ -1,15 +1,16 @@
-"""The layout holds: no import cycle between packages of service/ and security/.
+"""The layout holds: no import cycle between packages of service/ and security/, no module loose.
 
 A package is the first two components of a module path (``service.records``, ``security.keys``;
-a module still loose in service/ counts as its own package). Every import counts, at module level
-or inside a function (a function-local import only defers a dependency, it does not remove it),
-except those under ``if TYPE_CHECKING:``: they never run, and name what a component is handed
-(a job handler is handed the Runtime that runs it).
+a module loose in service/ would count as its own package, and none is left there). Every
+import counts, at module level or inside a function (a function-local import only defers a
+dependency, it does not remove it), except those under ``if TYPE_CHECKING:``: they never run,
+and name what a component is handed (a job handler is handed the Runtime that runs it).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,35 @@ def test_type_checking_imports_are_not_edges_but_function_imports_are() -> None:
     names = set(_imports(ast.parse(source), "service.app.demo", False))
     assert "service.runtime.providers" not in names
     assert {"service.store", "service.store.database"} <= names
+
+
+def test_no_module_is_loose_in_service() -> None:
+    # Every module lives in the package of its concern (README, Layout): a newcomer finds it by
+    # its role, and the package graph above sees it as part of that package. Only the package
+    # itself and ``python -m service`` stay at the top.
+    loose = sorted(
+        p.name for p in (ROOT / "service").glob("*.py") if p.name not in {"__init__.py", "__main__.py"}
+    )
+    assert loose == []
+
+
+def test_only_the_cli_imports_the_composition_root() -> None:
+    # service/app/ composes everything (routers, runtime, workers): anything it composes that
+    # imported it back would be a cycle waiting for its second edge.
+    graph = package_graph()
+    assert sorted(p for p, targets in graph.items() if "service.app" in targets) == ["service.cli"]
+
+
+def test_core_imports_nothing_else_from_service() -> None:
+    # service/core/ (settings, shutdown state, metrics, request id, offload) is what every layer
+    # may import; it can be that only while it imports none of them.
+    graph = package_graph()
+    assert sorted(t for t in graph.get("service.core", ()) if t.startswith("service")) == []
+
+
+def test_every_path_the_readme_layout_names_exists() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:service|security|tests)/[\w/]*\w(?:\.py)?/?)`", layout))
+    assert named, "the Layout section names no path: the pattern is broken"
+    assert sorted(n for n in named if not (ROOT / n).exists()) == []
