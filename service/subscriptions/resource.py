@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.http.errors import FhirError
+from service.domain.errors import Unprocessable
 from service.store.tables import SubscriptionRow
 from service.subscriptions.backport import (
     FILTER_CRITERIA,
@@ -58,8 +58,8 @@ class SubscriptionRequest:
     resource_id: str | None
 
 
-def _refuse(diagnostics: str, expression: str, code: str = "value", status: int = 422) -> FhirError:
-    return FhirError.single(status, code, diagnostics, expression=expression)
+def _refuse(diagnostics: str, expression: str, code: str = "value") -> Unprocessable:
+    return Unprocessable(diagnostics, expression=expression, code=code)
 
 
 def _extensions(node: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from security.keys import KeyProvider
-from service.http.errors import FhirError, not_found
+from service.domain.errors import Invalid, NotFound, Unprocessable
 from service.records.grant_predicate import Audience, GrantFilter
 from service.records.repository import RecordRepository
 from service.records.resource_types import STORED_TYPES
@@ -67,8 +67,8 @@ class Subscriptions:
         asked = parse_subscription(resource, allow_http=self.allow_http)
         _, count = await self.repo.search(owner.organization_id, limit=0)
         if count >= MAX_PER_ORGANIZATION:
-            raise FhirError.single(
-                422, "business-rule", f"an organization has at most {MAX_PER_ORGANIZATION} subscriptions"
+            raise Unprocessable(
+                f"an organization has at most {MAX_PER_ORGANIZATION} subscriptions", code="business-rule"
             )
         now = datetime.now(UTC)
         subscription_id = str(uuid.uuid4())
@@ -93,19 +93,16 @@ class Subscriptions:
     async def update(self, owner: Owner, subscription_id: str, resource: dict[str, Any]) -> SubscriptionRow:
         row = await self.repo.get_for_update(subscription_id, owner.organization_id)
         if row is None:
-            raise not_found("Subscription")
+            raise NotFound("Subscription not found")
         stored = open_headers(self.keys, row.id, row.headers_sealed)
         asked = parse_subscription(resource, allow_http=self.allow_http, stored_headers=stored)
         if asked.resource_id != subscription_id:
-            raise FhirError.single(
-                400, "invalid", "the resource id must be the id in the URL", expression="Subscription.id"
-            )
+            raise Invalid("the resource id must be the id in the URL", expression="Subscription.id")
         if asked.topic.value != row.topic:
-            raise FhirError.single(
-                422,
-                "business-rule",
+            raise Unprocessable(
                 "a subscription's topic cannot change (its event numbers count that topic): create another",
                 expression="Subscription.criteria",
+                code="business-rule",
             )
         now = datetime.now(UTC)
         endpoint_changed = asked.endpoint != row.endpoint
@@ -141,13 +138,13 @@ class Subscriptions:
     async def read(self, owner: Owner, subscription_id: str) -> SubscriptionRow:
         row = await self.repo.get(subscription_id, owner.organization_id)
         if row is None:
-            raise not_found("Subscription")
+            raise NotFound("Subscription not found")
         return row
 
     async def delete(self, owner: Owner, subscription_id: str) -> None:
         row = await self.repo.get_for_update(subscription_id, owner.organization_id)
         if row is None:
-            raise not_found("Subscription")
+            raise NotFound("Subscription not found")
         await self.repo.delete(row)
 
     # --- operations ---------------------------------------------------------------------
@@ -191,14 +188,13 @@ class Subscriptions:
         first = since if since is not None else 1
         last = until if until is not None else row.events_issued
         if first < 1 or last < 0:
-            raise FhirError.single(400, "invalid", "event numbers start at 1", expression="eventsSinceNumber")
+            raise Invalid("event numbers start at 1", expression="eventsSinceNumber")
         shown_content = content or row.payload_content
         if shown_content not in (ID_ONLY, EMPTY):
-            raise FhirError.single(
-                400,
-                "not-supported",
+            raise Invalid(
                 "content is id-only or empty (full-resource is not offered)",
                 expression="content",
+                code="not-supported",
             )
         rows = await self.repo.events(row.id, first, last, MAX_EVENTS_PER_QUERY)
         visible = await still_visible(row, rows, records)

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from mhr_testkit import EXAMPLES, FHIR_HEADERS, Party, Service, load_example, submit, sync_url
 from test_disclosure import World, consent, make_world
 
-from service.http.errors import FhirError
+from service.domain.errors import Unprocessable
+from service.http.errors import fhir_error
 from service.jobs.kinds import JobKind, load_kinds, register
 from service.subscriptions.backport import (
     HEARTBEAT_PERIOD,
@@ -268,10 +269,11 @@ def test_malformed_json_is_a_400(service: Service) -> None:
 
 
 def test_an_http_endpoint_is_refused_outside_development() -> None:
-    with pytest.raises(FhirError) as refused:
+    with pytest.raises(Unprocessable) as refused:
         parse_subscription(subscription(endpoint="http://receiver.example.org/hook"), allow_http=False)
-    assert refused.value.status == 422
-    assert "https" in refused.value.issues[0].diagnostics
+    answer = fhir_error(refused.value)  # what the one error module makes of it: a 422
+    assert answer.status == 422
+    assert "https" in answer.issues[0].diagnostics
     allowed = parse_subscription(subscription(endpoint="https://receiver.example.org/hook"), allow_http=False)
     assert allowed.endpoint == "https://receiver.example.org/hook"
     # Development (and the tests' settings) accept a local http receiver.
