@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -620,11 +621,18 @@ class RecordRepository:
         await connection.execute(_PLAN_THE_COUNT)
         try:
             result = await connection.execute(statement, flt.audience.params())
-            return int(result.scalar_one())
-        finally:
-            # Outside a transaction (the read sessions) the setting would outlive this
-            # statement on the pooled connection; inside one, a rollback undoes it anyway.
-            await connection.execute(_PLAN_AS_BEFORE)
+            counted = int(result.scalar_one())
+        except Exception:
+            # The count failed (often: the connection is gone). Reset if the connection still
+            # takes statements; otherwise the failure itself must surface, not the reset's
+            # PendingRollbackError, so that a lost database is answered 503, not 500.
+            with contextlib.suppress(Exception):
+                await connection.execute(_PLAN_AS_BEFORE)
+            raise
+        # Outside a transaction (the read sessions) the setting would outlive this statement on
+        # the pooled connection; inside one, a rollback undoes it anyway.
+        await connection.execute(_PLAN_AS_BEFORE)
+        return counted
 
     async def _kept_total(self, connection: Any, flt: SearchFilter) -> int:
         """An authority's total of one type from the counts kept with its grants in force now.
