@@ -47,7 +47,7 @@ from service.records.codec import open_version
 from service.records.consents import refresh_grants
 from service.records.context import RecordServices
 from service.records.index_keys import STATE_ROW, IndexPhase, UnknownIndexKey, read_phase, settled
-from service.records.indexing import index_resource, labels_token
+from service.records.indexing import identifiers_of, index_resource, labels_token
 from service.records.repository import RecordRepository, version_row
 from service.records.subject_keys import OpenedKeys
 from service.store.database import Database
@@ -230,15 +230,11 @@ async def rotate_index(database: Database, keys: KeyProvider, audit: Audit, *, n
 
 def _identifier_pairs(old: BlindIndexer, new: BlindIndexer, resource: dict[str, Any]) -> dict[bytes, bytes]:
     pairs = {}
-    for identifier in resource.get("identifier", []):
-        if not isinstance(identifier, dict):
-            continue
-        system, value = identifier.get("system"), identifier.get("value")
-        if isinstance(system, str) and isinstance(value, str):
-            try:
-                pairs[old.identifier(system, value)] = new.identifier(system, value)
-            except ValueError:
-                continue
+    for system, value in identifiers_of(resource):
+        try:
+            pairs[old.identifier(system, value)] = new.identifier(system, value)
+        except ValueError:
+            continue  # normalises to nothing: it was never indexed
     return pairs
 
 
@@ -263,6 +259,7 @@ async def reindex_subject(
     if subject is None or subject.wrapped_key is None or subject.index_key_id == target.kid:
         return 0
     old = services.index_keys.for_kid(subject.index_key_id)
+    repo = RecordRepository(session)
     currents = {
         (row.resource_type, row.id): row
         for row in (
@@ -283,15 +280,7 @@ async def reindex_subject(
         row = version_row(stored)
         resource: Any = orjson.loads(open_version(keys, subject, row))
         seen += 1
-        await session.execute(
-            update(ResourceVersion)
-            .where(
-                ResourceVersion.resource_type == row.resource_type,
-                ResourceVersion.id == row.id,
-                ResourceVersion.version_id == row.version_id,
-            )
-            .values(labels_token=labels_token(target, services.labeler.apply(resource)))
-        )
+        await repo.set_labels_token(row, labels_token(target, services.labeler.apply(resource)))
         pointer = currents.get((row.resource_type, row.id))
         if pointer is None or pointer.version_id != row.version_id:
             continue
@@ -339,7 +328,7 @@ async def reindex_subject(
                 )
                 .on_conflict_do_nothing()
             )
-    await refresh_grants(services, RecordRepository(session), subject_id, {}, keys=keys, indexer=target)
+    await refresh_grants(services, repo, subject_id, {}, keys=keys, indexer=target)
     subject.index_key_id = target.kid
     await session.flush()
     return seen

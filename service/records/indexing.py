@@ -42,17 +42,23 @@ def _codings(concepts: Any) -> Iterator[tuple[str, str]]:
                 yield (system if isinstance(system, str) else "", coding["code"])
 
 
-def identifier_tokens(indexer: BlindIndexer, resource: dict[str, Any]) -> set[bytes]:
-    tokens = set()
+def identifiers_of(resource: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """The (system, value) of each well-formed identifier of ``resource``."""
     for identifier in resource.get("identifier", []):
         if not isinstance(identifier, dict):
             continue
         system, value = identifier.get("system"), identifier.get("value")
         if isinstance(system, str) and isinstance(value, str):
-            try:
-                tokens.add(indexer.identifier(system, value))
-            except ValueError:
-                continue  # an identifier that normalises to nothing cannot be searched
+            yield system, value
+
+
+def identifier_tokens(indexer: BlindIndexer, resource: dict[str, Any]) -> set[bytes]:
+    tokens = set()
+    for system, value in identifiers_of(resource):
+        try:
+            tokens.add(indexer.identifier(system, value))
+        except ValueError:
+            continue  # an identifier that normalises to nothing cannot be searched
     return tokens
 
 

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from security.blind_index import BlindIndexer
 from service.audit.events import AuditAgent
@@ -126,15 +126,7 @@ async def _relabel_versions(
         seen += 1
         if token != row.labels_token:
             changed += 1
-            await session.execute(
-                update(ResourceVersion)
-                .where(
-                    ResourceVersion.resource_type == row.resource_type,
-                    ResourceVersion.id == row.id,
-                    ResourceVersion.version_id == row.version_id,
-                )
-                .values(labels_token=token)
-            )
+            await repo.set_labels_token(row, token)
     grants = await refresh_grants(services, repo, subject_id, {}, keys=keys, indexer=indexer)
     write = CommittedWrite(
         services=services, repo=repo, keys=keys, written=[], consent_versions={}, agent=RELABEL_AGENT, at=now

@@ -671,6 +671,18 @@ class RecordRepository:
             await self.session.execute(_INSERT_GRANTS, list(grants))
             await self.refresh_grant_matches([subject_id])
 
+    async def set_labels_token(self, row: VersionRow, token: bytes) -> None:
+        """Store a version's new label token (a relabel, or its migrant moved to a new index key)."""
+        await self.session.execute(
+            update(ResourceVersion)
+            .where(
+                ResourceVersion.resource_type == row.resource_type,
+                ResourceVersion.id == row.id,
+                ResourceVersion.version_id == row.version_id,
+            )
+            .values(labels_token=token)
+        )
+
     async def refresh_grant_matches(self, subject_ids: Iterable[str]) -> None:
         """Recount, for every grant of these migrants, the current resources it admits.
 
