@@ -1,4 +1,5 @@
-"""The background work of one process: the audit integrator, job workers, the job-count metric.
+"""The background work of one process: the audit integrator, job workers, the job-count metric,
+the upkeep of the kept search totals.
 
 Started by the app's lifespan in every ``mhr serve`` process and by ``mhr worker`` on its own.
 Every replica may run all of it: the integrator's lock and the job leases let one of them act at
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from service.audit.log import start_integrator, stop_integrator
@@ -23,6 +25,7 @@ from service.jobs.kinds import load_kinds
 from service.jobs.purge import schedule_purge, today
 from service.jobs.worker import Worker, worker_name
 from service.keys.status import refresh_subject_key_metric
+from service.records import kept_totals
 from service.records.index_keys import REFRESH_SECONDS
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ class BackgroundWork:
         self._drain_watch: asyncio.Task[None] | None = None
         self._schedule: asyncio.Task[None] | None = None
         self._index_follow: asyncio.Task[None] | None = None
+        self._kept_totals: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._integrator = start_integrator(self.runtime.database, self.runtime.log_signer)
@@ -56,6 +60,7 @@ class BackgroundWork:
         ]
         self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
         self._index_follow = asyncio.create_task(self._follow_index_keys(), name="mhr-index-keys")
+        self._kept_totals = asyncio.create_task(self._keep_totals(), name="mhr-kept-totals")
         self._drain_watch = asyncio.create_task(self._watch_drain(), name="mhr-job-drain-watch")
         if self.workers:
             # Who runs jobs schedules the periodic ones (one job per day whoever schedules it).
@@ -90,7 +95,7 @@ class BackgroundWork:
             self._drain_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain_watch
-        for looping in (self._metrics, self._index_follow):
+        for looping in (self._metrics, self._index_follow, self._kept_totals):
             if looping is not None:
                 looping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -134,6 +139,18 @@ class BackgroundWork:
                 raise
             except Exception as exc:
                 log.warning("could not read the index key state", extra={"error_type": type(exc).__name__})
+
+    async def _keep_totals(self) -> None:
+        """Retire ended grants and fold the kept totals' additions (service.records.kept_totals):
+        without it totals stay exact, and cost what happened since the last run."""
+        while True:
+            await asyncio.sleep(kept_totals.MAINTENANCE_SECONDS)
+            try:
+                await kept_totals.maintain(self.runtime.database, datetime.now(UTC))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not keep the search totals", extra={"error_type": type(exc).__name__})
 
     async def _count_forever(self) -> None:
         while True:

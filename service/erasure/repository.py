@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 from typing import Any, cast
 
@@ -9,6 +10,7 @@ from sqlalchemy import CursorResult, and_, delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from security.consent import PERMIT_STATUTORY
+from service.records import kept_totals
 from service.records.idempotency import Remembered
 from service.store.tables import (
     Client,
@@ -93,8 +95,10 @@ class ErasureRepository:
         return len(doomed)
 
     async def delete_grants(self, subject_id: str) -> int:
-        statement = delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id)
-        return _count(await self.session.execute(statement))
+        """Delete the migrant's grants, and their counts from the kept totals."""
+        deleted, removed = await kept_totals.delete_grants(self.session, subject_id)
+        await kept_totals.record(self.session, Counter({key: -count for key, count in removed.items()}))
+        return deleted
 
     async def clear_label_tokens(self, subject_id: str) -> tuple[int, int]:
         """(label tokens cleared, versions kept): the ciphertexts stay, unreadable."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -28,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.records import kept_totals
 from service.records.grant_predicate import GRANTS, NOBODY, Audience, GrantFilter, permit_id, visible
 from service.records.paging import PagePosition
 from service.store.tables import (
@@ -39,7 +41,6 @@ from service.store.tables import (
     SearchToken,
     StoredResource,
     Subject,
-    UtcDateTime,
 )
 
 
@@ -594,8 +595,9 @@ class RecordRepository:
         """How many current resources the search matches that its audience may see (exact).
 
         An authority's search of one type with no filter but "updated since" is answered from
-        the counts kept with its grants (:meth:`_kept_total`): a sum over its grants in force,
-        whatever the number of resources. Any other search is counted by the statement below.
+        the totals kept with its grants (:meth:`_kept_total`, ``service.records.kept_totals``),
+        at a cost that grows with neither the resources nor the migrants. Any other search is
+        counted by the statement below.
 
         On PostgreSQL the count is planned for its own parameters every time, in this backend
         alone. Over the covering indexes (migration 0010_h_bench) it is then one merge pass of
@@ -643,10 +645,9 @@ class RecordRepository:
         that stretch holds more than ``_COMPLEMENT_LIMIT`` visible resources (a recent bound),
         the joined count of the search itself is the cheaper one and answers instead.
         """
-        kept = await connection.execute(
-            _KEPT_TOTAL, {**flt.audience.params(), "resource_type": flt.resource_type}
+        total = await kept_totals.total(
+            self.session, {**flt.audience.params(), "resource_type": flt.resource_type}
         )
-        total = int(kept.scalar_one())
         if not flt.updated_ranges:
             return total
         op, bound = flt.updated_ranges[0]
@@ -663,13 +664,14 @@ class RecordRepository:
 
         ``new_subject``: the migrant was created in this transaction, so there is nothing to delete.
         """
+        change: Counter[kept_totals.Key] = Counter()
         if not new_subject:
-            await self.session.execute(
-                delete(DisclosureGrant).where(DisclosureGrant.subject_id == subject_id)
-            )
+            _, removed = await kept_totals.delete_grants(self.session, subject_id)
+            change.subtract(removed)
         if grants:
             await self.session.execute(_INSERT_GRANTS, list(grants))
-            await self.refresh_grant_matches([subject_id])
+            change.update(await self._recount_grants([subject_id]))
+        await kept_totals.record(self.session, change)
 
     async def set_labels_token(self, row: VersionRow, token: bytes) -> None:
         """Store a version's new label token (a relabel, or its migrant moved to a new index key)."""
@@ -691,9 +693,19 @@ class RecordRepository:
         every Consent write go through). An erasure deletes the grants, and the count with them.
         The rule is :func:`visible`'s without the time: same subject, type and label set.
         """
+        await kept_totals.record(self.session, await self._recount_grants(subject_ids))
+
+    async def _recount_grants(self, subject_ids: Iterable[str]) -> Counter[kept_totals.Key]:
+        """Recount these migrants' grants; returns the change of the kept totals."""
         wanted = sorted(set(subject_ids))
+        if not wanted:
+            return Counter()
+        before = await kept_totals.locked_counts(self.session, wanted)
         for start in range(0, len(wanted), 500):
             await self.session.execute(_REFRESH_MATCHES, {"subjects": wanted[start : start + 500]})
+        change = await kept_totals.locked_counts(self.session, wanted)
+        change.subtract(before)
+        return change
 
     async def current_of_type(self, subject_id: str, resource_type: str) -> list[VersionRow]:
         result = await self.session.execute(
@@ -829,19 +841,6 @@ _COMPLEMENT_OF = {"gt": "le", "ge": "lt"}
 _COMPLEMENT_LIMIT = 2000
 
 
-def _kept_total_statement() -> Any:
-    g = _GRANTS
-    at = bindparam("grant_at", type_=UtcDateTime())
-    return select(func.coalesce(func.sum(g.c.current_matches), 0)).where(
-        g.c.organization_id == bindparam("grant_org"),
-        g.c.purpose == bindparam("grant_purpose"),
-        g.c.resource_type == bindparam("resource_type"),
-        g.c.current_matches > 0,
-        or_(g.c.valid_from.is_(None), g.c.valid_from <= at),
-        or_(g.c.valid_to.is_(None), g.c.valid_to > at),
-    )
-
-
 def _refresh_matches_statement() -> Any:
     g, v, r = _GRANTS, _VERSIONS, _RESOURCES
     admitted = (
@@ -896,7 +895,6 @@ _VERSION_COLUMNS = (
     _VERSIONS.c.labels_token,
 )
 _PERMIT_COLUMNS = (_GRANTS.c.rule, _GRANTS.c.consent_id, _GRANTS.c.consent_version)
-_KEPT_TOTAL = _kept_total_statement()
 _REFRESH_MATCHES = _refresh_matches_statement()
 
 

@@ -298,6 +298,9 @@ class AuditCheckpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
+_LIVE_AND_ADMITTING = "current_matches > 0 AND retired_at IS NULL"
+
+
 class DisclosureGrant(Base):
     """When an authority may receive which kind of a migrant's resources, for which purpose.
 
@@ -326,6 +329,10 @@ class DisclosureGrant(Base):
     # so that an authority's search total is a sum over its grants in force, not a join of
     # every resource with the grants.
     current_matches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set by the sweep once the grant has ended: its count has left the kept totals
+    # (service.records.kept_totals, migration 0012_h_kept_totals). Time only moves forward, so a
+    # retired grant admits nothing ever again.
+    retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
     __table_args__ = (
         # Covering (migration 0010_h_bench): every column the visibility predicate compares.
@@ -340,8 +347,8 @@ class DisclosureGrant(Base):
             "valid_to",
         ),
         Index("ix_disclosure_grants_subject", "subject_id"),
-        # Covering (migration 0011_h_read_perf): the maintained total, from the index alone, over
-        # only the grants that admit something.
+        # Covering, over only the live grants that admit something (migration 0012_h_kept_totals):
+        # the kept total's grants not yet begun, and those ended but not yet retired.
         Index(
             "ix_disclosure_grants_matches",
             "organization_id",
@@ -350,9 +357,41 @@ class DisclosureGrant(Base):
             "valid_from",
             "valid_to",
             "current_matches",
-            postgresql_where=text("current_matches > 0"),
-            sqlite_where=text("current_matches > 0"),
+            postgresql_where=text(_LIVE_AND_ADMITTING),
+            sqlite_where=text(_LIVE_AND_ADMITTING),
         ),
+        Index(
+            "ix_disclosure_grants_ending",
+            "organization_id",
+            "purpose",
+            "resource_type",
+            "valid_to",
+            "current_matches",
+            postgresql_where=text(_LIVE_AND_ADMITTING),
+            sqlite_where=text(_LIVE_AND_ADMITTING),
+        ),
+    )
+
+
+class GrantTotal(Base):
+    """Additions to the live sum of ``current_matches`` per (organization, purpose, type).
+
+    Every transaction that changes a grant's count inserts its change here, and the background
+    work folds them into one row per key (service.records.kept_totals). No personal data: an
+    organization, a purpose, a type and a count.
+    """
+
+    __tablename__ = "grant_totals"
+
+    id: Mapped[int] = mapped_column(_AUDIT_ID, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(32))
+    resource_type: Mapped[str] = mapped_column(String(64))
+    delta: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        # Covering: a total sums its key's rows from the index alone.
+        Index("ix_grant_totals_key", "organization_id", "purpose", "resource_type", "delta"),
     )
 
 

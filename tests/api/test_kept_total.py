@@ -10,6 +10,7 @@ resources the authority is actually given, page by page.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +21,7 @@ from mhr_testkit import FHIR_HEADERS, Party, Service, sync_url
 from test_disclosure import World, consent, make_world
 from test_search_total import _exam, _walk
 
-from service.records import repository
+from service.records import kept_totals, repository
 from service.records.grant_predicate import GrantFilter
 from service.records.relabel import relabel
 from service.records.repository import RecordRepository, SearchFilter, _kept_total_answers
@@ -37,6 +38,15 @@ SELECT g.id, g.current_matches, (
       AND v.labels_token = g.labels_token)
 FROM disclosure_grants g
 """
+# The live sum per key, kept in grant_totals, against the grants it stands for.
+_KEPT_LIVE = """
+SELECT organization_id, purpose, resource_type, sum(delta) FROM grant_totals
+GROUP BY organization_id, purpose, resource_type HAVING sum(delta) <> 0
+"""
+_GRANTS_LIVE = """
+SELECT organization_id, purpose, resource_type, sum(current_matches) FROM disclosure_grants
+WHERE retired_at IS NULL AND current_matches > 0 GROUP BY organization_id, purpose, resource_type
+"""
 
 
 @pytest.fixture
@@ -44,13 +54,29 @@ def world(service: Service) -> World:
     return make_world(service)
 
 
-def _recounted(world: World) -> list[tuple[int, int, int]]:
+def _query(world: World, sql: str) -> list[tuple[Any, ...]]:
     engine = sa.create_engine(sync_url(world.service.settings.database_url))
     try:
         with engine.connect() as conn:
-            return [(int(a), int(b), int(c)) for a, b, c in conn.execute(sa.text(_RECOUNT)).all()]
+            return [tuple(row) for row in conn.execute(sa.text(sql)).all()]
     finally:
         engine.dispose()
+
+
+def _recounted(world: World) -> list[tuple[int, int, int]]:
+    return [(int(a), int(b), int(c)) for a, b, c in _query(world, _RECOUNT)]
+
+
+def _live_sums(world: World, sql: str) -> dict[tuple[str, str, str], int]:
+    return {(o, p, t): int(n) for o, p, t, n in _query(world, sql)}
+
+
+def _maintain(world: World, now: datetime | None = None) -> int:
+    async def run(database: Database) -> int:
+        return await kept_totals.maintain(database, now or datetime.now(UTC))
+
+    retired: int = world.service._run(run)
+    return retired
 
 
 def _totals(world: World, organization_id: str) -> list[tuple[str, str, int, int]]:
@@ -84,6 +110,7 @@ def _check(world: World) -> dict[str, int]:
     the authority walks through page by page. Returns A's unfiltered totals by type."""
     stale = [(grant_id, kept, real) for grant_id, kept, real in _recounted(world) if kept != real]
     assert not stale, f"grants whose kept count is not their real count: {stale}"
+    assert _live_sums(world, _KEPT_LIVE) == _live_sums(world, _GRANTS_LIVE)
     by_type = {}
     for party in (world.authority, world.other):
         for resource_type, name, kept, joined in _totals(world, party.organization_id):
@@ -209,3 +236,72 @@ def test_a_long_stretch_before_the_bound_is_counted_by_the_statement(
     for resource_type, name, kept, joined in _totals(world, world.authority.organization_id):
         assert kept == joined == expected[(resource_type, name)], (resource_type, name)
     assert expected[("Observation", "gt 2020")] > 1
+
+
+def test_grants_not_begun_or_ended_are_left_out_before_and_after_the_sweep(world: World) -> None:
+    """A Consent that ended yesterday and one that begins next week: their grants admit resources
+    (their counts are live) but not now. The total leaves them out while the sweep has not run,
+    and after it has retired the ended ones; folding the additions changes no total."""
+    authority = world.authority.organization_id
+    world.post_consent(consent(world.patient, authority, start=-60, end=-1))
+    ahead = _exam(world, 2)["Patient"][0]
+    world.post_consent(consent(ahead, authority, start=7, end=90))
+    in_force = _exam(world, 0)["Patient"][0]
+    world.post_consent(consent(in_force, authority))
+    assert _check(world)["Patient"] == 1  # only the migrant whose Consent is in force
+
+    live_before = _live_sums(world, _KEPT_LIVE)
+    assert live_before[(authority, "PUBHLTH", "Patient")] == 3  # all three grants count as live
+    assert _maintain(world) > 0  # the grants that ended yesterday are retired
+    assert _live_sums(world, _KEPT_LIVE)[(authority, "PUBHLTH", "Patient")] == 2
+    assert _check(world)["Patient"] == 1
+    assert not _maintain(world)  # nothing more has ended
+    rows = _query(
+        world,
+        "SELECT organization_id, purpose, resource_type, count(*) FROM grant_totals "
+        "GROUP BY organization_id, purpose, resource_type HAVING count(*) > 1",
+    )
+    assert not rows, f"additions not folded: {rows}"
+
+    # A correction of the retired migrant's exam changes its grants' counts, not the live sums.
+    headers = world.service.headers(world.clinic)
+    observation = world.service.client.get(f"/fhir/Observation/{world.observation}", headers=headers).json()
+    observation.pop("meta", None)
+    observation["status"] = "amended"
+    _put(world, observation)
+    assert _check(world)["Patient"] == 1
+
+    # A sweep as of next month retires nothing that has not ended by then: the Consent that
+    # begins next week stays live, and today's total still leaves it out.
+    assert not _maintain(world, datetime.now(UTC) + timedelta(days=30))
+    assert _check(world)["Patient"] == 1
+
+
+def test_concurrent_recounts_and_sweeps_lose_no_change(world: World) -> None:
+    """Writers recount grants of several migrants at once while sweeps and folds run beside
+    them (on PostgreSQL: row locks, READ COMMITTED): the kept live sums stay the grants' own."""
+    authority = world.authority.organization_id
+    patients = [world.patient] + [_exam(world, i)["Patient"][0] for i in (0, 2, 3)]
+    for index, patient in enumerate(patients):
+        world.post_consent(consent(patient, authority, start=-60, end=-1 if index % 2 else 365))
+
+    async def churn(database: Database) -> None:
+        async def recount(patient: str) -> None:
+            for _ in range(15):
+                async with database.transaction() as session:
+                    await RecordRepository(session).refresh_grant_matches([patient, patients[0]])
+
+        async def sweep() -> None:
+            for _ in range(15):
+                await kept_totals.maintain(database, datetime.now(UTC))
+
+        # Counts that moved under the writers' feet: zero every grant's count first, so that
+        # each recount changes it back and every writer has a change to record.
+        async with database.transaction() as session:
+            await session.execute(sa.text("UPDATE disclosure_grants SET current_matches = 0"))
+            await session.execute(sa.text("DELETE FROM grant_totals"))
+        await asyncio.gather(*(recount(p) for p in patients), sweep(), sweep())
+
+    world.service._run(churn)
+    assert _live_sums(world, _KEPT_LIVE) == _live_sums(world, _GRANTS_LIVE)
+    assert _check(world)["Patient"] == len([i for i in range(len(patients)) if not i % 2])
