@@ -326,8 +326,9 @@ class DisclosureGrant(Base):
     # How many current resources this grant would admit while in force: the migrant's current
     # versions of this type with exactly this label set (migration 0011_h_read_perf). Kept in
     # the transaction of every change to either side (RecordRepository.refresh_grant_matches),
-    # so that an authority's search total is a sum over its grants in force, not a join of
-    # every resource with the grants.
+    # and summed per organization, purpose and type in grant_totals (service.records.kept_totals),
+    # so that an authority's search total is neither a join of every resource with the grants
+    # nor a scan of its grants.
     current_matches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Set by the sweep once the grant has ended: its count has left the kept totals
     # (service.records.kept_totals, migration 0012_h_kept_totals). Time only moves forward, so a
