@@ -12,6 +12,11 @@ its receipt time minus its event timestamp (set in the transaction that committe
 so slightly before the commit; same clock, same machine). Reported: events, notifications,
 p50/p99/max of the per-event latency, the intake rate achieved and its errors. Target p99 <= 2 s.
 
+``--job-process``: the deployment that runs its workers apart (#13: ``mhr worker``): the two
+server processes run no job workers (``MHR_JOB_WORKERS=0``) and one ``mhr worker`` process
+delivers, so that the intake's requests and the deliveries share the cores through the
+operating system's scheduler rather than one event loop.
+
 ``--w1-seconds S``: first W1's closed loop (8 connections POSTing exams for S seconds, README
 "Performance"), before the subscription exists and again with it (after its events drained), so
 that what publishing costs the intake is measured on the same server. ``--tree``: run the server
@@ -30,6 +35,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +49,7 @@ from bench.generate import exam
 from bench.parties import DB_PREFIX, database_url, setup
 from bench.run import mhr_server
 from bench.servers import REPO
+from bench.workloads import mhr_env
 from service.store.migrate import upgrade
 
 IG = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
@@ -213,6 +221,24 @@ def _migrate_with(tree: Path, url: str) -> None:
     subprocess.run([str(tree / ".venv" / "bin" / "mhr"), "migrate"], cwd=tree, env=env, check=True)
 
 
+@contextmanager
+def job_process(wanted: bool, tree: Path, url: str, workdir: Path, port: int) -> Iterator[None]:
+    """``mhr worker`` (one job worker) beside the server, on its database, keyring and base URL."""
+    if not wanted:
+        yield
+        return
+    env = {**os.environ, **mhr_env(url, workdir / "keyring.json", port), "MHR_JOB_WORKERS": "1"}
+    with (workdir / "mhr-worker.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(tree / ".venv" / "bin" / "mhr"), "worker"], cwd=tree, env=env, stdout=log, stderr=log
+        )
+    try:
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -226,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--w1-seconds", type=float, default=0, help="W1 closed loop first, without and with")
     parser.add_argument("--tree", type=Path, default=REPO, help="the checkout whose server runs")
     parser.add_argument("--db", default=DB_NAME, help="database name (recreated)")
+    parser.add_argument("--job-process", action="store_true", help="deliver from one `mhr worker` process")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mhr-notify-bench-"))
     tree = args.tree.resolve()
@@ -234,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     receipts = Receipts()
     receiver = start_receiver(receipts)
     endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    with mhr_server(
-        "mhr-notify", database_url(args.db), workdir / "keyring.json", workdir, tree=tree
-    ) as server:
+    if args.job_process:
+        os.environ["MHR_JOB_WORKERS"] = "0"  # the server's processes (mhr_server passes os.environ on)
+    with (
+        mhr_server(
+            "mhr-notify", database_url(args.db), workdir / "keyring.json", workdir, tree=tree
+        ) as server,
+        job_process(args.job_process, tree, database_url(args.db), workdir, server.port),
+    ):
         base = server.base_url
         authority = parties["authority-a"].token(base, "system/Subscription.cruds", purpose="PUBHLTH")
         clinic = parties["clinic"].token(base, "system/*.cruds")
@@ -258,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_tail(receipts)
     receiver.shutdown()
     latencies = receipts.latencies
-    print(f"server: {tree.name} ({'working tree' if tree == REPO.resolve() else 'baseline'})")
+    print(
+        f"server: {tree.name} ({'working tree' if tree == REPO.resolve() else 'baseline'}), "
+        f"{'one mhr worker process delivering' if args.job_process else 'job workers in the server'}"
+    )
     print(
         f"intake: {sent} exams in {elapsed:.1f} s ({sent / elapsed:.1f}/s, asked {args.rate:g}/s), "
         f"{errors} errors"
