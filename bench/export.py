@@ -219,8 +219,11 @@ def main() -> int:
     )
     args = parser.parse_args()
     began = time.perf_counter()
+    built = baseline.build(args.baseline) if args.baseline else None
     if args.scale:
-        manifest = scale.ensure(args.scale)
+        # Kept at the baseline's schema when one is measured (bench.scale): both sides' copies
+        # start at a revision their server knows, and the working tree's migrates its copy on.
+        manifest = scale.ensure(args.scale, migrate_database=baseline.migrator(built))
         data: dict[str, Any] = {"exams": manifest["exams"], "scale": True}
         db, state = f"{scale.DB}_export", scale.STATE
     else:
@@ -233,8 +236,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     extra_env = dict(item.split("=", 1) for item in args.env)
     sides = [("after", REPO)]
-    if args.baseline:
-        built = baseline.build(args.baseline)
+    if built is not None:
         sides.insert(0, (f"before ({built.short})", built.tree))
     results = {}
     for side, tree in sides:
