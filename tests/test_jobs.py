@@ -611,3 +611,57 @@ def test_an_idle_worker_wakes_when_a_due_job_commits_not_on_a_rollback(settings:
                 await asyncio.wait_for(loop, 10)
 
     asyncio.run(scenario())
+
+
+def test_a_job_enqueued_by_another_process_wakes_an_idle_worker_at_once(
+    settings: Settings, worker_env: dict[str, str], spawn_worker: Any, tmp_path: Path
+) -> None:
+    """`mhr worker` polls every 30 s here, yet runs a job another process enqueued within a
+    second or two of its commit: PostgreSQL's NOTIFY wakes it. The listening connection, cut
+    by the server, is replaced, and wakes the worker again."""
+    if settings.database_url.startswith("sqlite"):
+        pytest.skip("SQLite has no NOTIFY: another process's workers find a job on their next poll")
+    from service.jobs.listener import APPLICATION_NAME, RECONNECT_SECONDS
+
+    worker_env["MHR_JOB_POLL_SECONDS"] = "30"
+    engine = sa.create_engine(sync_url(settings.database_url))
+
+    def listening() -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                    {"name": APPLICATION_NAME},
+                ).scalar_one()
+            )
+
+    async def enqueue_one(key: str) -> None:
+        async with running(settings) as runtime, runtime.database.transaction() as session:
+            await enqueue(session, EFFECT, Effect(note=key), key)
+
+    async def done() -> list[str]:
+        async with running(settings) as runtime:
+            return [k for k, _a, _n in await effects(runtime)]
+
+    def run_soon(key: str) -> float:
+        time.sleep(1.0)  # the worker has looked and found nothing: idle for 30 s now
+        asyncio.run(enqueue_one(key))
+        committed = time.monotonic()
+        _wait_for(lambda: key in asyncio.run(done()), 10, f"the worker to run {key}")
+        return time.monotonic() - committed
+
+    try:
+        spawn_worker()
+        _wait_for(lambda: listening() == 1, 30, "the worker's listening connection")
+        assert run_soon("notified-1") < 5
+
+        with engine.connect() as conn:
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"),
+                {"n": APPLICATION_NAME},
+            )
+        _wait_for(lambda: listening() == 0, 10, "the listening connection to be cut")
+        _wait_for(lambda: listening() == 1, 3 * RECONNECT_SECONDS + 10, "a new listening connection")
+        assert run_soon("notified-2") < 5
+    finally:
+        engine.dispose()

@@ -22,6 +22,7 @@ from service.core.lifecycle import SHUTDOWN
 from service.core.metrics import JOBS
 from service.jobs import queue
 from service.jobs.kinds import load_kinds
+from service.jobs.listener import listen_forever
 from service.jobs.purge import schedule_purge, today
 from service.jobs.worker import Worker, worker_name
 from service.keys.status import refresh_subject_key_metric
@@ -51,6 +52,7 @@ class BackgroundWork:
         self._schedule: asyncio.Task[None] | None = None
         self._index_follow: asyncio.Task[None] | None = None
         self._kept_totals: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._integrator = start_integrator(self.runtime.database, self.runtime.log_signer)
@@ -65,6 +67,11 @@ class BackgroundWork:
         if self.workers:
             # Who runs jobs schedules the periodic ones (one job per day whoever schedules it).
             self._schedule = asyncio.create_task(self._schedule_periodic(), name="mhr-job-schedule")
+            if not self.runtime.database.is_sqlite:
+                # Jobs enqueued by other processes wake these workers at once (else: next poll).
+                self._listener = asyncio.create_task(
+                    listen_forever(self.runtime.settings.database_url), name="mhr-job-listener"
+                )
             log.info(
                 "job workers started", extra={"workers": len(self.workers), "kinds": self.registry.names()}
             )
@@ -95,7 +102,7 @@ class BackgroundWork:
             self._drain_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain_watch
-        for looping in (self._metrics, self._index_follow, self._kept_totals):
+        for looping in (self._metrics, self._index_follow, self._kept_totals, self._listener):
             if looping is not None:
                 looping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.jobs.kinds import JobKind, P
-from service.jobs.wakeup import mark_enqueued
+from service.jobs.wakeup import NOTIFY_ENQUEUED, mark_enqueued
 from service.store.tables import Job
 
 QUEUED, RUNNING, DONE, DEAD = "queued", "running", "done", "dead"
@@ -66,7 +66,11 @@ async def enqueue(
     inserted = (await session.execute(statement)).scalar_one_or_none()
     if inserted is not None:
         if values["run_after"] <= now:
-            mark_enqueued(session)  # due now: wake this process's workers when it commits
+            # Due now: wake this process's workers when it commits, and on PostgreSQL every
+            # other process's too (service.jobs.listener; delivered at commit, never before).
+            mark_enqueued(session)
+            if dialect is postgresql:
+                await session.execute(NOTIFY_ENQUEUED)
         return int(inserted)
     existing = await session.execute(
         select(Job.id).where(Job.kind == kind.name, Job.idempotency_key == idempotency_key)

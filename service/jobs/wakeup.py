@@ -4,8 +4,11 @@ A worker with nothing to do sleeps ``MHR_JOB_POLL_SECONDS`` between looks at the
 a job enqueued by a request would wait up to that long (a notification's latency is mostly
 this). :func:`enqueue` marks its session; when that session's transaction commits, every idle
 worker of this process is woken at once, and the worker whose process committed the job usually
-takes it first. Workers of other processes still find it on their next poll; a rolled-back
-transaction wakes nobody. The wake-up is a hint, never the record: the jobs table is.
+takes it first. On PostgreSQL the transaction also sends ``NOTIFY`` on :data:`CHANNEL`, which
+the server delivers at commit to every process listening (service.jobs.listener): workers in
+other processes (``mhr worker``, the other server workers) wake as soon. On SQLite they find it
+on their next poll. A rolled-back transaction wakes nobody. The wake-up is a hint, never the
+record: the jobs table is.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 _KEY = "mhr.jobs.enqueued"
+# The PostgreSQL channel a transaction that enqueued a due job notifies (no payload: the jobs
+# table is the record, and a notification carries nothing about the job).
+CHANNEL = "mhr_jobs"
+NOTIFY_ENQUEUED = text(f"SELECT pg_notify('{CHANNEL}', '')")
 _waiting: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
 
