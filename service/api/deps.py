@@ -20,6 +20,7 @@ from service.audit.events import Action, AuditAgent, AuditRecord, EventType, Out
 from service.http.errors import FhirError
 from service.http.ratelimit import RateLimiter
 from service.runtime.providers import Runtime
+from service.store.database import run_at_commit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
         try:
             async with session.begin():
                 yield session
+                await run_at_commit(session)
         except FhirError as exc:
             request_audit.transaction_ended(committed=False)
             if exc.audit is not None:

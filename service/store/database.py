@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -81,6 +82,40 @@ def _discard_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         raise DisconnectionError
 
 
+# Work a transaction runs as its last statements, just before it commits (see at_commit).
+_AT_COMMIT = "mhr.at_commit"
+
+
+def at_commit(session: AsyncSession, work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work`` in this session's transaction as its last statements, just before COMMIT.
+
+    For a statement that takes a lock many transactions want (a subscription's event counter):
+    taken last, it is held for the COMMIT only, not for everything the request writes after it.
+    Every way this service commits runs it (:meth:`Database.transaction`, the request
+    transaction of service.api.deps, both through :func:`run_at_commit`); a commit that would
+    skip it fails instead (nothing is half-written), and a rollback drops it.
+    """
+    session.sync_session.info.setdefault(_AT_COMMIT, []).append(work)
+
+
+async def run_at_commit(session: AsyncSession) -> None:
+    """Run the work registered with :func:`at_commit`, in order (work may register more)."""
+    while pending := session.sync_session.info.pop(_AT_COMMIT, None):
+        for work in pending:
+            await work()
+
+
+@event.listens_for(Session, "before_commit")
+def _refuse_skipped_work(session: Session) -> None:
+    if session.info.get(_AT_COMMIT):
+        raise RuntimeError("a transaction committed without the work registered to run at its commit")
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_work(session: Session) -> None:
+    session.info.pop(_AT_COMMIT, None)
+
+
 class Database:
     """Owns the engine; hands out sessions whose transaction the caller ends."""
 
@@ -98,6 +133,7 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         async with self.sessions() as session, session.begin():
             yield session
+            await run_at_commit(session)
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:

@@ -35,6 +35,7 @@ from service.audit.recorder import record_audit
 from service.core.request_context import SOURCE, current_request_id
 from service.records.grant_predicate import GRANTS, admits
 from service.records.write_observers import Written
+from service.store.database import at_commit
 from service.store.tables import ResourceVersion, StoredResource, UtcDateTime
 from service.subscriptions.events import Event, Focus, publish
 from service.subscriptions.repository import SubscriptionRepository
@@ -147,7 +148,7 @@ class WriteWatch:
         """After the grants changed: publish what the write made visible, and the withdrawal notices.
 
         ``consent_versions``: the current version of every Consent the write wrote (by id).
-        Returns the events published (before fan-out to subscriptions).
+        Returns the events, published (fanned out to subscriptions) when the transaction commits.
         """
         subjects = {w.subject_id for w in written} | self._consent_subjects
         wants_records = self._wants_records
@@ -158,7 +159,13 @@ class WriteWatch:
         after = await admissions(session, subjects, self._at)
         events = self._record_events(after, written) if wants_records else []
         events += await self._withdrawal_notices(session, after, consent_versions, agent)
-        await publish(session, events)
+
+        # Published as the transaction's last statements: numbering them locks each subscription's
+        # event counter until COMMIT, and every intake publishing to it waits for that lock.
+        async def publish_last() -> None:
+            await publish(session, events)
+
+        at_commit(session, publish_last)
         return events
 
     def _record_events(self, after: list[Admission], written: Sequence[Written]) -> list[Event]:

@@ -89,7 +89,10 @@ async def publish(session: AsyncSession, events: Sequence[Event]) -> list[Publis
     now = datetime.now(UTC)
     published: list[Published] = []
     rows: list[dict[str, object]] = []
-    last_numbers: dict[str, int] = {}
+    # The jobs first: numbering locks each subscription's counter until COMMIT (service.store.
+    # database.at_commit runs this last), so that as little as possible follows it.
+    for subscription_id in sorted(per_subscription):
+        await enqueue_delivery(session, subscription_id)
     for subscription_id in sorted(per_subscription):
         wanted = _unique(per_subscription[subscription_id])
         last = await repo.issue_numbers(subscription_id, len(wanted))
@@ -107,10 +110,7 @@ async def publish(session: AsyncSession, events: Sequence[Event]) -> list[Publis
                 }
             )
             published.append(Published(subscription_id, owners[subscription_id], number, event.focus))
-        last_numbers[subscription_id] = last
     await repo.add_events(rows)
-    for subscription_id, last in last_numbers.items():
-        await enqueue_delivery(session, subscription_id, last)
     return published
 
 

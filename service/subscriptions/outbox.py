@@ -9,6 +9,7 @@ order of event number, whichever job it runs under.
 from __future__ import annotations
 
 import logging
+import secrets
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -39,18 +40,22 @@ def _delivery_kind() -> JobKind[JobPayload] | None:
 _warned: list[bool] = []
 
 
-async def enqueue_delivery(session: AsyncSession, subscription_id: str, through_event: int) -> int | None:
-    """Queue delivery of the subscription's events up to ``through_event``; the job's id.
+async def enqueue_delivery(session: AsyncSession, subscription_id: str) -> int | None:
+    """Queue delivery of the subscription's pending events, for a transaction that publishes.
 
-    Keyed by the last event number, so that a retried transaction queues one job and a later
-    event always gets a job of its own (a finished job for an earlier number does not hide it).
-    Without the delivery kind in this installation, events are still kept for ``$events``.
+    One job per transaction, under a key of its own: queued before the transaction numbers its
+    events (the numbering locks the subscription's counter until COMMIT, so nothing else should
+    follow it), and whichever job runs delivers every pending event. Without the delivery kind in
+    this installation, events are still kept for ``$events``.
     """
     kind = _delivery_kind()
     if kind is None:
         return None
     return await enqueue(
-        session, kind, DeliveryPayload(subscription_id=subscription_id), f"{subscription_id}:{through_event}"
+        session,
+        kind,
+        DeliveryPayload(subscription_id=subscription_id),
+        f"{subscription_id}:publish:{secrets.token_hex(8)}",
     )
 
 

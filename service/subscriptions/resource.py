@@ -38,7 +38,7 @@ MAX_ENDPOINT_CHARS = 2000
 MAX_REASON_CHARS = 1000
 HEARTBEAT_RANGE = (60, 7 * 86400)  # seconds
 TIMEOUT_RANGE = (1, 120)  # seconds
-MAX_COUNT_RANGE = (1, 100)  # events per notification
+MAX_COUNT_RANGE = (1, 1000)  # events per notification (the default: 500)
 CLIENT_STATUSES = ("requested", "active", "error", "off")
 
 
