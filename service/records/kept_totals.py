@@ -163,9 +163,11 @@ async def retire_ended(session: AsyncSession, now: datetime) -> int:
     retired = 0
     change: Counter[Key] = Counter()
     for organization_id, purpose, resource_type in keys:
-        # One key at a time, so that each sweep reads the partial index of ended grants.
-        result = await session.execute(
-            update(g)
+        # One key at a time, so that each sweep reads the partial index of ended grants. Rows a
+        # writer holds are skipped (retired by a later sweep), and the rest are locked in id order
+        # as every writer locks them: the sweep never waits for an intake, nor deadlocks with one.
+        ended = (
+            select(g.c.id)
             .where(
                 g.c.organization_id == organization_id,
                 g.c.purpose == purpose,
@@ -173,6 +175,12 @@ async def retire_ended(session: AsyncSession, now: datetime) -> int:
                 *_live_and_admitting(),
                 g.c.valid_to <= now,
             )
+            .order_by(g.c.id)
+            .with_for_update(skip_locked=True)
+        )
+        result = await session.execute(
+            update(g)
+            .where(g.c.id.in_(ended.scalar_subquery()))
             .values(retired_at=now)
             .returning(g.c.current_matches)
         )
