@@ -65,23 +65,25 @@ def _live_and_admitting() -> Any:
     return (g.c.current_matches > 0, g.c.retired_at.is_(None))
 
 
+def _of_key(table: Table, organization_id: Any, purpose: Any, resource_type: Any) -> tuple[Any, ...]:
+    """Rows of ``table`` (grants or totals) for one (organization, purpose, type): values or
+    bound parameters."""
+    return (
+        table.c.organization_id == organization_id,
+        table.c.purpose == purpose,
+        table.c.resource_type == resource_type,
+    )
+
+
+# The audience's parameters (service.records.grant_predicate.Audience.params) and the type.
+_BOUND_KEY: tuple[Any, ...] = (bindparam("grant_org"), bindparam("grant_purpose"), bindparam("resource_type"))
+
+
 def _total_statement() -> Any:
     g, t = GRANTS, TOTALS
     at = bindparam("grant_at", type_=UtcDateTime())
-    key = (
-        g.c.organization_id == bindparam("grant_org"),
-        g.c.purpose == bindparam("grant_purpose"),
-        g.c.resource_type == bindparam("resource_type"),
-    )
-    live = (
-        select(func.coalesce(func.sum(t.c.delta), 0))
-        .where(
-            t.c.organization_id == bindparam("grant_org"),
-            t.c.purpose == bindparam("grant_purpose"),
-            t.c.resource_type == bindparam("resource_type"),
-        )
-        .scalar_subquery()
-    )
+    key = _of_key(g, *_BOUND_KEY)
+    live = select(func.coalesce(func.sum(t.c.delta), 0)).where(*_of_key(t, *_BOUND_KEY)).scalar_subquery()
     not_begun = (
         select(func.coalesce(func.sum(g.c.current_matches), 0))
         .where(
@@ -169,9 +171,7 @@ async def retire_ended(session: AsyncSession, now: datetime) -> int:
         ended = (
             select(g.c.id)
             .where(
-                g.c.organization_id == organization_id,
-                g.c.purpose == purpose,
-                g.c.resource_type == resource_type,
+                *_of_key(g, organization_id, purpose, resource_type),
                 *_live_and_admitting(),
                 g.c.valid_to <= now,
             )
