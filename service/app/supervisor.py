@@ -1,11 +1,13 @@
-"""``mhr serve --workers N``: N server processes sharing one listening socket, and their shutdown.
+"""``mhr serve --workers N``: N server processes, their listening sockets, and their shutdown.
 
 uvicorn's own supervisor keeps the listening socket open in the parent until every worker
 has exited, so after SIGTERM the kernel goes on accepting connections that nobody will ever
 read, and resets them when the parent exits. Here the parent closes its copy as soon as the
 stop begins (it never accepts; only the workers do), forwards the signal, and waits: the
 socket then closes when the last worker closes it, after that worker has accepted what was
-queued (service.app.http_server), and a connection attempt after that is refused.
+queued (service.app.http_server), and a connection attempt after that is refused. On Linux each
+worker has a socket of its own in one SO_REUSEPORT group (service.app.listeners), and the same
+holds per socket.
 
 A worker that dies while the service runs is replaced; one that fails at start-up stops the
 service (it would fail the same way again). If the supervisor itself dies, the workers see
@@ -28,6 +30,7 @@ from types import FrameType
 from uvicorn.config import STARTUP_FAILURE
 
 from service.app.http_server import server_config, worker_main
+from service.app.listeners import open_listeners
 from service.core.settings import Settings
 
 log = logging.getLogger("mhr.supervisor")
@@ -45,20 +48,21 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[BaseProcess] = []
         self.signals: list[int] = []
-        self.listener: socket.socket | None = None
+        self.listeners: list[socket.socket] = []
         self.parent_alive: Connection | None = None
         self._keep_alive: Connection | None = None  # the write end: closed only by our exit
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
 
-    def _spawn(self) -> BaseProcess:
-        assert self.listener is not None and self.parent_alive is not None
+    def _spawn(self, index: int) -> BaseProcess:
+        """Worker ``index``, on its own socket (or the one shared by all)."""
+        assert self.listeners and self.parent_alive is not None
         process = self.context.Process(
             target=worker_main,
             kwargs={
                 "config": self.config,
-                "sockets": [self.listener],
+                "sockets": [self.listeners[index % len(self.listeners)]],
                 "parent_alive": self.parent_alive,
                 "drain_seconds": self.settings.drain_seconds,
                 "log_level": self.settings.log_level,
@@ -72,9 +76,13 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.listener = self.config.bind_socket()
+        try:
+            self.listeners = open_listeners(self.config, self.count)
+        except OSError as exc:
+            log.error("cannot listen", extra={"error": exc.strerror, "port": self.config.port})
+            return STARTUP_FAILURE
         self.parent_alive, self._keep_alive = self.context.Pipe(duplex=False)
-        self.workers = [self._spawn() for _ in range(self.count)]
+        self.workers = [self._spawn(index) for index in range(self.count)]
         while True:
             wait([w.sentinel for w in self.workers], timeout=0.5)
             if self.signals:
@@ -90,12 +98,12 @@ class Supervisor:
                     "worker died: replacing it", extra={"worker_pid": worker.pid, "exit": worker.exitcode}
                 )
                 time.sleep(RESPAWN_DELAY_SECONDS)
-                self.workers[index] = self._spawn()
+                self.workers[index] = self._spawn(index)
 
     def _stop(self, sig: int) -> int:
-        """Close the parent's copy of the socket, pass the signal on, wait for the workers."""
-        assert self.listener is not None
-        self.listener.close()
+        """Close the parent's copies of the sockets, pass the signal on, wait for the workers."""
+        for listener in self.listeners:
+            listener.close()
         drain = self.settings.drain_seconds if sig == signal.SIGTERM else 0.0
         log.info("stopping", extra={"signal": signal.Signals(sig).name, "drain_seconds": drain})
         self._forward(sig)
