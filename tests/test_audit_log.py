@@ -582,6 +582,57 @@ def test_entry_forged_past_the_tree_is_reported_and_does_not_block_sealing(
     assert verify(database_url, signer).ok
 
 
+@pytest.mark.parametrize(
+    ("level", "node_index"),
+    [(0, 18), (1, 9), (2, 4), (4, 1), (5, 0), (9, 0), (-1, 0), (1, -3)],
+    ids=[
+        "leaf-past",
+        "level1-past",
+        "level2-past",
+        "level4-past",
+        "top-level",
+        "above-top",
+        "neg-level",
+        "neg-index",
+    ],
+)
+def test_a_node_forged_past_the_tree_at_any_level_is_dropped_by_the_next_seal(
+    database_url: str, signer: NoteSigner, level: int, node_index: int
+) -> None:
+    """The integrator asks the edges of each level, not every node: a forged node anywhere past
+    the tree of 18 leaves is found all the same, and no genuine node is taken for one."""
+    build_log(database_url, signer)  # tree size 18: genuine nodes (l, i) have i < 18 >> l
+    sql(
+        database_url,
+        "INSERT INTO audit_nodes (level, node_index, hash) VALUES (:l, :i, :h)",
+        l=level,
+        i=node_index,
+        h=b"\x07" * 32,
+    )
+    genuine = sql(database_url, "SELECT count(*) FROM audit_nodes")[0][0] - 1
+    add_entries(database_url, 2, 300)
+    checkpoint = seal(database_url, signer)
+    assert checkpoint is not None and checkpoint.size == 18 + 2 + 1  # + the security alert
+    gone = "SELECT count(*) FROM audit_nodes WHERE level = :l AND node_index = :i AND hash = :h"
+    assert sql(database_url, gone, l=level, i=node_index, h=b"\x07" * 32)[0][0] == 0
+    alerts = [
+        json.loads(bytes(r[0]))
+        for r in sql(database_url, "SELECT content FROM audit_entries WHERE subtype = 'integrity-quarantine'")
+    ]
+    assert len(alerts) == 1 and "0 entries and 1 tree nodes" in alerts[0]["detail"]
+    assert sql(database_url, "SELECT count(*) FROM audit_nodes")[0][0] > genuine  # the new leaves' nodes
+    assert verify(database_url, signer).ok
+
+
+def test_a_seal_of_a_genuine_log_raises_no_alert(database_url: str, signer: NoteSigner) -> None:
+    build_log(database_url, signer)
+    add_entries(database_url, 5, 300)
+    assert seal(database_url, signer) is not None
+    alerts = sql(database_url, "SELECT count(*) FROM audit_entries WHERE subtype = 'integrity-quarantine'")
+    assert alerts[0][0] == 0
+    assert verify(database_url, signer).ok
+
+
 def test_columns_edited_to_say_more_do_not_add_to_the_disclosure_report(
     database_url: str, signer: NoteSigner
 ) -> None:
