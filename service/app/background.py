@@ -3,9 +3,13 @@ the upkeep of the kept search totals.
 
 Started by the app's lifespan in every ``mhr serve`` process and by ``mhr worker`` on its own.
 Every replica may run all of it: the integrator's lock and the job leases let one of them act at
-a time. Stopping (from the start of the drain, in a server): workers stop leasing, the job each
-holds gets ``grace_seconds`` to finish and is otherwise cancelled and released; then the
-integrator stops between two seals.
+a time. A server process beside a background process (``mhr serve --workers N``, or
+``MHR_BACKGROUND_IN_SERVER=false`` beside ``mhr worker``) runs only its own part (``shared``
+False): following the index keys, counting jobs for its ``/metrics``.
+
+Stopping (from the start of the drain, in a server): workers stop leasing, the job each holds
+gets ``grace_seconds`` to finish and is otherwise cancelled and released; then the integrator
+stops between two seals.
 """
 
 from __future__ import annotations
@@ -39,10 +43,13 @@ DRAIN_WATCH_SECONDS = 0.2
 
 
 class BackgroundWork:
-    def __init__(self, runtime: Runtime, *, job_workers: int) -> None:
+    def __init__(self, runtime: Runtime, *, job_workers: int, shared: bool = True) -> None:
         self.runtime = runtime
+        self.shared = shared
         self.registry = load_kinds(runtime.settings.job_modules)
-        self.workers = [Worker(runtime, self.registry, name=worker_name(i)) for i in range(job_workers)]
+        self.workers = [
+            Worker(runtime, self.registry, name=worker_name(i)) for i in range(job_workers if shared else 0)
+        ]
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._integrator: asyncio.Task[None] | None = None
         self._metrics: asyncio.Task[None] | None = None
@@ -55,13 +62,15 @@ class BackgroundWork:
         self._listener: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
+        self._index_follow = asyncio.create_task(self._follow_index_keys(), name="mhr-index-keys")
+        if not self.shared:
+            return
         self._integrator = start_integrator(self.runtime.database, self.runtime.log_signer)
         self._worker_tasks = [
             asyncio.create_task(worker.run(), name=f"mhr-job-worker-{i}")
             for i, worker in enumerate(self.workers)
         ]
-        self._metrics = asyncio.create_task(self._count_forever(), name="mhr-job-metrics")
-        self._index_follow = asyncio.create_task(self._follow_index_keys(), name="mhr-index-keys")
         self._kept_totals = asyncio.create_task(self._keep_totals(), name="mhr-kept-totals")
         self._drain_watch = asyncio.create_task(self._watch_drain(), name="mhr-job-drain-watch")
         if self.workers:

@@ -65,8 +65,11 @@ def create_app(
             if owned:
                 await close_runtime(app.state.runtime)
             raise KeyringMismatch(f"refusing to start: {settings.key_store}: {exc}") from None
-        # The audit integrator and the job workers of this process (service.app.background).
-        background = BackgroundWork(app.state.runtime, job_workers=settings.job_workers)
+        # The audit integrator and the job workers of this process (service.app.background), or
+        # only this process's own part where a background process runs the rest.
+        background = BackgroundWork(
+            app.state.runtime, job_workers=settings.job_workers, shared=settings.background_in_server
+        )
         background.start()
         flusher = start_refusal_flusher(app.state.runtime)
         # What start-up built (the IG, the validator's models, the routes) lives as long as the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -194,9 +195,15 @@ def worker_main(
     parent_alive: Connection,
     drain_seconds: float,
     log_level: str,
+    background_in_server: bool = True,
 ) -> None:
-    """A supervised worker: a fresh interpreter, so logging is configured here first."""
+    """A supervised worker: a fresh interpreter, so logging is configured here first.
+
+    ``background_in_server`` False: the supervisor runs a background process, and this
+    worker's app (built by uvicorn's factory, from the environment) runs only its own part."""
     configure_logging(log_level)
+    if not background_in_server:
+        os.environ["MHR_BACKGROUND_IN_SERVER"] = "false"
     server = DrainingServer(config, drain_seconds=drain_seconds, parent_alive=parent_alive)
     server.run(sockets=sockets)
     if not server.started:

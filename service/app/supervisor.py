@@ -9,9 +9,11 @@ queued (service.app.http_server), and a connection attempt after that is refused
 worker has a socket of its own in one SO_REUSEPORT group (service.app.listeners), and the same
 holds per socket.
 
-A worker that dies while the service runs is replaced; one that fails at start-up stops the
-service (it would fail the same way again). If the supervisor itself dies, the workers see
-their pipe close and stop.
+Beside the server processes runs one background process (service.app.background_process):
+the audit integrator, the job workers and the kept totals' upkeep, which the server processes
+then leave to it. A server or background process that dies while the service runs is
+replaced; one that fails at start-up stops the service (it would fail the same way again). If
+the supervisor itself dies, every process sees its pipe close and stops.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from types import FrameType
 
 from uvicorn.config import STARTUP_FAILURE
 
+from service.app.background_process import background_main
 from service.app.http_server import server_config, worker_main
 from service.app.listeners import open_listeners
 from service.core.settings import Settings
@@ -46,7 +49,8 @@ class Supervisor:
         self.count = workers
         self.config = server_config(settings, workers=workers)
         self.context = multiprocessing.get_context("spawn")
-        self.workers: list[BaseProcess] = []
+        self.workers: list[BaseProcess] = []  # the server processes
+        self.background: BaseProcess | None = None
         self.signals: list[int] = []
         self.listeners: list[socket.socket] = []
         self.parent_alive: Connection | None = None
@@ -66,12 +70,27 @@ class Supervisor:
                 "parent_alive": self.parent_alive,
                 "drain_seconds": self.settings.drain_seconds,
                 "log_level": self.settings.log_level,
+                "background_in_server": False,
             },
             name="mhr-worker",
         )
         process.start()
         log.info("worker started", extra={"worker_pid": process.pid})
         return process
+
+    def _spawn_background(self) -> BaseProcess:
+        assert self.parent_alive is not None
+        process = self.context.Process(
+            target=background_main,
+            kwargs={"parent_alive": self.parent_alive, "log_level": self.settings.log_level},
+            name="mhr-background",
+        )
+        process.start()
+        log.info("background process started", extra={"worker_pid": process.pid})
+        return process
+
+    def _processes(self) -> list[BaseProcess]:
+        return [*self.workers, *([self.background] if self.background is not None else [])]
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,23 +101,29 @@ class Supervisor:
             log.error("cannot listen", extra={"error": exc.strerror, "port": self.config.port})
             return STARTUP_FAILURE
         self.parent_alive, self._keep_alive = self.context.Pipe(duplex=False)
+        self.background = self._spawn_background()
         self.workers = [self._spawn(index) for index in range(self.count)]
         while True:
-            wait([w.sentinel for w in self.workers], timeout=0.5)
+            wait([p.sentinel for p in self._processes()], timeout=0.5)
             if self.signals:
                 return self._stop(self.signals.pop(0))
-            for index, worker in enumerate(self.workers):
-                if worker.exitcode is None:
+            for process in self._processes():
+                if process.exitcode is None:
                     continue
-                if worker.exitcode == STARTUP_FAILURE:
-                    log.error("a worker failed to start: stopping", extra={"worker_pid": worker.pid})
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error(f"{process.name} failed to start: stopping", extra={"worker_pid": process.pid})
                     self._stop(signal.SIGINT)
                     return STARTUP_FAILURE
                 log.error(
-                    "worker died: replacing it", extra={"worker_pid": worker.pid, "exit": worker.exitcode}
+                    f"{process.name} died: replacing it",
+                    extra={"worker_pid": process.pid, "exit": process.exitcode},
                 )
                 time.sleep(RESPAWN_DELAY_SECONDS)
-                self.workers[index] = self._spawn(index)
+                if process is self.background:
+                    self.background = self._spawn_background()
+                else:
+                    index = self.workers.index(process)
+                    self.workers[index] = self._spawn(index)
 
     def _stop(self, sig: int) -> int:
         """Close the parent's copies of the sockets, pass the signal on, wait for the workers."""
@@ -108,12 +133,12 @@ class Supervisor:
         log.info("stopping", extra={"signal": signal.Signals(sig).name, "drain_seconds": drain})
         self._forward(sig)
         deadline = time.monotonic() + drain + self.settings.graceful_shutdown_seconds + EXIT_MARGIN_SECONDS
-        while any(w.exitcode is None for w in self.workers):
+        while any(p.exitcode is None for p in self._processes()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.error("workers did not stop in time: killing them")
                 return self._kill()
-            wait([w.sentinel for w in self.workers if w.exitcode is None], timeout=min(remaining, 0.5))
+            wait([p.sentinel for p in self._processes() if p.exitcode is None], timeout=min(remaining, 0.5))
             while self.signals:
                 again = self.signals.pop(0)
                 if again == signal.SIGINT and sig == signal.SIGINT:
@@ -122,22 +147,22 @@ class Supervisor:
                 if again == signal.SIGINT:  # Ctrl+C during a drain: skip the rest of it
                     sig = signal.SIGINT
                     self._forward(sig)
-        codes = [w.exitcode for w in self.workers]
+        codes = [p.exitcode for p in self._processes()]
         log.info("stopped", extra={"worker_exit_codes": codes})
         return 0 if all(code == 0 for code in codes) else 1
 
     def _forward(self, sig: int) -> None:
-        for worker in self.workers:
-            if worker.exitcode is None and worker.pid is not None:
+        for process in self._processes():
+            if process.exitcode is None and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
-                    os.kill(worker.pid, sig)
+                    os.kill(process.pid, sig)
 
     def _kill(self) -> int:
-        for worker in self.workers:
-            if worker.exitcode is None:
-                worker.kill()
-        for worker in self.workers:
-            worker.join(timeout=5)
+        for process in self._processes():
+            if process.exitcode is None:
+                process.kill()
+        for process in self._processes():
+            process.join(timeout=5)
         return 1
 
 

@@ -488,11 +488,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr worker``: the audit integrator and job workers, without the HTTP server, until SIGTERM."""
-    import signal
-
-    from service.app.background import BackgroundWork
-    from service.core.lifecycle import SHUTDOWN
-    from service.runtime.providers import build_runtime, close_runtime, open_keyring
+    from service.app.background_process import run_background
+    from service.runtime.providers import open_keyring
 
     settings.check_safe_to_start()
     workers = args.workers if args.workers is not None else max(1, settings.job_workers)
@@ -500,26 +497,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         return _fail("--workers must be at least 1")
     keys = open_keyring(settings)
     _check_keyring(settings, keys)
-
-    async def run() -> None:
-        runtime = build_runtime(settings, keys=keys)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        background = BackgroundWork(runtime, job_workers=workers)
-        try:
-            background.start()
-            await stop.wait()
-            SHUTDOWN.begin("stopping")
-            background.begin_stopping()
-            log.info("worker stopping", extra={"grace_seconds": settings.graceful_shutdown_seconds})
-            await background.stop(settings.graceful_shutdown_seconds)
-        finally:
-            await close_runtime(runtime)
-        log.info("worker stopped")
-
-    asyncio.run(run())
+    run_background(settings, keys, job_workers=workers)
     return 0
 
 

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     # process (0: none there; run `mhr worker` instead), how long a lease lasts before another
     # worker may take over a job whose worker died, and how often an idle worker looks for work.
     job_workers: int = Field(default=1, ge=0, le=32)
+    # False: this server process runs none of the shared background work (the audit integrator,
+    # job workers, the kept totals' upkeep), only what it needs for itself; `mhr worker`, or the
+    # background process of `mhr serve --workers N`, runs it. The supervisor sets it in its
+    # server processes: a request's event loop then never waits behind a seal or a delivery.
+    background_in_server: bool = True
     job_lease_seconds: float = Field(default=300.0, ge=1, le=86_400)
     job_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     # Done jobs older than this are deleted by the daily jobs.purge-done job (service.jobs.purge).

@@ -9,6 +9,8 @@ connection that was accepted and then reset or closed without an answer.
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import socket
 import subprocess
@@ -141,6 +143,92 @@ def test_every_worker_logs_json_lines_without_exception_text(database_url: str, 
     error = next(r for r in records if r["msg"] == "unhandled error")
     assert error["level"] == "ERROR" and error["error_type"] == "ValueError"
     assert error["stack"] and error["request_id"] == failed.headers["x-request-id"]
+
+
+def _records(workers: Workers) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in workers.log_lines() if line.startswith("{")]
+
+
+def _wait_for(predicate: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_connections_opened_together_are_spread_over_the_workers(database_url: str, tmp_path: Path) -> None:
+    """A socket per worker (SO_REUSEPORT): 16 connections opened at once, as a client's pool
+    opens them, are not all accepted by whichever worker woke first."""
+    if sys.platform != "linux":
+        pytest.skip("the kernel balances a SO_REUSEPORT group on Linux only")
+    with workers_running(database_url, tmp_path) as workers:
+        # Connected in one burst, before either worker can wake: with one shared socket, the
+        # first to wake would accept all 16 queued connections.
+        sockets = [socket.socket() for _ in range(16)]
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", workers.port))
+        try:
+            for sock in sockets:
+                select.select([], [sock], [], 30)
+                sock.setblocking(True)
+                sock.settimeout(30)
+            for index, sock in enumerate(sockets):
+                sock.sendall(f"GET /healthz?c={index} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            for sock in sockets:
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            for sock in sockets:
+                sock.close()
+        _wait_for(
+            lambda: sum(r.get("route") == "/healthz" for r in _records(workers)) >= 16, 10, "access lines"
+        )
+        pids = Counter(r["pid"] for r in _records(workers) if r.get("route") == "/healthz")
+    assert len(pids) == 2, f"every connection went to one worker: {pids}"
+
+
+def test_the_background_process_does_the_shared_work_and_is_replaced_when_killed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """``mhr serve --workers 2``: two server processes and one background process, which seals
+    the audit log; killed with SIGKILL, it is replaced and the sealing goes on."""
+    with Service.start(database_url, tmp_path) as registry:
+        clinic = registry.register("clinic", "clinic")
+    engine = sa.create_engine(sync_url(database_url))
+
+    def sealed_all() -> bool:
+        with engine.connect() as conn:
+            size = conn.execute(sa.text("SELECT coalesce(max(size), 0) FROM audit_checkpoints")).scalar_one()
+            return bool(size >= conn.execute(sa.text("SELECT count(*) FROM audit_entries")).scalar_one())
+
+    def background_pids(workers: Workers) -> list[int]:
+        return [
+            r["pid"]
+            for r in _records(workers)
+            if r["logger"] == "mhr.jobs" and r["msg"] == "background process started"
+        ]
+
+    try:
+        with workers_running(database_url, tmp_path) as workers:
+            _wait_for(lambda: len(background_pids(workers)) == 1, 30, "the background process")
+            first = background_pids(workers)[0]
+            servers = {r["pid"] for r in _records(workers) if r["msg"] == "Application startup complete."}
+            assert len(servers) == 2 and first not in servers
+            os.kill(first, signal.SIGKILL)
+            _wait_for(lambda: len(background_pids(workers)) == 2, 60, "a new background process")
+            assert any(r["msg"] == "mhr-background died: replacing it" for r in _records(workers))
+            token = live_token(workers.base_url, clinic, "system/*.cruds")
+            reply = httpx.post(
+                f"{workers.base_url}/fhir",
+                content=json.dumps(load_example(EXAMPLES[1])),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"},
+                timeout=60,
+            )
+            assert reply.status_code == 200, reply.text
+            _wait_for(sealed_all, 30, "the new background process to seal the new entries")
+        assert workers.process.returncode == 0, workers.log_path.read_text()[-3000:]
+    finally:
+        engine.dispose()
 
 
 # --- drain on SIGTERM ---------------------------------------------------------------------
