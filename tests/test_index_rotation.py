@@ -301,6 +301,52 @@ def test_search_match_and_replay_stay_exact_before_during_and_after_an_index_rot
     assert cli_main(["audit", "verify", "--vkey", _vkey(capsys)]) == 0
 
 
+@pytest.mark.usefixtures("cli_env")
+def test_a_migrant_whose_stored_data_fails_its_integrity_check_is_left_and_the_rest_move_on(
+    service: Service, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clinic = service.register("clinic", "clinic")
+    exams = [_exam(n) for n in range(3)]
+    patients = [_patient_id(submit(service, clinic, bundle)) for bundle, _ in exams]
+    # One of the middle migrant's versions altered under the service (a flipped ciphertext byte).
+    engine = sa.create_engine(sync_url(database_url))
+    with engine.begin() as conn:
+        rtype, rid, version, blob = conn.execute(
+            sa.text(
+                "SELECT resource_type, id, version_id, ciphertext FROM resource_versions "
+                "WHERE subject_id = :s AND resource_type = 'Observation' ORDER BY id LIMIT 1"
+            ),
+            {"s": patients[1]},
+        ).one()
+        flipped = bytearray(blob)
+        flipped[len(flipped) // 2] ^= 0x01
+        conn.execute(
+            sa.text(
+                "UPDATE resource_versions SET ciphertext = :c "
+                "WHERE resource_type = :t AND id = :i AND version_id = :v"
+            ),
+            {"c": bytes(flipped), "t": rtype, "i": rid, "v": version},
+        )
+    engine.dispose()
+    old = _status(capsys)["current_kid"]
+    assert cli_main(["keys", "rotate-index", "--batch-size", "10"]) == 0
+    _take_up(service)
+    new = _status(capsys)["current_kid"]
+
+    _run_jobs(service, 10)  # the batch, and the passes that look again for what is left
+    status = _status(capsys)
+    assert status["migrants_per_index_key"] == {old: 1, new: 2} and status["to_reindex"] == 1
+    dead = _count(database_url, "SELECT count(*) FROM jobs WHERE kind = 'keys.reindex' AND state = 'dead'")
+    assert dead == 0, "one unreadable migrant stopped the run for everyone"
+    # Every migrant is still found by identifier: the one left behind under the previous key.
+    for (_bundle, ident), pid in zip(exams, patients, strict=True):
+        assert _find(service, clinic, ident) == [pid]
+    # The previous key cannot be retired while that migrant is under it.
+    capsys.readouterr()
+    assert cli_main(["keys", "retire-index"]) == 1
+    assert "1 migrants are still indexed under" in capsys.readouterr().err
+
+
 def _vkey(capsys: pytest.CaptureFixture[str]) -> str:
     capsys.readouterr()
     assert cli_main(["audit", "key"]) == 0

@@ -111,7 +111,11 @@ async def run_index_action(args: argparse.Namespace, runtime: Runtime, audit: Au
         async with database.reading() as session:
             left = await left_to_reindex(session, phase.current)
         if left:
-            print(f"{left} migrants still under {phase.previous}: run `mhr keys reindex --wait` again")
+            print(
+                f"{left} migrants still under {phase.previous}: run `mhr keys reindex --wait` again; "
+                "a migrant whose stored data failed its integrity check stays (the log names the "
+                "version, event integrity)"
+            )
         else:
             print(
                 f"every migrant is under {phase.current}: "

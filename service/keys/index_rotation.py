@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from security.blind_index import BlindIndexer
 from security.keys import BLIND_INDEX_PURPOSE, KeyProvider, KeyringError
 from service.core.metrics import INDEX_SUBJECTS
+from service.domain.errors import IntegrityFailure
 from service.records import index_keys as index_keys_module
 from service.records.codec import open_version
 from service.records.consents import refresh_grants
@@ -339,6 +340,7 @@ class ReindexOutcome:
     migrants: int
     versions: int
     last_subject_id: str | None  # None: nothing after the cursor
+    unreadable: int = 0  # migrants left under their key: a version failed its integrity check
 
 
 async def reindex_batch(
@@ -358,13 +360,28 @@ async def reindex_batch(
         return ReindexOutcome(0, 0, None)
     target = services.index_keys.for_kid(target_kid)
     keys = services.keys.opened()
-    versions = 0
+    versions = unreadable = 0
     try:
         for subject_id in ids:
-            versions += await reindex_subject(session, services, subject_id, target, keys)
+            try:
+                # One migrant's move is all or nothing: a version that fails its integrity check
+                # undoes what was moved of that migrant, not the batch's other migrants.
+                async with session.begin_nested():
+                    versions += await reindex_subject(session, services, subject_id, target, keys)
+            except IntegrityFailure:
+                # Logged with its coordinates by open_version. The migrant stays under the previous
+                # key, searchable as before (every lookup uses both keys), and counted as left to
+                # move: `mhr keys status` shows it, and the previous key cannot be retired.
+                unreadable += 1
     finally:
         keys.close()
-    return ReindexOutcome(len(ids), versions, ids[-1])
+    if unreadable:
+        log.error(
+            "index key rotation: migrants left under the previous key (stored data failed its "
+            "integrity check)",
+            extra={"event": "integrity", "migrants": unreadable},
+        )
+    return ReindexOutcome(len(ids), versions, ids[-1], unreadable)
 
 
 async def left_to_reindex(session: AsyncSession, target_kid: str) -> int:
