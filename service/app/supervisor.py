@@ -5,9 +5,9 @@ has exited, so after SIGTERM the kernel goes on accepting connections that nobod
 read, and resets them when the parent exits. Here the parent closes its copy as soon as the
 stop begins (it never accepts; only the workers do), forwards the signal, and waits: the
 socket then closes when the last worker closes it, after that worker has accepted what was
-queued (service.app.http_server), and a connection attempt after that is refused. On Linux each
-worker has a socket of its own in one SO_REUSEPORT group (service.app.listeners), and the same
-holds per socket.
+queued (service.app.http_server), and a connection attempt after that is refused. Where the
+kernel migrates a closing socket's connections (service.app.listeners), each worker has a
+socket of its own in one SO_REUSEPORT group instead, and the same holds per socket.
 
 Beside the server processes runs one background process (service.app.background_process):
 the audit integrator, the job workers and the kept totals' upkeep, which the server processes

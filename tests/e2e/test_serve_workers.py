@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -154,37 +153,6 @@ def _wait_for(predicate: Any, seconds: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-def test_connections_opened_together_are_spread_over_the_workers(database_url: str, tmp_path: Path) -> None:
-    """A socket per worker (SO_REUSEPORT): 16 connections opened at once, as a client's pool
-    opens them, are not all accepted by whichever worker woke first."""
-    if sys.platform != "linux":
-        pytest.skip("the kernel balances a SO_REUSEPORT group on Linux only")
-    with workers_running(database_url, tmp_path) as workers:
-        # Connected in one burst, before either worker can wake: with one shared socket, the
-        # first to wake would accept all 16 queued connections.
-        sockets = [socket.socket() for _ in range(16)]
-        for sock in sockets:
-            sock.setblocking(False)
-            sock.connect_ex(("127.0.0.1", workers.port))
-        try:
-            for sock in sockets:
-                select.select([], [sock], [], 30)
-                sock.setblocking(True)
-                sock.settimeout(30)
-            for index, sock in enumerate(sockets):
-                sock.sendall(f"GET /healthz?c={index} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-            for sock in sockets:
-                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        finally:
-            for sock in sockets:
-                sock.close()
-        _wait_for(
-            lambda: sum(r.get("route") == "/healthz" for r in _records(workers)) >= 16, 10, "access lines"
-        )
-        pids = Counter(r["pid"] for r in _records(workers) if r.get("route") == "/healthz")
-    assert len(pids) == 2, f"every connection went to one worker: {pids}"
 
 
 def test_the_background_process_does_the_shared_work_and_is_replaced_when_killed(
