@@ -50,9 +50,6 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     made: a stream swapped out and closed since (a test runner's capture, a redirect) would
     otherwise turn every later line, from any thread, into a "Logging error" traceback."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self) -> Any:
         return sys.stderr

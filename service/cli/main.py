@@ -489,6 +489,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """``mhr worker``: the audit integrator and job workers, without the HTTP server, until SIGTERM."""
     from service.app.background_process import run_background
+    from service.keys.keyring_match import KeyringMismatch
     from service.runtime.providers import open_keyring
 
     settings.check_safe_to_start()
@@ -496,8 +497,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if workers < 1:
         return _fail("--workers must be at least 1")
     keys = open_keyring(settings)
-    _check_keyring(settings, keys)
-    run_background(settings, keys, job_workers=workers)
+    try:  # the background process checks the keyring against the database before any work
+        run_background(settings, keys, job_workers=workers)
+    except KeyringMismatch as exc:
+        raise CommandError(f"refusing to start: {settings.key_store}: {exc}") from None
     return 0
 
 

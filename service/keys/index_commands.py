@@ -113,8 +113,8 @@ async def run_index_action(args: argparse.Namespace, runtime: Runtime, audit: Au
         if left:
             print(
                 f"{left} migrants still under {phase.previous}: run `mhr keys reindex --wait` again; "
-                "a migrant whose stored data failed its integrity check stays (the log names the "
-                "version, event integrity)"
+                "a migrant whose stored data failed its integrity check stays (logged as "
+                "event integrity, with the version's coordinates)"
             )
         else:
             print(

@@ -340,7 +340,6 @@ class ReindexOutcome:
     migrants: int
     versions: int
     last_subject_id: str | None  # None: nothing after the cursor
-    unreadable: int = 0  # migrants left under their key: a version failed its integrity check
 
 
 async def reindex_batch(
@@ -381,7 +380,7 @@ async def reindex_batch(
             "integrity check)",
             extra={"event": "integrity", "migrants": unreadable},
         )
-    return ReindexOutcome(len(ids), versions, ids[-1], unreadable)
+    return ReindexOutcome(len(ids), versions, ids[-1])
 
 
 async def left_to_reindex(session: AsyncSession, target_kid: str) -> int:
