@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -232,3 +233,11 @@ def live_token(base_url: str, party: Party, scope: str | None = None, purpose: s
     response = httpx.post(token_url, data=form, timeout=10)
     assert response.status_code == 200, response.text
     return str(response.json()["access_token"])
+
+
+def wait_for(predicate: Any, seconds: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``seconds``, naming ``what``."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from jobs_testkinds import ALWAYS_FAILS, CRASHES, EFFECT, EFFECTS_DDL, IN_STEPS, Effect, Refusal
-from mhr_testkit import EXAMPLES, Service, load_example, submit, sync_url
+from mhr_testkit import EXAMPLES, Service, load_example, submit, sync_url, wait_for
 
 from security.keys import LocalKeyring
 from service.app.background import BackgroundWork
@@ -288,13 +288,6 @@ def spawn_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
         process.wait(timeout=10)
 
 
-def _wait_for(predicate: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_worker_killed_holding_a_job_leaves_it_to_complete_exactly_once_after_restart(
     settings: Settings, spawn_worker: Any, tmp_path: Path
 ) -> None:
@@ -312,7 +305,7 @@ def test_a_worker_killed_holding_a_job_leaves_it_to_complete_exactly_once_after_
 
     job_id = asyncio.run(enqueue_blocking())
     first = spawn_worker()
-    _wait_for(started.exists, 60, "the first attempt to start")
+    wait_for(started.exists, 60, "the first attempt to start")
     assert started.read_text() == "1\n"
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
@@ -327,7 +320,7 @@ def test_a_worker_killed_holding_a_job_leaves_it_to_complete_exactly_once_after_
     assert (held.state, held.attempts) == ("running", 1)
 
     second = spawn_worker()
-    _wait_for(lambda: asyncio.run(observe())[0].state == "done", 60, "the job to be taken over and done")
+    wait_for(lambda: asyncio.run(observe())[0].state == "done", 60, "the job to be taken over and done")
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0
     done, seen = asyncio.run(observe())
@@ -352,7 +345,7 @@ def test_sigterm_stops_leasing_and_gives_a_held_job_back(
 
     job_id = asyncio.run(enqueue_blocking())
     first = spawn_worker()
-    _wait_for(started.exists, 60, "the first attempt to start")
+    wait_for(started.exists, 60, "the first attempt to start")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0
 
@@ -364,7 +357,7 @@ def test_sigterm_stops_leasing_and_gives_a_held_job_back(
     assert (released.state, released.attempts) == ("queued", 0)
     gate.touch()
     second = spawn_worker()
-    _wait_for(lambda: asyncio.run(observe()).state == "done", 60, "the released job to be done")
+    wait_for(lambda: asyncio.run(observe()).state == "done", 60, "the released job to be done")
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0
 
@@ -477,7 +470,7 @@ def test_the_server_runs_jobs_in_the_background_and_stops_leasing_when_draining(
                 return (await job(runtime, job_id)).state
 
         first = asyncio.run(enqueue_one("served-1"))
-        _wait_for(lambda: asyncio.run(state(first)) == "done", 30, "the server's workers to run the job")
+        wait_for(lambda: asyncio.run(state(first)) == "done", 30, "the server's workers to run the job")
         assert service.client.get("/healthz").status_code == 200
         try:
             SHUTDOWN.begin("test: draining")
@@ -537,7 +530,7 @@ def test_mhr_worker_also_runs_the_audit_integrator(
 
     assert asyncio.run(sealed()) == 0  # the admin action's audit entry is not sealed yet
     process = spawn_worker()
-    _wait_for(lambda: asyncio.run(sealed()) >= 1, 60, "the worker's integrator to seal the audit log")
+    wait_for(lambda: asyncio.run(sealed()) >= 1, 60, "the worker's integrator to seal the audit log")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 
@@ -647,12 +640,12 @@ def test_a_job_enqueued_by_another_process_wakes_an_idle_worker_at_once(
         time.sleep(1.0)  # the worker has looked and found nothing: idle for 30 s now
         asyncio.run(enqueue_one(key))
         committed = time.monotonic()
-        _wait_for(lambda: key in asyncio.run(done()), 10, f"the worker to run {key}")
+        wait_for(lambda: key in asyncio.run(done()), 10, f"the worker to run {key}")
         return time.monotonic() - committed
 
     try:
         spawn_worker()
-        _wait_for(lambda: listening() == 1, 30, "the worker's listening connection")
+        wait_for(lambda: listening() == 1, 30, "the worker's listening connection")
         assert run_soon("notified-1") < 5
 
         with engine.connect() as conn:
@@ -660,8 +653,8 @@ def test_a_job_enqueued_by_another_process_wakes_an_idle_worker_at_once(
                 sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"),
                 {"n": APPLICATION_NAME},
             )
-        _wait_for(lambda: listening() == 0, 10, "the listening connection to be cut")
-        _wait_for(lambda: listening() == 1, 3 * RECONNECT_SECONDS + 10, "a new listening connection")
+        wait_for(lambda: listening() == 0, 10, "the listening connection to be cut")
+        wait_for(lambda: listening() == 1, 3 * RECONNECT_SECONDS + 10, "a new listening connection")
         assert run_soon("notified-2") < 5
     finally:
         engine.dispose()

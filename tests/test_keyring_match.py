@@ -55,10 +55,11 @@ def _production(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: s
     )
 
 
-def _serve(capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    """``mhr serve`` as an operator runs it; (exit code, the lines ``mhr`` itself said on stderr)."""
+def _serve(capsys: pytest.CaptureFixture[str], command: str = "serve") -> tuple[int, list[str]]:
+    """``mhr serve`` (or ``mhr worker``) as an operator runs it; (exit code, the lines ``mhr``
+    itself said on stderr)."""
     capsys.readouterr()
-    code = cli.main(["serve"])
+    code = cli.main([command])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, [line for line in err.splitlines() if line.startswith("mhr: ")]
@@ -89,15 +90,20 @@ def test_missing_keyring_in_production_refuses_to_start(
     assert not keyring.exists(), "no keyring may be created outside development"
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
 def test_a_different_keyring_is_refused(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
 ) -> None:
     _written_with(database_url, tmp_path)
     other = tmp_path / "other-keyring.json"
     LocalKeyring.create(other)
     _production(monkeypatch, tmp_path, database_url, other)
 
-    code, said = _serve(capsys)
+    code, said = _serve(capsys, command)
 
     assert code == 2
     assert len(said) == 1

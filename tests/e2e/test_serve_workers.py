@@ -28,7 +28,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from e2e_helpers import free_port, server_env, wait_until_ready
-from mhr_testkit import EXAMPLES, REPO, Party, Service, live_token, load_example, submit, sync_url
+from mhr_testkit import EXAMPLES, REPO, Party, Service, live_token, load_example, submit, sync_url, wait_for
 
 DRAIN_SECONDS = 2.0
 
@@ -148,13 +148,6 @@ def _records(workers: Workers) -> list[dict[str, Any]]:
     return [json.loads(line) for line in workers.log_lines() if line.startswith("{")]
 
 
-def _wait_for(predicate: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_the_background_process_does_the_shared_work_and_is_replaced_when_killed(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -178,12 +171,12 @@ def test_the_background_process_does_the_shared_work_and_is_replaced_when_killed
 
     try:
         with workers_running(database_url, tmp_path) as workers:
-            _wait_for(lambda: len(background_pids(workers)) == 1, 30, "the background process")
+            wait_for(lambda: len(background_pids(workers)) == 1, 30, "the background process")
             first = background_pids(workers)[0]
             servers = {r["pid"] for r in _records(workers) if r["msg"] == "Application startup complete."}
             assert len(servers) == 2 and first not in servers
             os.kill(first, signal.SIGKILL)
-            _wait_for(lambda: len(background_pids(workers)) == 2, 60, "a new background process")
+            wait_for(lambda: len(background_pids(workers)) == 2, 60, "a new background process")
             assert any(r["msg"] == "mhr-background died: replacing it" for r in _records(workers))
             token = live_token(workers.base_url, clinic, "system/*.cruds")
             reply = httpx.post(
@@ -193,7 +186,7 @@ def test_the_background_process_does_the_shared_work_and_is_replaced_when_killed
                 timeout=60,
             )
             assert reply.status_code == 200, reply.text
-            _wait_for(sealed_all, 30, "the new background process to seal the new entries")
+            wait_for(sealed_all, 30, "the new background process to seal the new entries")
         assert workers.process.returncode == 0, workers.log_path.read_text()[-3000:]
     finally:
         engine.dispose()
